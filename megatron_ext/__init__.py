@@ -1,0 +1,1 @@
+"""Everything that touches megatron-core. Nothing outside this package imports megatron."""

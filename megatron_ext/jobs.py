@@ -1,0 +1,19 @@
+"""Dispatch a validated recipe to the training job of its kind, inside the launched processes."""
+
+from __future__ import annotations
+
+from megatron_ext.parallel import shutdown
+from viq_mllm.recipe import Recipe
+
+
+def run_recipe(recipe: Recipe) -> list[dict]:
+    if recipe.kind == "text_lm":
+        from megatron_ext.text_lm import train_text_lm
+
+        job = train_text_lm
+    else:
+        raise ValueError(f"kind={recipe.kind!r} has no training job")
+    try:
+        return job(recipe)
+    finally:
+        shutdown()

@@ -1,0 +1,90 @@
+"""A megatron-core ``GPTModel`` (Llama/Qwen2 style) from a recipe's model section.
+
+CPU: the local layer spec with :class:`SDPACoreAttention`. GPU: the Transformer Engine spec when the recipe
+asks for ``parallel.transformer_impl: transformer_engine`` (imported lazily; FP8 needs it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ext import init
+from megatron_ext.attention import SDPACoreAttention
+from megatron_ext.parallel import Layout
+from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
+
+
+def transformer_config(model: ModelSection, parallel: ParallelSection, train: TrainSection) -> TransformerConfig:
+    dtype = torch.float32 if train.precision == "fp32" else torch.bfloat16
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        sequence_parallel=parallel.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=train.precision in ("bf16", "fp8"),
+        fp8="hybrid" if train.precision == "fp8" else None,
+        calculate_per_token_loss=True,
+        use_cpu_initialization=not on_gpu,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+    )
+
+
+def layer_spec(parallel: ParallelSection) -> ModuleSpec:
+    if parallel.transformer_impl == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def build_gpt(
+    config: TransformerConfig,
+    model: ModelSection,
+    parallel: ParallelSection,
+    vocab_size: int,
+    layout: Layout,
+    seed: int,
+) -> GPTModel:
+    """``vocab_size`` is the padded size (divisible by 128 x MAX_TP). Weights depend on ``seed`` only, not on
+    the parallel layout (:mod:`megatron_ext.init`)."""
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(parallel),
+        vocab_size=vocab_size,
+        max_sequence_length=model.seq_length,
+        pre_process=layout.first_stage,
+        post_process=layout.last_stage,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rope_theta),
+    )
+    init.initialize(gpt, seed, model.init_std, model.num_layers, model.tie_embeddings)
+    return gpt

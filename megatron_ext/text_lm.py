@@ -1,0 +1,27 @@
+"""The ``text_lm`` run kind: a GPT trained on a text corpus (the floor every multimodal run is compared to)."""
+
+from __future__ import annotations
+
+from megatron_ext.model import build_gpt, transformer_config
+from megatron_ext.parallel import init_distributed
+from megatron_ext.training import build_trainer, run_training
+from viq_mllm.data.text import TokenWindows, load_text_tokenizer, micro_batches, read_text_files, stdlib_docs_corpus
+from viq_mllm.recipe import Recipe, padded_vocab_size
+
+
+def train_text_lm(recipe: Recipe) -> list[dict]:
+    p, t, m = recipe.parallel, recipe.train, recipe.model
+    layout = init_distributed(p.tp, p.pp, t.seed)
+    tokenizer = load_text_tokenizer(recipe.data.tokenizer)
+    documents = read_text_files(recipe.data.text_files) if recipe.data.text_files else stdlib_docs_corpus()
+    dataset = TokenWindows(documents, tokenizer, m.seq_length)
+    config = transformer_config(m, p, t)
+    model = build_gpt(config, m, p, padded_vocab_size(tokenizer.vocab_size), layout, t.seed)
+    trainer = build_trainer(recipe, layout, model)
+
+    def batches(step: int):
+        return micro_batches(
+            dataset, t.seed, step, t.global_batch_size, t.micro_batch_size, layout.dp_rank, layout.dp_size
+        )
+
+    return run_training(trainer, batches, tokens_per_step=t.global_batch_size * m.seq_length)

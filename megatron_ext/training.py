@@ -1,0 +1,236 @@
+"""The training loop: megatron-core's pipeline schedules, DDP and optimizer, on CPU (gloo) and GPU (NCCL).
+
+One optimizer step = ``global_batch_size`` samples, split over data-parallel ranks and micro-batches and run by
+``get_forward_backward_func()`` (no pipelining, or 1F1B when ``parallel.pp > 1``). The loss is the mean over
+supervised tokens of the whole global batch (``calculate_per_token_loss``: each micro-batch returns a loss *sum*
+and a token count, and megatron divides the gradients by the global count), so any TP/PP/DP layout and any
+micro-batch split computes the same number as one process.
+
+A run is resumable: started again with the same ``run.dir``, it loads the newest complete checkpoint and
+continues as if never stopped (data position, RNG, optimizer, LR schedule, NaN-skip count).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ext import checkpoint
+from megatron_ext.parallel import Layout, device
+from viq_mllm.metrics import MetricsLog
+from viq_mllm.recipe import Recipe, dump_recipe
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when more than ``train.max_nan_skips`` steps had a NaN/inf loss."""
+
+
+@dataclass
+class Trainer:
+    """Everything a step needs, built once per run by :func:`build_trainer`."""
+
+    recipe: Recipe
+    layout: Layout
+    model: DistributedDataParallel
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model.module
+
+
+def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module) -> Trainer:
+    """Wrap a megatron model in DDP and build the optimizer and warmup + cosine schedule of the recipe."""
+    t, p = recipe.train, recipe.parallel
+    config = model.config
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=p.distributed_optimizer
+        ),
+        model,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=t.precision in ("bf16", "fp8"),
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=p.distributed_optimizer,
+        ),
+        [ddp],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=t.decay_steps or t.steps,
+        lr_decay_style="cosine",
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
+    )
+    return Trainer(recipe, layout, ddp, optimizer, scheduler)
+
+
+def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+    """megatron's forward-step contract for a GPT: returns the output and a loss function.
+
+    The loss function returns (loss sum, supervised token count, reported values); megatron sums them over
+    micro-batches and divides gradients by the global token count.
+    """
+    batch = {k: v.to(device()) for k, v in next(data_iterator).items()}
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        attention_mask=None,
+        labels=batch["labels"],
+        packed_seq_params=batch.get("packed_seq_params"),
+    )
+    mask = batch["loss_mask"]
+
+    def loss_func(per_token_loss: torch.Tensor):
+        loss_sum = (per_token_loss.float().view(-1) * mask.view(-1)).sum()
+        count = mask.sum().to(torch.int)
+        return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+
+    return output, loss_func
+
+
+def global_loss(reported: list[dict], layout: Layout) -> tuple[float, float]:
+    """(loss sum, token count) of the whole global batch, identical on every rank."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for item in reported:
+        totals += item["lm loss"].double().cpu()
+    totals = totals.to(device())
+    if layout.last_stage:
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if layout.pp_size > 1:
+        dist.broadcast(
+            totals,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    return float(totals[0]), float(totals[1])
+
+
+def run_training(
+    trainer: Trainer,
+    batches_for_step: Callable[[int], Iterator[dict]],
+    tokens_per_step: int,
+    forward_step: Callable = lm_forward_step,
+) -> list[dict]:
+    """Train ``train.steps`` optimizer steps from the latest checkpoint (if any); returns the metrics rows."""
+    recipe, layout = trainer.recipe, trainer.layout
+    t = recipe.train
+    run_dir = Path(recipe.run.dir)
+    ckpt_root = run_dir / "checkpoints"
+    if layout.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, run_dir / "recipe.yaml")
+    dist.barrier()
+    checkpoint.remove_incomplete(ckpt_root)
+    start, counters = 0, {"nan_skips": 0}
+    resume_from = checkpoint.latest(ckpt_root)
+    if resume_from is not None:
+        start, counters = checkpoint.load(
+            resume_from, trainer.unwrapped, trainer.optimizer, trainer.scheduler
+        )
+
+    log = None
+    if layout.rank == 0:
+        log = MetricsLog(run_dir, start, recipe.log.tensorboard, recipe.log.wandb, recipe.log.wandb_project,
+                         recipe.run.name)
+    bar = _progress(layout, recipe, start)
+    fwd_bwd = get_forward_backward_func()
+    dp_size = layout.dp_size
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
+    rows = []
+    for step in range(start, t.steps):
+        began = time.perf_counter()
+        trainer.model.zero_grad_buffer()
+        trainer.optimizer.zero_grad()
+        reported = fwd_bwd(
+            forward_step_func=forward_step,
+            data_iterator=batches_for_step(step),
+            model=[trainer.model],
+            num_microbatches=num_micro,
+            seq_length=recipe.model.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        loss_sum, count = global_loss(reported, layout)
+        loss = loss_sum / max(count, 1.0)
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        if math.isfinite(loss):
+            _, grad_norm, _ = trainer.optimizer.step()
+            trainer.scheduler.step(increment=1)
+        else:
+            counters["nan_skips"] += 1
+            grad_norm = float("nan")
+            if counters["nan_skips"] > t.max_nan_skips:
+                raise NonFiniteLossError(
+                    f"step {step + 1}: loss is {loss}; {counters['nan_skips']} non-finite steps exceed "
+                    f"train.max_nan_skips={t.max_nan_skips}"
+                )
+        elapsed = time.perf_counter() - began
+        row = {
+            "step": step + 1,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens": tokens_per_step,
+            "loss_tokens": int(count),
+            "step_time_s": elapsed,
+            "tokens_per_s": tokens_per_step / elapsed,
+            "skipped": not math.isfinite(loss),
+            "nan_skips": counters["nan_skips"],
+        }
+        rows.append(row)
+        if log is not None:
+            log.log(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        every = recipe.checkpoint.every
+        if every and ((step + 1) % every == 0 or step + 1 == t.steps):
+            checkpoint.save(
+                ckpt_root, step + 1, trainer.unwrapped, trainer.optimizer, trainer.scheduler,
+                recipe.checkpoint.keep_last, counters,
+            )
+    if bar is not None:
+        bar.close()
+    if log is not None:
+        log.close()
+    return rows
+
+
+def _progress(layout: Layout, recipe: Recipe, start: int):
+    if layout.rank != 0 or not recipe.log.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=recipe.train.steps, initial=start, desc=recipe.run.name, unit="step", dynamic_ncols=True)

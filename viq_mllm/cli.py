@@ -1,0 +1,102 @@
+"""The ``viq-mllm`` command.
+
+    viq-mllm train RECIPE.yaml [--nproc N] [key=value ...]
+    viq-mllm demo [--out DIR]
+    viq-mllm bench train|encode [...]
+
+``--nproc N`` validates the recipe for a world of N processes, then re-launches this command under
+``torchrun --standalone`` (gloo on CPU, NCCL on GPU). On a cluster, call
+``torchrun ... -m viq_mllm train RECIPE ...`` yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from viq_mllm.recipe import RecipeError, load_recipe
+
+
+def _train(args: argparse.Namespace) -> int:
+    world = args.nproc if args.nproc else int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        recipe = load_recipe(args.recipe, args.overrides, world_size=world)
+    except RecipeError as err:
+        print(f"viq-mllm train: {err}", file=sys.stderr)
+        return 2
+    if args.nproc and "LOCAL_RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "viq_mllm", "train", args.recipe, *args.overrides]
+        return subprocess.call(cmd)
+    from megatron_ext.jobs import run_recipe
+
+    run_recipe(recipe)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from viq_mllm.demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "train":
+        from megatron_ext.bench_train import main as bench_train
+
+        return bench_train(args.rest + (["--out", args.out] if args.out else []))
+    if args.what == "encode":
+        from viq_mllm.viq.bench import main as bench_encode
+
+        return bench_encode(args.rest + (["--out", args.out] if args.out else []))
+    raise AssertionError(args.what)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="viq-mllm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="run a recipe (resumes from run.dir/checkpoints if present)",
+        description="Run one recipe. Every field can be overridden with key=value (e.g. train.steps=10 "
+        "parallel.tp=2). The run writes recipe.yaml, metrics.jsonl, tensorboard/, wandb/ and checkpoints/ "
+        "into run.dir; started again with the same run.dir it resumes from the latest checkpoint.",
+    )
+    train.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    train.add_argument("--nproc", type=int, default=0, help="launch N local processes through torchrun")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    train.set_defaults(func=_train)
+
+    demo = sub.add_parser("demo", help="the end-to-end job on offline real data")
+    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: train (ours vs HF transformers), encode (ViQ packed vs one-by-one)",
+        description="Benchmarks print a table and write JSON under --out. Arguments after the benchmark name "
+        "are passed to it (use `viq-mllm bench train --help`).",
+    )
+    bench.add_argument("what", choices=["train", "encode"])
+    bench.add_argument("--out", default=None, help="output directory")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]  # overrides may follow --nproc
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

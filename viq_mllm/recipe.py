@@ -1,0 +1,221 @@
+"""Recipes: one YAML file is a whole run; ``key=value`` on the command line overrides any field.
+
+A recipe is data, validated before any compute: unknown keys, wrong types and impossible parallel layouts
+raise :class:`RecipeError` with a message that names the field, e.g.::
+
+    >>> load_recipe("recipes/tiny_text_cpu.yaml", ["parallel.tp=3"], world_size=3)
+    RecipeError: parallel.tp=3: model.num_attention_heads=4 is not divisible by it
+
+Overrides are parsed as YAML scalars (``train.steps=6`` is an int, ``train.lr=3e-4`` a float,
+``log.wandb=disabled`` a string) and then type-checked strictly: ``train.steps=six`` is rejected, never coerced.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+#: Padded vocabularies divide by 128 x this (megatron convention), so one checkpoint serves every TP up to it.
+MAX_TP = 8
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class RunSection(_Section):
+    dir: str
+    name: str = "run"
+
+
+class ModelSection(_Section):
+    """A Llama/Qwen2-style decoder: RMSNorm, SwiGLU, RoPE, optional GQA and q/k/v biases."""
+
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    ffn_hidden_size: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_query_groups: Optional[int] = Field(default=None, gt=0)
+    seq_length: int = Field(gt=1)
+    rope_theta: float = Field(default=10000.0, gt=0)
+    norm_eps: float = Field(default=1e-6, gt=0)
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    hidden_dropout: float = Field(default=0.0, ge=0, lt=1)
+    attention_dropout: float = Field(default=0.0, ge=0, lt=1)
+    init_std: float = Field(default=0.02, gt=0)
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+class DataSection(_Section):
+    """Text for language-model runs.
+
+    ``text_files`` empty means the built-in offline corpus (CPython's standard-library documentation, which is
+    on every machine that runs Python). ``tokenizer`` is ``bytes`` (256 byte ids + end-of-document) or
+    ``hf:DIR`` / ``sentencepiece:FILE`` for a tokenizer on disk.
+    """
+
+    kind: Literal["text"] = "text"
+    text_files: list[str] = Field(default_factory=list)
+    tokenizer: str = "bytes"
+
+
+class TrainSection(_Section):
+    steps: int = Field(gt=0)
+    seed: int = 1234
+    micro_batch_size: int = Field(default=1, gt=0)
+    global_batch_size: int = Field(default=1, gt=0)
+    lr: float = Field(default=3e-4, gt=0)
+    min_lr: float = Field(default=3e-5, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    decay_steps: Optional[int] = Field(default=None, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.95, ge=0, lt=1)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    clip_grad: float = Field(default=1.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    max_nan_skips: int = Field(default=10, ge=0)
+
+
+class ParallelSection(_Section):
+    tp: int = Field(default=1, gt=0)
+    pp: int = Field(default=1, gt=0)
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+
+
+class CheckpointSection(_Section):
+    every: int = Field(default=0, ge=0)
+    keep_last: int = Field(default=2, gt=0)
+
+
+class LogSection(_Section):
+    tensorboard: bool = True
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "viq-mllm"
+    progress: bool = True
+
+
+class Recipe(_Section):
+    kind: Literal["text_lm"] = "text_lm"
+    run: RunSection
+    model: ModelSection
+    data: DataSection = DataSection()
+    train: TrainSection
+    parallel: ParallelSection = ParallelSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    log: LogSection = LogSection()
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), world_size: Optional[int] = None) -> Recipe:
+    """Read a YAML recipe, apply ``key=value`` overrides, validate types and the parallel layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    recipe = recipe_from_dict(raw)
+    check_layout(recipe, world_size)
+    return recipe
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as a YAML scalar."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {item!r} is not of the form key=value")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value else ""
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError("invalid recipe:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+
+
+def _describe(error: dict) -> str:
+    field = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        hint = _did_you_mean(error["loc"])
+        return f"  {field}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"  {field}: required field is missing"
+    return f"  {field}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _did_you_mean(loc: tuple) -> str:
+    model: Any = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {'.'.join(str(p) for p in loc[:-1] + (close[0],))}?)" if close else ""
+
+
+def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:
+    """Reject parallel layouts megatron-core cannot build, naming the field, before any process starts."""
+    m, p, t = recipe.model, recipe.parallel, recipe.train
+    if p.tp > MAX_TP:
+        raise RecipeError(f"parallel.tp={p.tp}: at most {MAX_TP} (vocabulary padding is 128 x {MAX_TP})")
+    for name, value in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.query_groups)):
+        if value % p.tp:
+            raise RecipeError(f"parallel.tp={p.tp}: model.{name}={value} is not divisible by it")
+    if m.num_attention_heads % m.query_groups:
+        raise RecipeError(
+            f"model.num_query_groups={m.query_groups} does not divide model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_layers % p.pp:
+        raise RecipeError(f"parallel.pp={p.pp}: model.num_layers={m.num_layers} is not divisible by it")
+    if p.sequence_parallel and p.transformer_impl != "transformer_engine":
+        raise RecipeError("parallel.sequence_parallel=true needs parallel.transformer_impl=transformer_engine")
+    if t.precision == "fp8" and p.transformer_impl != "transformer_engine":
+        raise RecipeError("train.precision=fp8 needs parallel.transformer_impl=transformer_engine")
+    if t.min_lr > t.lr:
+        raise RecipeError(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
+    if world_size is not None:
+        if world_size % (p.tp * p.pp):
+            raise RecipeError(
+                f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide the world size {world_size}"
+            )
+        dp = world_size // (p.tp * p.pp)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise RecipeError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
+            )
+
+
+def padded_vocab_size(size: int) -> int:
+    """Round a vocabulary up so the table divides by 128 x MAX_TP (one layout for every TP)."""
+    multiple = 128 * MAX_TP
+    return int(math.ceil(size / multiple) * multiple)
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
