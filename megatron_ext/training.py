@@ -137,6 +137,30 @@ def global_loss(reported: list[dict], layout: Layout) -> tuple[float, float]:
     return float(totals[0]), float(totals[1])
 
 
+def forward_backward(trainer: Trainer, batches: Iterator[dict], forward_step: Callable = lm_forward_step):
+    """Forward and backward over one global batch's micro-batches; returns the global (loss sum, tokens)."""
+    t = trainer.recipe.train
+    trainer.model.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    reported = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[trainer.model],
+        num_microbatches=t.global_batch_size // (t.micro_batch_size * trainer.layout.dp_size),
+        seq_length=trainer.recipe.model.seq_length,
+        micro_batch_size=t.micro_batch_size,
+        forward_only=False,
+    )
+    return global_loss(reported, trainer.layout)
+
+
+def optimizer_step(trainer: Trainer) -> float:
+    """Clip, update, advance the LR schedule; returns the gradient norm before clipping."""
+    _, grad_norm, _ = trainer.optimizer.step()
+    trainer.scheduler.step(increment=1)
+    return float(grad_norm) if grad_norm is not None else float("nan")
+
+
 def run_training(
     trainer: Trainer,
     batches_for_step: Callable[[int], Iterator[dict]],
@@ -165,29 +189,14 @@ def run_training(
         log = MetricsLog(run_dir, start, recipe.log.tensorboard, recipe.log.wandb, recipe.log.wandb_project,
                          recipe.run.name)
     bar = _progress(layout, recipe, start)
-    fwd_bwd = get_forward_backward_func()
-    dp_size = layout.dp_size
-    num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
     rows = []
     for step in range(start, t.steps):
         began = time.perf_counter()
-        trainer.model.zero_grad_buffer()
-        trainer.optimizer.zero_grad()
-        reported = fwd_bwd(
-            forward_step_func=forward_step,
-            data_iterator=batches_for_step(step),
-            model=[trainer.model],
-            num_microbatches=num_micro,
-            seq_length=recipe.model.seq_length,
-            micro_batch_size=t.micro_batch_size,
-            forward_only=False,
-        )
-        loss_sum, count = global_loss(reported, layout)
+        loss_sum, count = forward_backward(trainer, batches_for_step(step), forward_step)
         loss = loss_sum / max(count, 1.0)
         lr = trainer.optimizer.param_groups[0]["lr"]
         if math.isfinite(loss):
-            _, grad_norm, _ = trainer.optimizer.step()
-            trainer.scheduler.step(increment=1)
+            grad_norm = optimizer_step(trainer)
         else:
             counters["nan_skips"] += 1
             grad_norm = float("nan")
@@ -201,7 +210,7 @@ def run_training(
             "step": step + 1,
             "loss": loss,
             "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": grad_norm,
             "tokens": tokens_per_step,
             "loss_tokens": int(count),
             "step_time_s": elapsed,

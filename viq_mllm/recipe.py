@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -22,6 +23,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 #: Padded vocabularies divide by 128 x this (megatron convention), so one checkpoint serves every TP up to it.
 MAX_TP = 8
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; recipes mean a float (YAML 1.2 behaviour)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class RecipeError(ValueError):
@@ -126,7 +142,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), world_size: Optiona
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _yaml(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
     for item in overrides:
@@ -147,7 +163,7 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value else ""
+    node[parts[-1]] = _yaml(value) if value else ""
 
 
 def recipe_from_dict(raw: dict) -> Recipe:
@@ -196,6 +212,12 @@ def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:
         raise RecipeError("parallel.sequence_parallel=true needs parallel.transformer_impl=transformer_engine")
     if t.precision == "fp8" and p.transformer_impl != "transformer_engine":
         raise RecipeError("train.precision=fp8 needs parallel.transformer_impl=transformer_engine")
+    decay = t.decay_steps or t.steps
+    if t.warmup_steps >= decay:
+        raise RecipeError(
+            f"train.warmup_steps={t.warmup_steps} must be smaller than the decay length "
+            f"{decay} (train.decay_steps, or train.steps when unset)"
+        )
     if t.min_lr > t.lr:
         raise RecipeError(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
     if world_size is not None:

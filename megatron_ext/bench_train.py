@@ -1,0 +1,116 @@
+"""``viq-mllm bench train``: tokens/s of our megatron-core training step vs HF transformers' LlamaForCausalLM.
+
+Same shapes (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings, same padded vocabulary), same batch, AdamW with the
+same hyper-parameters and gradient clipping, fp32, one process. The two steps alternate round by round so
+machine noise hits both alike; the table reports the median over rounds and the ratio ours / HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_ext.model import build_gpt, transformer_config
+from megatron_ext.parallel import init_distributed, shutdown
+from megatron_ext.training import build_trainer, forward_backward, optimizer_step
+from viq_mllm.recipe import recipe_from_dict
+
+CONFIGS = {
+    "tiny": dict(num_layers=4, hidden_size=64, ffn_hidden_size=172, num_attention_heads=4, num_query_groups=2,
+                 vocab=1024, seq_length=256, micro_batch=8),
+    "20M": dict(num_layers=6, hidden_size=512, ffn_hidden_size=1408, num_attention_heads=8, num_query_groups=4,
+                vocab=8192, seq_length=256, micro_batch=4),
+}
+
+
+def _recipe(cfg: dict, steps: int):
+    model = {k: cfg[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                 "num_query_groups", "seq_length")}
+    return recipe_from_dict({
+        "run": {"dir": "/tmp/viq-bench-unused"},
+        "model": {**model, "qkv_bias": False, "tie_embeddings": True},
+        "train": {"steps": steps, "micro_batch_size": cfg["micro_batch"], "global_batch_size": cfg["micro_batch"],
+                  "lr": 1e-4, "min_lr": 1e-4, "weight_decay": 0.1, "clip_grad": 1.0},
+        "log": {"wandb": "disabled", "tensorboard": False, "progress": False},
+    })
+
+
+def _hf_model(cfg: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=cfg["vocab"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["ffn_hidden_size"],
+        num_hidden_layers=cfg["num_layers"], num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_query_groups"], max_position_embeddings=cfg["seq_length"], rms_norm_eps=1e-6,
+        tie_word_embeddings=True, attention_bias=False,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config)
+
+
+def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
+    recipe = _recipe(cfg, steps=rounds + 10)
+    ours = build_trainer(recipe, layout, build_gpt(transformer_config(recipe.model, recipe.parallel, recipe.train),
+                                                   recipe.model, recipe.parallel, cfg["vocab"], layout, 0))
+    hf = _hf_model(cfg)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    b, s = cfg["micro_batch"], cfg["seq_length"]
+    tokens = torch.randint(0, cfg["vocab"], (b, s + 1), generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(b, s),
+             "position_ids": torch.arange(s).expand(b, s)}
+
+    def our_step():
+        forward_backward(ours, iter([batch]))
+        optimizer_step(ours)
+
+    def hf_step():
+        hf_opt.zero_grad(set_to_none=True)
+        hf(input_ids=batch["tokens"], labels=tokens[:, :-1].clone()).loss.backward()  # HF shifts labels itself
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        hf_opt.step()
+
+    times = {"ours": [], "hf": []}
+    for _ in range(2):  # warm-up
+        our_step(), hf_step()
+    for _ in range(rounds):
+        for key, fn in (("ours", our_step), ("hf", hf_step)):
+            began = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - began)
+    ours_t, hf_t = statistics.median(times["ours"]), statistics.median(times["hf"])
+    params = sum(p.numel() for p in hf.parameters())
+    return {"config": name, "params": params, "tokens_per_step": b * s, "ours_tokens_per_s": b * s / ours_t,
+            "hf_tokens_per_s": b * s / hf_t, "ratio_ours_over_hf": hf_t / ours_t, "rounds": rounds,
+            "threads": torch.get_num_threads()}
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| config | params | tokens/step | ours tok/s | HF tok/s | ours / HF |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['params'] / 1e6:.2f}M | {r['tokens_per_step']} | "
+                     f"{r['ours_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | {r['ratio_ours_over_hf']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="viq-mllm bench train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=10, help="timed steps per side (median reported)")
+    parser.add_argument("--out", default="runs/bench_train", help="writes bench_train.json here")
+    args = parser.parse_args(argv)
+    layout = init_distributed(tp=1, pp=1, seed=0)
+    try:
+        rows = [bench_config(name, CONFIGS[name], args.rounds, layout) for name in args.configs]
+    finally:
+        shutdown()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_train.json").write_text(json.dumps({"rows": rows}, indent=2))
+    print(format_table(rows))
+    print(f"wrote {out / 'bench_train.json'}")
+    return 0

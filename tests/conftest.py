@@ -1,0 +1,37 @@
+"""Shared helpers: run the real ``viq-mllm`` command in a subprocess (torchrun for N > 1) and read its metrics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny_text_cpu.yaml")
+QUIET = ["log.wandb=disabled", "log.tensorboard=false", "log.progress=false"]
+
+
+def viq_mllm(*args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "viq_mllm", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"viq-mllm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_tiny(run_dir: Path, *overrides: str, nproc: int = 0) -> list[dict]:
+    from viq_mllm.metrics import read_metrics
+
+    launch = ["--nproc", str(nproc)] if nproc else []
+    viq_mllm("train", TINY, *launch, f"run.dir={run_dir}", *QUIET, *overrides)
+    return read_metrics(run_dir)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return lambda name, *overrides, nproc=0: train_tiny(tmp_path / name, *overrides, nproc=nproc)

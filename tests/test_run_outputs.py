@@ -1,0 +1,83 @@
+"""What every run writes, and how it survives NaN/inf losses."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from conftest import QUIET, ROOT, TINY, viq_mllm
+from viq_mllm.metrics import read_metrics
+
+REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens", "step_time_s", "tokens_per_s"}
+
+
+@pytest.mark.slow
+def test_run_dir_contents(tmp_path):
+    run_dir = tmp_path / "run"
+    viq_mllm("train", TINY, f"run.dir={run_dir}", "train.steps=3", "train.warmup_steps=1", "checkpoint.every=3",
+             "log.progress=false")
+    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    assert saved["train"]["steps"] == 3 and saved["run"]["dir"] == str(run_dir)
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert REQUIRED <= row.keys()
+        assert row["tokens"] == 8 * 128 and row["tokens_per_s"] > 0
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import megatron_ext.training as training
+    from megatron_ext.jobs import run_recipe
+    from viq_mllm.recipe import load_recipe
+
+    bad_steps, overrides = set(json.loads(sys.argv[1])), sys.argv[2:]
+    real, calls = training.global_loss, []
+
+    def poisoned(reported, layout):
+        calls.append(1)
+        loss_sum, count = real(reported, layout)
+        return (float("nan"), count) if len(calls) in bad_steps else (loss_sum, count)
+
+    training.global_loss = poisoned
+    try:
+        run_recipe(load_recipe(overrides[0], overrides[1:]))
+    except training.NonFiniteLossError as err:
+        print("ABORTED:", err)
+    """
+)
+
+
+def _run_with_nan(run_dir, bad_steps, *overrides):
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(bad_steps), TINY, f"run.dir={run_dir}", *QUIET, *overrides],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, read_metrics(run_dir)
+
+
+@pytest.mark.slow
+def test_nan_steps_are_skipped_and_counted(tmp_path):
+    _, rows = _run_with_nan(tmp_path / "r", [2, 3], "train.steps=5", "train.warmup_steps=2")
+    assert [r["skipped"] for r in rows] == [False, True, True, False, False]
+    assert rows[-1]["nan_skips"] == 2
+    # skipped steps leave the LR schedule where it was: step 4 runs with step 2's learning rate
+    assert rows[3]["lr"] == rows[1]["lr"] == rows[2]["lr"]
+    assert all(r["loss"] == r["loss"] for r in (rows[0], rows[3], rows[4]))
+
+
+@pytest.mark.slow
+def test_too_many_nan_steps_abort(tmp_path):
+    out, rows = _run_with_nan(tmp_path / "r", [2, 3, 4, 5], "train.steps=5", "train.warmup_steps=2",
+                              "train.max_nan_skips=2")
+    assert "ABORTED: step 4: loss is nan; 3 non-finite steps exceed train.max_nan_skips=2" in out
+    assert len(rows) == 3
