@@ -75,22 +75,22 @@ class ResidualMlp(nn.Module):
 
 
 class PostQuant(nn.Module):
-    """4 sub-tokens -> one patch feature: merge MLP, MLP, residual MLPs, learned affine."""
+    """4 sub-tokens -> one patch feature: merge MLP (4C -> 4C -> C), then ``layers`` = [MLP C -> C -> C,
+    residual MLPs ...] (the release's "resualmlp-light"), then a learned affine."""
 
     def __init__(self, dim: int, slots: int, resmlps: int):
         super().__init__()
         self.slots = slots
         self.merge = Mlp(slots * dim, slots * dim, dim)
-        self.mlp = Mlp(dim, dim)
-        self.blocks = nn.ModuleList(ResidualMlp(dim, 2 * dim) for _ in range(resmlps))
+        self.layers = nn.ModuleList([Mlp(dim, dim), *(ResidualMlp(dim, 2 * dim) for _ in range(resmlps))])
         self.affine_weight = nn.Parameter(torch.ones(dim))
         self.affine_bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, sub: torch.Tensor) -> torch.Tensor:
         """``[4T, C] -> [T, C]``."""
-        x = self.mlp(self.merge(sub.reshape(sub.shape[0] // self.slots, -1)))
-        for block in self.blocks:
-            x = block(x)
+        x = self.merge(sub.reshape(sub.shape[0] // self.slots, -1))
+        for layer in self.layers:
+            x = layer(x)
         return x * self.affine_weight + self.affine_bias
 
 

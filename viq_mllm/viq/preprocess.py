@@ -78,14 +78,16 @@ def load_image(image: ImageLike, max_source_pixels: int = 178_956_970) -> Image.
         width, height = opened.size
         if width * height > max_source_pixels:
             raise ImageInputError(
-                f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_source_pixels} "
-                "(possible decompression bomb); refused before decoding"
+                f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_source_pixels}; "
+                "refused before decoding, possible decompression bomb"
             )
         opened.load()
         return opened
     except ImageInputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageInputError(f"{name}: refused before decoding, possible decompression bomb ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageInputError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
 
 
