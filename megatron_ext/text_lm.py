@@ -5,8 +5,10 @@ from __future__ import annotations
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import init_distributed
 from megatron_ext.training import build_trainer, run_training
-from viq_mllm.data.text import TokenWindows, load_text_tokenizer, micro_batches, read_text_files, stdlib_docs_corpus
-from viq_mllm.recipe import Recipe, padded_vocab_size
+from viq_mllm.data.text import TokenWindows, micro_batches, read_text_files, stdlib_docs_corpus
+from viq_mllm.recipe import Recipe
+from viq_mllm.vocab import padded_vocab_size
+from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
 
 
 def train_text_lm(recipe: Recipe) -> list[dict]:

@@ -36,6 +36,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize(args: argparse.Namespace) -> int:
+    if args.nproc and "LOCAL_RANK" not in os.environ:
+        forwarded = [a for a in sys.argv[2:] if a not in ("--nproc", str(args.nproc))]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "viq_mllm", "tokenize", *forwarded]
+        return subprocess.call(cmd)
+    from viq_mllm.data.extract import run_tokenize
+
+    run_tokenize(args.viq, args.input, args.out, workers=args.workers, shard_size=args.shard_size,
+                 max_tokens=args.max_tokens, max_source_pixels=args.max_source_pixels,
+                 rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)))
+    return 0
+
+
+def _extend_vocab(args: argparse.Namespace) -> int:
+    from viq_mllm.vocab.extend import extend_vocab
+
+    vocab = extend_vocab(args.text_tokenizer, args.viq, args.out)
+    print(f"wrote {args.out}: text {vocab.text_size} + special {len(vocab.special_tokens)} + codes "
+          f"{vocab.codebook_size} = {vocab.size} ids, padded to {vocab.padded_size} ({vocab.fingerprint})")
+    return 0
+
+
+def _resize_vocab(args: argparse.Namespace) -> int:
+    from megatron_ext.vocab_resize import resize_checkpoint
+
+    resize_checkpoint(args.checkpoint, args.vocab, args.out, init=args.init, seed=args.seed)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from viq_mllm.demo import run_demo
 
@@ -70,6 +100,42 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=0, help="launch N local processes through torchrun")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     train.set_defaults(func=_train)
+
+    tok = sub.add_parser(
+        "tokenize",
+        help="extract ViQ codes offline into webdataset shards (resumable)",
+        description="Encode every image of --input with the ViQ tokenizer in --viq and write code shards, "
+        "manifest.json (fingerprint, counts, checksums) and report.json (skipped inputs and why) into --out. "
+        "Rerun the same command after a crash: finished shards are kept, the rest is redone identically.",
+    )
+    tok.add_argument("--viq", required=True, help="ViQ tokenizer folder (save_pretrained output)")
+    tok.add_argument("--input", required=True, help="image folder, .jsonl, or webdataset .tar shard(s)")
+    tok.add_argument("--out", required=True, help="output folder for the shards")
+    tok.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
+    tok.add_argument("--nproc", type=int, default=0, help="launch N processes (torchrun); shards split by rank")
+    tok.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    tok.add_argument("--max-tokens", type=int, default=2048, help="patches per packed encoder pass")
+    tok.add_argument("--max-source-pixels", type=int, default=64_000_000,
+                     help="refuse larger images before decoding (decompression bombs)")
+    tok.set_defaults(func=_tokenize)
+
+    ext = sub.add_parser("extend-vocab", help="add the layout's special tokens and one token per ViQ code",
+                         description="Write an extended tokenizer of the same kind (SentencePiece .model or HF "
+                         "folder) and vocab.json (the id layout and fingerprints) into --out.")
+    ext.add_argument("--text-tokenizer", required=True, help="SentencePiece .model file or HF tokenizer folder")
+    ext.add_argument("--viq", required=True, help="ViQ tokenizer folder (its preset sets the number of codes)")
+    ext.add_argument("--out", required=True)
+    ext.set_defaults(func=_extend_vocab)
+
+    rsz = sub.add_parser("resize-vocab", help="grow a checkpoint's embedding and output layer to a vocab.json",
+                         description="Old rows are kept bit-identical; new rows are drawn from the old rows' "
+                         "mean and covariance (--init mean-cov, default) or set to their mean (--init mean).")
+    rsz.add_argument("--checkpoint", required=True, help="a checkpoint folder (checkpoints/step_XXXXXXXX)")
+    rsz.add_argument("--vocab", required=True, help="folder with vocab.json from extend-vocab")
+    rsz.add_argument("--out", required=True)
+    rsz.add_argument("--init", choices=["mean-cov", "mean"], default="mean-cov")
+    rsz.add_argument("--seed", type=int, default=0)
+    rsz.set_defaults(func=_resize_vocab)
 
     demo = sub.add_parser("demo", help="the end-to-end job on offline real data")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

@@ -13,7 +13,6 @@ Overrides are parsed as YAML scalars (``train.steps=6`` is an int, ``train.lr=3e
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -21,8 +20,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-#: Padded vocabularies divide by 128 x this (megatron convention), so one checkpoint serves every TP up to it.
-MAX_TP = 8
+from viq_mllm.vocab import MAX_TP
+
 
 
 class _Loader(yaml.SafeLoader):
@@ -231,12 +230,6 @@ def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:
                 f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
             )
-
-
-def padded_vocab_size(size: int) -> int:
-    """Round a vocabulary up so the table divides by 128 x MAX_TP (one layout for every TP)."""
-    multiple = 128 * MAX_TP
-    return int(math.ceil(size / multiple) * multiple)
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -5,7 +5,7 @@ samples an uninterrupted run would have read: the checkpoint only needs the step
 
 Example (seq_length 4, bytes tokenizer)::
 
-    >>> ds = TokenWindows(["ab", "cde"], ByteTokenizer(), seq_length=4)
+    >>> ds = TokenWindows(["ab", "cde"], ByteTokenizer(), seq_length=4)   # viq_mllm.vocab.text_tokenizers
     >>> ds.stream.tolist()          # documents joined with end-of-document (id 256)
     [97, 98, 256, 99, 100, 101, 256]
     >>> ds[0]["tokens"].tolist(), ds[0]["labels"].tolist()
@@ -18,78 +18,11 @@ import ast
 import functools
 import sysconfig
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import torch
 
-
-class TextTokenizer(Protocol):
-    vocab_size: int
-    eod: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255 and one end-of-document id (256). Needs no file: the CPU recipes use it."""
-
-    vocab_size = 257
-    eod = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
-class HFTextTokenizer:
-    """A tokenizer folder readable by ``transformers.AutoTokenizer`` (never downloads)."""
-
-    def __init__(self, path: str):
-        from transformers import AutoTokenizer
-
-        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.vocab_size = len(self._tok)
-        eod = self._tok.eos_token_id
-        if eod is None:
-            raise ValueError(f"tokenizer at {path} has no eos token to separate documents")
-        self.eod = eod
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
-
-
-class SentencePieceTokenizer:
-    def __init__(self, path: str):
-        import sentencepiece as spm
-
-        self._sp = spm.SentencePieceProcessor(model_file=path)
-        self.vocab_size = self._sp.get_piece_size()
-        self.eod = self._sp.eos_id()
-
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self._sp.decode(ids)
-
-
-def load_text_tokenizer(spec: str) -> TextTokenizer:
-    """``bytes``, ``hf:DIR`` or ``sentencepiece:FILE``."""
-    if spec == "bytes":
-        return ByteTokenizer()
-    kind, sep, path = spec.partition(":")
-    if sep and kind == "hf":
-        return HFTextTokenizer(path)
-    if sep and kind == "sentencepiece":
-        return SentencePieceTokenizer(path)
-    raise ValueError(f"data.tokenizer={spec!r}: expected 'bytes', 'hf:DIR' or 'sentencepiece:FILE'")
+from viq_mllm.vocab.text_tokenizers import TextTokenizer
 
 
 def stdlib_docs_corpus(max_files: int = 400) -> list[str]:

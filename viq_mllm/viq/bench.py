@@ -1,17 +1,19 @@
 """``viq-mllm bench encode``: ViQ encode throughput and peak memory, packed vs one image at a time.
 
-Each (architecture, image size, mode) runs in a fresh process, so its peak resident memory (weights included)
-is its own. Images have mixed aspect ratios at about ``size**2`` pixels; random weights (speed does not depend
-on them). Packed = one ``encode(images)`` call (one pack); one-by-one = ``encode([image])`` per image.
+Each (architecture, image size) runs in a fresh process where the two modes alternate round by round (medians
+reported), so machine noise hits both alike; peak resident memory (weights included) is sampled per mode. Images have mixed aspect ratios at about ``size**2`` pixels; random weights (speed does not depend
+on them). Packed = one ``encode(images)`` call (packs of up to 2048 patches, the default); one-by-one = ``encode([image])``
+per image.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,8 +32,33 @@ def _images(size: int, count: int) -> list[np.ndarray]:
     return out
 
 
-def measure(arch: str, size: int, mode: str, count: int) -> dict:
-    """Runs inside the worker process."""
+class PeakRss:
+    """Samples this process's resident memory every 2 ms in a thread; ``peak`` is the max seen (bytes)."""
+
+    def __init__(self):
+        import psutil
+
+        self._proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+
+    def __enter__(self):
+        self.base = self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def measure(arch: str, size: int, count: int, rounds: int) -> list[dict]:
+    """Packed and one-by-one alternate round by round in this one process; medians are reported."""
     import torch
 
     from viq_mllm.viq import ViQTokenizer
@@ -39,30 +66,38 @@ def measure(arch: str, size: int, mode: str, count: int) -> dict:
     torch.manual_seed(0)
     tok = ViQTokenizer.from_config(arch, image_base=size, max_pixels=4 * size * size)
     images = _images(size, count)
-    warm = images[:1]
-    tok.encode(warm)
-    began = time.perf_counter()
-    if mode == "packed":
-        codes = tok.encode(images, max_tokens=10**9)
-    else:
-        codes = [tok.encode([image])[0] for image in images]
-    elapsed = time.perf_counter() - began
+    modes = {
+        "packed": lambda: tok.encode(images),
+        "single": lambda: [tok.encode([image])[0] for image in images],
+    }
+    tok.encode(images[:2])
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    peaks: dict[str, int] = {m: 0 for m in modes}
+    for _ in range(rounds):
+        for mode, run in modes.items():
+            with PeakRss() as rss:
+                began = time.perf_counter()
+                codes = run()
+                times[mode].append(time.perf_counter() - began)
+            peaks[mode] = max(peaks[mode], rss.peak)
     patches = sum(c.shape[0] * c.shape[1] for c in codes)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"arch": arch, "size": size, "mode": mode, "images": count, "patches": patches,
-            "images_per_s": count / elapsed, "seconds": elapsed, "peak_rss_mb": peak_mb,
-            "params_m": sum(p.numel() for p in tok.parameters()) / 1e6, "threads": torch.get_num_threads()}
+    params = sum(p.numel() for p in tok.parameters()) / 1e6
+    return [{"arch": arch, "size": size, "mode": mode, "images": count, "patches": patches,
+             "images_per_s": count / statistics.median(times[mode]), "rounds": rounds,
+             "peak_rss_mb": peaks[mode] / 2**20, "params_m": params, "threads": torch.get_num_threads()}
+            for mode in modes]
 
 
-def _run_worker(arch: str, size: int, mode: str, count: int) -> dict:
-    cmd = [sys.executable, "-m", "viq_mllm.viq.bench", "--worker", arch, str(size), mode, str(count)]
+def _run_worker(arch: str, size: int, count: int, rounds: int) -> list[dict]:
+    """A fresh process per (arch, size), so one measurement's memory does not inflate the next."""
+    cmd = [sys.executable, "-m", "viq_mllm.viq.bench", "--worker", arch, str(size), str(count), str(rounds)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| arch | params | px | images | packed img/s | one-by-one img/s | packed / one | peak MB packed | "
-             "peak MB one |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arch | params | px | images | packed img/s | one-by-one img/s | packed / one | peak RSS MB packed | "
+             "peak RSS MB one |", "|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r["arch"], r["size"], r["mode"]): r for r in rows}
     for arch, size in dict.fromkeys((r["arch"], r["size"]) for r in rows):
         p, o = by_key[(arch, size, "packed")], by_key[(arch, size, "single")]
@@ -77,15 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", nargs="+", default=["tiny", "so400m"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
     parser.add_argument("--images", type=int, default=16, help="images per measurement (so400m uses a quarter)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds for tiny (so400m: 1)")
     parser.add_argument("--out", default="runs/bench_encode")
     args = parser.parse_args(argv)
     rows = []
     for arch in args.archs:
         count = args.images if arch == "tiny" else max(args.images // 4, 2)
         for size in args.sizes:
-            for mode in ("packed", "single"):
-                rows.append(_run_worker(arch, size, mode, count))
-                print(f"  {arch} {size}px {mode}: {rows[-1]['images_per_s']:.2f} img/s", flush=True)
+            rows.extend(_run_worker(arch, size, count, args.rounds if arch == "tiny" else 1))
+            print(f"  {arch} {size}px: " + ", ".join(f"{r['mode']} {r['images_per_s']:.2f} img/s" for r in rows[-2:]),
+                  flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_encode.json").write_text(json.dumps({"rows": rows}, indent=2))
@@ -96,6 +132,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--worker":
-        print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))))
+        print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))
     else:
         sys.exit(main())

@@ -92,14 +92,14 @@ class ViQTokenizer(nn.Module):
         return [preprocess(img, self.config.image_base, self.config.max_pixels) for img in images]
 
     @torch.no_grad()
-    def encode(self, images: Sequence[ImageLike], max_tokens: int = 8192) -> list[torch.Tensor]:
+    def encode(self, images: Sequence[ImageLike], max_tokens: int = 2048) -> list[torch.Tensor]:
         """Images of any sizes -> list of int64 code grids ``(h, w, 4)``; packs up to ``max_tokens`` patches."""
         if self.config.quantizer != "fsq":
             raise RuntimeError("encode needs the FSQ quantizer; this tokenizer has the proximal bottleneck")
         return self.encode_preprocessed(self.preprocess(images), max_tokens)
 
     @torch.no_grad()
-    def encode_preprocessed(self, items: Sequence[Preprocessed], max_tokens: int = 8192) -> list[torch.Tensor]:
+    def encode_preprocessed(self, items: Sequence[Preprocessed], max_tokens: int = 2048) -> list[torch.Tensor]:
         codes: list[torch.Tensor] = []
         for pack in _packs([it.grid for it in items], max_tokens):
             dtype = self.vit.pos_embed.dtype

@@ -1,0 +1,123 @@
+"""Code shards (contract 2 of DESIGN.md): webdataset tar files of ViQ codes, written byte-for-byte reproducibly.
+
+One shard ``codes-00003.tar`` holds, per sample with key ``000001234`` (the input's global index)::
+
+    000001234.codes.npy    uint16 array (h, w, 4): the code grid
+    000001234.json         {"grid": [h, w], "source_size": [H, W], "source": "...", "text": {...}}
+
+Beside it, ``codes-00003.json`` is the shard's completion record (sample count, sha256, skipped inputs); a shard
+counts as done only when its record exists and matches the tar. ``manifest.json`` gathers the records with the
+ViQ tokenizer's fingerprint; :class:`CodeShards` refuses to feed a model whose fingerprint differs.
+
+Tar members have fixed metadata (mtime 0, uid/gid 0, sorted keys), so the same codes give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+SHARD_NAME = "codes-{:05d}.tar"
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+
+
+class FingerprintMismatch(ValueError):
+    """Shards made by one ViQ tokenizer fed to a model expecting another."""
+
+
+@dataclass
+class CodeSample:
+    key: str
+    codes: np.ndarray  # (h, w, 4) uint16
+    source_size: tuple[int, int]
+    source: str
+    text: dict = field(default_factory=dict)  # {"caption": ...} or {"conversations": [...]}
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.codes.shape[0]), int(self.codes.shape[1])
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def encode_sample(sample: CodeSample) -> list[tuple[str, bytes]]:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(sample.codes, dtype=np.uint16), allow_pickle=False)
+    meta = {"grid": list(sample.grid), "source_size": list(sample.source_size), "source": sample.source,
+            "text": sample.text}
+    return [(f"{sample.key}.codes.npy", buf.getvalue()),
+            (f"{sample.key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())]
+
+
+def write_shard(path: Path, samples: list[CodeSample]) -> dict:
+    """Write atomically (temporary name, then rename); returns {"samples", "sha256", "bytes"}."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in sorted(samples, key=lambda s: s.key):
+            for name, data in encode_sample(sample):
+                _member(tar, name, data)
+    os.replace(tmp, path)
+    return {"samples": len(samples), "sha256": sha256_of(path), "bytes": path.stat().st_size}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_shard(path: Path) -> Iterator[CodeSample]:
+    with tarfile.open(path) as tar:
+        members: dict[str, dict[str, bytes]] = {}
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    for key in sorted(members):
+        parts = members[key]
+        meta = json.loads(parts["json"])
+        codes = np.load(io.BytesIO(parts["codes.npy"]), allow_pickle=False)
+        yield CodeSample(key, codes, tuple(meta["source_size"]), meta["source"], meta["text"])
+
+
+class CodeShards:
+    """A shard set written by ``viq-mllm tokenize``; checks the fingerprint and the shards' checksums."""
+
+    def __init__(self, directory: str | Path, expected_fingerprint: str | None = None, verify: bool = True):
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{self.directory}: no {MANIFEST}; is this the output of `viq-mllm tokenize`?")
+        self.manifest = json.loads(manifest_path.read_text())
+        found = self.manifest["viq_fingerprint"]
+        if expected_fingerprint is not None and found != expected_fingerprint:
+            raise FingerprintMismatch(
+                f"{self.directory}: shards were made by ViQ tokenizer {found}, but this model expects "
+                f"{expected_fingerprint}; re-tokenize with the right tokenizer or point the recipe at it"
+            )
+        self.shards = [self.directory / s["name"] for s in self.manifest["shards"]]
+        if verify:
+            for record, path in zip(self.manifest["shards"], self.shards):
+                if not path.is_file() or sha256_of(path) != record["sha256"]:
+                    raise ValueError(f"{path}: missing or its checksum differs from {MANIFEST}")
+
+    def __iter__(self) -> Iterator[CodeSample]:
+        for path in self.shards:
+            yield from read_shard(path)
+
+    def __len__(self) -> int:
+        return sum(s["samples"] for s in self.manifest["shards"])

@@ -1,0 +1,5 @@
+"""The extended vocabulary (contract 3 of DESIGN.md): id mapping, text tokenizers, extended tokenizer files."""
+
+from viq_mllm.vocab.ids import CODE_TOKEN, MAX_TP, SPECIAL_TOKENS, Vocab, padded_vocab_size
+
+__all__ = ["CODE_TOKEN", "MAX_TP", "SPECIAL_TOKENS", "Vocab", "padded_vocab_size"]

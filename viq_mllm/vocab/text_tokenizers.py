@@ -1,0 +1,94 @@
+"""Text tokenizers behind one small interface: ``bytes`` (built in), SentencePiece files, HF tokenizer folders.
+
+``fingerprint`` identifies the exact tokenizer (a hash of its files), so vocabularies and checkpoints can refuse
+a different one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Protocol
+
+
+class TextTokenizer(Protocol):
+    vocab_size: int
+    eod: int
+    fingerprint: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255 and one end-of-document id (256). Needs no file: the CPU recipes use it."""
+
+    vocab_size = 257
+    eod = 256
+    fingerprint = "bytes-utf8-v1"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTextTokenizer:
+    """A tokenizer folder readable by ``transformers.AutoTokenizer`` (never downloads)."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.fingerprint = files_fingerprint(sorted(p for p in self.path.iterdir() if p.is_file()))
+        self.vocab_size = len(self._tok)
+        eod = self._tok.eos_token_id
+        if eod is None:
+            raise ValueError(f"tokenizer at {path} has no eos token to separate documents")
+        self.eod = eod
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.fingerprint = files_fingerprint([self.path])
+        self.vocab_size = self._sp.get_piece_size()
+        self.eod = self._sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
+
+def load_text_tokenizer(spec: str) -> TextTokenizer:
+    """``bytes``, ``hf:DIR`` or ``sentencepiece:FILE``."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    kind, sep, path = spec.partition(":")
+    if sep and kind == "hf":
+        return HFTextTokenizer(path)
+    if sep and kind == "sentencepiece":
+        return SentencePieceTokenizer(path)
+    raise ValueError(f"data.tokenizer={spec!r}: expected 'bytes', 'hf:DIR' or 'sentencepiece:FILE'")
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return "text-" + digest.hexdigest()[:16]
