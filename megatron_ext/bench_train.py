@@ -56,7 +56,8 @@ def _hf_model(cfg: dict):
 def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
     recipe = _recipe(cfg, steps=rounds + 10)
     ours = build_trainer(recipe, layout, build_gpt(transformer_config(recipe.model, recipe.parallel, recipe.train),
-                                                   recipe.model, recipe.parallel, cfg["vocab"], layout, 0))
+                                                   recipe.model, recipe.parallel, cfg["vocab"], layout, 0),
+                         {"text_size": cfg["vocab"], "padded_size": cfg["vocab"], "text_fingerprint": "random"})
     hf = _hf_model(cfg)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     b, s = cfg["micro_batch"], cfg["seq_length"]

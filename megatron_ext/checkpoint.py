@@ -13,6 +13,7 @@ RNG states are saved per rank and restored when the world size matches.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -25,6 +26,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+META_FILE = "model.json"
 
 
 def _rng_state() -> dict:
@@ -67,8 +69,10 @@ def _sharded_state(model, optimizer, scheduler, step: int, counters: dict, is_lo
     }
 
 
-def save(ckpt_root: Path, step: int, model, optimizer, scheduler, keep_last: int, counters: dict) -> Path:
-    """Write ``step_XXXXXXXX`` and point ``latest`` at it; keep the newest ``keep_last`` checkpoints."""
+def save(ckpt_root: Path, step: int, model, optimizer, scheduler, keep_last: int, counters: dict,
+         meta: dict) -> Path:
+    """Write ``step_XXXXXXXX`` (with ``model.json`` = ``meta``) and point ``latest`` at it; keep the newest
+    ``keep_last`` checkpoints."""
     path = ckpt_root / f"step_{step:08d}"
     if dist.get_rank() == 0:
         if path.exists():
@@ -78,6 +82,7 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, keep_last: int
     dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, step, counters, is_loading=False), str(path))
     dist.barrier()
     if dist.get_rank() == 0:
+        write_meta(path, meta)
         tmp = ckpt_root / "latest.tmp"
         tmp.write_text(path.name)
         tmp.replace(ckpt_root / "latest")
@@ -85,6 +90,37 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, keep_last: int
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return path
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    """``model.json``: what a checkpoint holds (model shape, vocabulary sizes and fingerprints)."""
+    (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_meta(path: Path) -> dict:
+    file = Path(path) / META_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no {META_FILE}; is this a checkpoint directory (checkpoints/step_XXXXXXXX)?")
+    return json.loads(file.read_text())
+
+
+def save_model(path: Path, model, meta: dict) -> None:
+    """A model-only checkpoint (e.g. after a vocabulary resize), loadable at any TP/PP by :func:`load_model`."""
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(path))
+    if dist.get_rank() == 0:
+        write_meta(path, meta)
+    dist.barrier()
+
+
+def load_model(path: Path, model) -> None:
+    """Load only the model weights of any checkpoint written by :func:`save` or :func:`save_model`."""
+    with torch.no_grad():
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(state["model"])
 
 
 def latest(ckpt_root: Path) -> Optional[Path]:

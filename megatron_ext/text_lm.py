@@ -19,7 +19,9 @@ def train_text_lm(recipe: Recipe) -> list[dict]:
     dataset = TokenWindows(documents, tokenizer, m.seq_length)
     config = transformer_config(m, p, t)
     model = build_gpt(config, m, p, padded_vocab_size(tokenizer.vocab_size), layout, t.seed)
-    trainer = build_trainer(recipe, layout, model)
+    vocab_meta = {"text_size": tokenizer.vocab_size, "padded_size": padded_vocab_size(tokenizer.vocab_size),
+                  "text_fingerprint": tokenizer.fingerprint, "vocab_fingerprint": None}
+    trainer = build_trainer(recipe, layout, model, vocab_meta)
 
     def batches(step: int):
         return micro_batches(

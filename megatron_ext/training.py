@@ -45,14 +45,19 @@ class Trainer:
     model: DistributedDataParallel
     optimizer: object
     scheduler: OptimizerParamScheduler
+    meta: dict  # written as model.json into every checkpoint
 
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.model.module
 
 
-def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module) -> Trainer:
-    """Wrap a megatron model in DDP and build the optimizer and warmup + cosine schedule of the recipe."""
+def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab_meta: dict) -> Trainer:
+    """Wrap a megatron model in DDP and build the optimizer and warmup + cosine schedule of the recipe.
+
+    ``vocab_meta`` describes the embedding rows (``text_size``, ``padded_size``, ``text_fingerprint`` and, for
+    multimodal models, ``vocab_fingerprint``); it goes into every checkpoint's ``model.json``.
+    """
     t, p = recipe.train, recipe.parallel
     config = model.config
     ddp = DistributedDataParallel(
@@ -93,7 +98,8 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module) -> Tra
         wd_incr_steps=t.steps,
         wd_incr_style="constant",
     )
-    return Trainer(recipe, layout, ddp, optimizer, scheduler)
+    meta = {"model": recipe.model.model_dump(mode="json"), "vocab": vocab_meta}
+    return Trainer(recipe, layout, ddp, optimizer, scheduler, meta)
 
 
 def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
@@ -228,7 +234,7 @@ def run_training(
         if every and ((step + 1) % every == 0 or step + 1 == t.steps):
             checkpoint.save(
                 ckpt_root, step + 1, trainer.unwrapped, trainer.optimizer, trainer.scheduler,
-                recipe.checkpoint.keep_last, counters,
+                recipe.checkpoint.keep_last, counters, trainer.meta,
             )
     if bar is not None:
         bar.close()

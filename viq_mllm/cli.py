@@ -38,7 +38,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _tokenize(args: argparse.Namespace) -> int:
     if args.nproc and "LOCAL_RANK" not in os.environ:
-        forwarded = [a for a in sys.argv[2:] if a not in ("--nproc", str(args.nproc))]
+        forwarded = ["--viq", args.viq, "--input", args.input, "--out", args.out, "--workers", str(args.workers),
+                     "--shard-size", str(args.shard_size), "--max-tokens", str(args.max_tokens),
+                     "--max-source-pixels", str(args.max_source_pixels)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "viq_mllm", "tokenize", *forwarded]
         return subprocess.call(cmd)

@@ -124,7 +124,12 @@ def target_size(width: int, height: int, base: int, max_pixels: int) -> tuple[in
 
 def preprocess(image: ImageLike, base: int = 384, max_pixels: int = 1024 * 1024) -> Preprocessed:
     """Load, convert, resize and normalise one image (see the module docstring)."""
-    rgb = to_rgb(load_image(image))
+    try:
+        rgb = to_rgb(load_image(image))
+    except (ValueError, OSError) as err:
+        if isinstance(err, ImageInputError):
+            raise
+        raise ImageInputError(f"{describe(image)}: unsupported image ({type(err).__name__}: {err})") from None
     source_size = (rgb.height, rgb.width)
     width, height = target_size(rgb.width, rgb.height, base, max_pixels)
     resized = rgb.resize((width, height), Image.BILINEAR)

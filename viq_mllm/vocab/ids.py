@@ -98,7 +98,7 @@ class Vocab:
     # token strings -----------------------------------------------------------------------------------------
     def added_tokens(self) -> list[str]:
         """The strings of ids [text_size, size), in id order."""
-        return [SPECIAL_TOKENS[name] for name in self.special_tokens] + [
+        return [self.token_string(i) for i in range(self.text_size, self.code_offset)] + [
             CODE_TOKEN.format(k) for k in range(self.codebook_size)
         ]
 
@@ -106,7 +106,8 @@ class Vocab:
         if not self.text_size <= token_id < self.size:
             raise ValueError(f"id {token_id} is not an added token")
         if token_id < self.code_offset:
-            return SPECIAL_TOKENS[list(self.special_tokens)[token_id - self.text_size]]
+            name = next(n for n, i in self.special_tokens.items() if i == token_id)
+            return SPECIAL_TOKENS[name]
         return CODE_TOKEN.format(token_id - self.code_offset)
 
     def token_id(self, token: str) -> int:

@@ -63,7 +63,7 @@ class SentencePieceTokenizer:
 
         self.path = Path(path)
         self._sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.fingerprint = files_fingerprint([self.path])
+        self.fingerprint = files_fingerprint([self.path], with_names=False)
         self.vocab_size = self._sp.get_piece_size()
         self.eod = self._sp.eos_id()
 
@@ -86,9 +86,29 @@ def load_text_tokenizer(spec: str) -> TextTokenizer:
     raise ValueError(f"data.tokenizer={spec!r}: expected 'bytes', 'hf:DIR' or 'sentencepiece:FILE'")
 
 
-def files_fingerprint(paths: list[Path]) -> str:
+def files_fingerprint(paths: list[Path], with_names: bool = True) -> str:
+    """sha256 of the files' bytes (and names, for a tokenizer folder)."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(path.name.encode())
+        if with_names:
+            digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return "text-" + digest.hexdigest()[:16]
+
+
+def train_sentencepiece(texts: list[str], model_file: str | Path, vocab_size: int) -> Path:
+    """Train a small BPE SentencePiece model offline (demos and tests: a real tokenizer file, no download)."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, num_threads=1, minloglevel=2,
+        bos_id=-1, eos_id=1, unk_id=0, pad_id=-1,
+    )
+    path = Path(model_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.getvalue())
+    return path

@@ -1,0 +1,96 @@
+"""``viq-mllm resize-vocab``: grow a megatron checkpoint's embedding and output layer to an extended vocabulary.
+
+The checkpoint's ``model.json`` says how many rows are real text tokens (``text_size``) and which text
+tokenizer made them; the vocabulary's ``vocab.json`` must agree on both, or the resize is refused naming both.
+
+Rows, for the embedding and (if untied) the output layer:
+
+- ``[0, text_size)``: copied bit-identically (any TP of the source: torch_dist checkpoints reshard on load);
+- ``[text_size, vocab.size)`` (special and code tokens, including rows that were padding before — the place
+  where new tokens silently land on uninitialised rows in other stacks): drawn from a normal distribution with
+  the old rows' mean and ``cov_scale`` x their covariance (``mean-cov``), or set to the mean (``mean``): a new token
+  starts as an "average" token, so the loss does not jump after the resize, and different rows break symmetry;
+- ``[vocab.size, padded_size)``: padding, set to the mean.
+
+The result is a model-only checkpoint, loadable at any TP by ``checkpoint.load_model``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_ext import checkpoint
+from megatron_ext.model import build_gpt, transformer_config
+from megatron_ext.parallel import init_distributed, shutdown
+from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
+from viq_mllm.vocab import Vocab
+
+
+class VocabMismatch(ValueError):
+    """The checkpoint's text vocabulary is not the one the extended vocabulary was built on."""
+
+
+def new_rows(old: torch.Tensor, count: int, init: str, cov_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """``count`` rows from the statistics of ``old [n, h]`` (computed in float64)."""
+    old64 = old.double()
+    mean = old64.mean(0)
+    if init == "mean":
+        return mean.expand(count, -1).to(old.dtype).clone()
+    centered = old64 - mean
+    cov = centered.T @ centered / max(old.shape[0] - 1, 1) * cov_scale
+    cov += torch.eye(cov.shape[0], dtype=cov.dtype) * 1e-12 * cov.diagonal().mean().clamp_min(1e-30)
+    chol = torch.linalg.cholesky(cov)
+    noise = torch.randn(count, old.shape[1], dtype=torch.float64, generator=generator)
+    return (mean + noise @ chol.T).to(old.dtype)
+
+
+def grow(table: torch.Tensor, text_size: int, used: int, init: str, cov_scale: float, seed: int) -> torch.Tensor:
+    """``table [P_new, h]`` whose first ``text_size`` rows hold the old values -> all rows initialised."""
+    generator = torch.Generator().manual_seed(seed)
+    old = table[:text_size]
+    out = table.clone()
+    out[text_size:used] = new_rows(old, used - text_size, init, cov_scale, generator)
+    out[used:] = old.double().mean(0).to(table.dtype)
+    return out
+
+
+def check_compatible(meta: dict, vocab: Vocab, source: Path) -> None:
+    have = meta["vocab"]
+    if have["text_size"] != vocab.text_size or have["text_fingerprint"] != vocab.text_fingerprint:
+        raise VocabMismatch(
+            f"{source} was trained with a text vocabulary of {have['text_size']} ids ({have['text_fingerprint']}), "
+            f"but the extended vocabulary is built on {vocab.text_size} ids ({vocab.text_fingerprint})"
+        )
+    if have.get("vocab_fingerprint"):
+        raise VocabMismatch(f"{source} already has an extended vocabulary ({have['vocab_fingerprint']})")
+
+
+def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path, init: str = "mean-cov",
+                      cov_scale: float = 1e-2, seed: int = 0) -> dict:
+    source, out = Path(source), Path(out)
+    meta = checkpoint.read_meta(source)
+    vocab = Vocab.load(vocab_dir)
+    check_compatible(meta, vocab, source)
+    model = ModelSection(**meta["model"])
+    layout = init_distributed(tp=1, pp=1, seed=seed)
+    try:
+        config = transformer_config(model, ParallelSection(), TrainSection(steps=1))
+        gpt = build_gpt(config, model, ParallelSection(), vocab.padded_size, layout, seed)
+        checkpoint.load_model(source, gpt)
+        with torch.no_grad():
+            tables = [gpt.embedding.word_embeddings.weight]
+            if not model.tie_embeddings:
+                tables.append(gpt.output_layer.weight)
+            for i, table in enumerate(tables):
+                table.copy_(grow(table, vocab.text_size, vocab.size, init, cov_scale, seed + i))
+        new_meta = {"model": meta["model"], "vocab": {"text_size": vocab.text_size, "padded_size": vocab.padded_size,
+                    "text_fingerprint": vocab.text_fingerprint, "vocab_fingerprint": vocab.fingerprint},
+                    "resized_from": str(source.resolve())}
+        checkpoint.save_model(out, gpt, new_meta)
+    finally:
+        shutdown()
+    print(f"wrote {out}: embedding {meta['vocab']['padded_size']} -> {vocab.padded_size} rows "
+          f"({vocab.text_size} kept, {vocab.size - vocab.text_size} new, init {init})")
+    return new_meta
