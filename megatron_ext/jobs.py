@@ -11,6 +11,10 @@ def run_recipe(recipe: Recipe) -> list[dict]:
         from megatron_ext.text_lm import train_text_lm
 
         job = train_text_lm
+    elif recipe.kind == "vlm":
+        from megatron_ext.vlm_train import train_vlm
+
+        job = train_vlm
     else:
         raise ValueError(f"kind={recipe.kind!r} has no training job")
     try:

@@ -48,14 +48,13 @@ def _free_port() -> int:
 def init_distributed(tp: int, pp: int, seed: int) -> Layout:
     """Create the process groups and seed every RNG megatron uses. Idempotent for the same layout."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
+        if "RANK" in os.environ:  # launched by torchrun / SLURM
+            dist.init_process_group(backend)
+        else:  # a plain single process; leaves the environment alone so child processes launch cleanly
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     cpu_compat.install()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -46,17 +47,20 @@ class Trainer:
     optimizer: object
     scheduler: OptimizerParamScheduler
     meta: dict  # written as model.json into every checkpoint
+    schedule_shape: tuple[int, int]  # (seq_length, micro_batch_size) the pipeline schedule communicates
 
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.model.module
 
 
-def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab_meta: dict) -> Trainer:
+def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab_meta: dict,
+                  packed: bool = False) -> Trainer:
     """Wrap a megatron model in DDP and build the optimizer and warmup + cosine schedule of the recipe.
 
     ``vocab_meta`` describes the embedding rows (``text_size``, ``padded_size``, ``text_fingerprint`` and, for
-    multimodal models, ``vocab_fingerprint``); it goes into every checkpoint's ``model.json``.
+    multimodal models, ``vocab_fingerprint``); it goes into every checkpoint's ``model.json``. ``packed``: each
+    micro-batch is one thd sequence of ``micro_batch_size`` rows (the schedule then sees batch 1).
     """
     t, p = recipe.train, recipe.parallel
     config = model.config
@@ -99,7 +103,8 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab_
         wd_incr_style="constant",
     )
     meta = {"model": recipe.model.model_dump(mode="json"), "vocab": vocab_meta}
-    return Trainer(recipe, layout, ddp, optimizer, scheduler, meta)
+    seq, mbs = recipe.model.seq_length, t.micro_batch_size
+    return Trainer(recipe, layout, ddp, optimizer, scheduler, meta, (seq * mbs, 1) if packed else (seq, mbs))
 
 
 def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
@@ -116,14 +121,13 @@ def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
         labels=batch["labels"],
         packed_seq_params=batch.get("packed_seq_params"),
     )
-    mask = batch["loss_mask"]
+    return output, partial(masked_loss, batch["loss_mask"])
 
-    def loss_func(per_token_loss: torch.Tensor):
-        loss_sum = (per_token_loss.float().view(-1) * mask.view(-1)).sum()
-        count = mask.sum().to(torch.int)
-        return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
 
-    return output, loss_func
+def masked_loss(mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """megatron's 3-tuple loss contract: (loss sum, token count, reported [sum, count])."""
+    loss_sum = (per_token_loss.float().view(-1) * mask.view(-1)).sum()
+    return loss_sum, mask.sum().to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
 
 
 def global_loss(reported: list[dict], layout: Layout) -> tuple[float, float]:
@@ -153,8 +157,8 @@ def forward_backward(trainer: Trainer, batches: Iterator[dict], forward_step: Ca
         data_iterator=batches,
         model=[trainer.model],
         num_microbatches=t.global_batch_size // (t.micro_batch_size * trainer.layout.dp_size),
-        seq_length=trainer.recipe.model.seq_length,
-        micro_batch_size=t.micro_batch_size,
+        seq_length=trainer.schedule_shape[0],
+        micro_batch_size=trainer.schedule_shape[1],
         forward_only=False,
     )
     return global_loss(reported, trainer.layout)
@@ -165,6 +169,20 @@ def optimizer_step(trainer: Trainer) -> float:
     _, grad_norm, _ = trainer.optimizer.step()
     trainer.scheduler.step(increment=1)
     return float(grad_norm) if grad_norm is not None else float("nan")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint made for another vocabulary or tokenizer."""
+
+
+def check_same_vocab(found: dict, expected: dict, where: Path) -> None:
+    """Refuse a checkpoint whose vocabulary differs, showing both fingerprints."""
+    for key in ("text_fingerprint", "vocab_fingerprint", "padded_size"):
+        if found.get(key) != expected.get(key):
+            raise CheckpointMismatch(
+                f"{where}: checkpoint {key} is {found.get(key)!r}, this run expects {expected.get(key)!r}; "
+                "point run.dir / init.checkpoint at a checkpoint of the same vocabulary (or resize-vocab it)"
+            )
 
 
 def run_training(
@@ -186,6 +204,7 @@ def run_training(
     start, counters = 0, {"nan_skips": 0}
     resume_from = checkpoint.latest(ckpt_root)
     if resume_from is not None:
+        check_same_vocab(checkpoint.read_meta(resume_from)["vocab"], trainer.meta["vocab"], resume_from)
         start, counters = checkpoint.load(
             resume_from, trainer.unwrapped, trainer.optimizer, trainer.scheduler
         )

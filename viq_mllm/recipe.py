@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -52,6 +52,20 @@ class RunSection(_Section):
     name: str = "run"
 
 
+class VisualSection(_Section):
+    """How visual positions become hidden vectors (contract 4 of DESIGN.md).
+
+    ``table``: each code has a row of the extended embedding table; a position is the sum of its ``group``
+    codes' rows, each scaled elementwise by a learned per-slot vector. ``embedder``: codes -> the ViQ code
+    embedder -> 2x2 pooling projector (needs ``group: 16``), initialised from the tokenizer in ``viq``.
+    """
+
+    embedding: Literal["table", "embedder"] = "table"
+    group: Literal[1, 4, 16] = 16
+    viq: str
+    train_embedder: bool = True
+
+
 class ModelSection(_Section):
     """A Llama/Qwen2-style decoder: RMSNorm, SwiGLU, RoPE, optional GQA and q/k/v biases."""
 
@@ -68,6 +82,7 @@ class ModelSection(_Section):
     hidden_dropout: float = Field(default=0.0, ge=0, lt=1)
     attention_dropout: float = Field(default=0.0, ge=0, lt=1)
     init_std: float = Field(default=0.02, gt=0)
+    visual: Optional[VisualSection] = None
 
     @property
     def query_groups(self) -> int:
@@ -85,6 +100,27 @@ class DataSection(_Section):
     kind: Literal["text"] = "text"
     text_files: list[str] = Field(default_factory=list)
     tokenizer: str = "bytes"
+
+
+class CodeSource(_Section):
+    path: str
+    weight: float = Field(default=1.0, gt=0)
+
+
+class CodesDataSection(_Section):
+    """Packed multimodal sequences from code shards (``viq-mllm tokenize``) in an extended vocabulary."""
+
+    kind: Literal["codes"]
+    sources: list[CodeSource] = Field(min_length=1)
+    vocab: str
+    task: Literal["pretrain", "sft"] = "pretrain"
+    truncate: bool = False
+
+
+class InitSection(_Section):
+    """Weights to start from when run.dir has no checkpoint yet (e.g. the output of resize-vocab)."""
+
+    checkpoint: Optional[str] = None
 
 
 class TrainSection(_Section):
@@ -126,10 +162,11 @@ class LogSection(_Section):
 
 
 class Recipe(_Section):
-    kind: Literal["text_lm"] = "text_lm"
+    kind: Literal["text_lm", "vlm"] = "text_lm"
     run: RunSection
     model: ModelSection
-    data: DataSection = DataSection()
+    data: Union[DataSection, CodesDataSection] = Field(default_factory=DataSection, discriminator="kind")
+    init: InitSection = InitSection()
     train: TrainSection
     parallel: ParallelSection = ParallelSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -196,6 +233,7 @@ def _did_you_mean(loc: tuple) -> str:
 def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:
     """Reject parallel layouts megatron-core cannot build, naming the field, before any process starts."""
     m, p, t = recipe.model, recipe.parallel, recipe.train
+    _check_kind(recipe)
     if p.tp > MAX_TP:
         raise RecipeError(f"parallel.tp={p.tp}: at most {MAX_TP} (vocabulary padding is 128 x {MAX_TP})")
     for name, value in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.query_groups)):
@@ -230,6 +268,20 @@ def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:
                 f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
             )
+
+
+def _check_kind(recipe: Recipe) -> None:
+    wants = {"text_lm": "text", "vlm": "codes"}[recipe.kind]
+    if recipe.data.kind != wants:
+        raise RecipeError(f"kind={recipe.kind} needs data.kind={wants}, got data.kind={recipe.data.kind}")
+    visual = recipe.model.visual
+    if recipe.kind == "vlm" and visual is None:
+        raise RecipeError("kind=vlm needs a model.visual section (embedding, group, viq)")
+    if recipe.kind == "text_lm" and visual is not None:
+        raise RecipeError("model.visual is only for kind=vlm")
+    if visual is not None and visual.embedding == "embedder" and visual.group != 16:
+        raise RecipeError(f"model.visual.embedding=embedder pools 2x2 patches: needs model.visual.group=16, "
+                          f"got {visual.group}")
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:

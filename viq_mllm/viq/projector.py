@@ -35,16 +35,20 @@ class PoolingProjector(nn.Module):
             self.image_begin = nn.Parameter(torch.randn(llm_dim) * std)
             self.image_end = nn.Parameter(torch.randn(llm_dim) * std)
 
+    def pool_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """``[..., 4, C]`` (the 4 patches of each 2x2 window, row-major) -> ``[..., D]``."""
+        x = self.proj1(windows)
+        mean = x.mean(dim=-2, keepdim=True).expand_as(x)
+        weights = self.score(torch.cat([x, mean], dim=-1)).softmax(dim=-2)
+        return self.proj2(F.gelu((weights * x).sum(dim=-2)))
+
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """``[h, w, C]`` -> ``[h/2, w/2, D]`` (no markers)."""
-        h, w, _ = features.shape
+        h, w, c = features.shape
         if h % 2 or w % 2:
             raise ValueError(f"2x2 pooling needs an even patch grid, got {h} x {w}")
-        x = self.proj1(features)
-        windows = x.view(h // 2, 2, w // 2, 2, -1).permute(0, 2, 1, 3, 4).reshape(h // 2, w // 2, 4, -1)
-        mean = windows.mean(dim=2, keepdim=True).expand_as(windows)
-        weights = self.score(torch.cat([windows, mean], dim=-1)).softmax(dim=2)
-        return self.proj2(F.gelu((weights * windows).sum(dim=2)))
+        windows = features.view(h // 2, 2, w // 2, 2, c).permute(0, 2, 1, 3, 4).reshape(h // 2, w // 2, 4, c)
+        return self.pool_windows(windows)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``[h, w, C]`` -> ``[(h/2)(w/2) + h/2 + 2, D]`` with row-end, begin and end markers."""

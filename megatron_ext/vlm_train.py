@@ -1,0 +1,86 @@
+"""The ``vlm`` run kind: pretraining or SFT of the discrete VLM on packed code shards.
+
+Before any compute, the pieces must agree: the code shards were made by the recipe's ViQ tokenizer
+(``model.visual.viq``), the vocabulary was extended for that tokenizer, and an ``init.checkpoint`` or a resumed
+checkpoint has the same vocabulary; each mismatch is refused with both fingerprints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_ext import checkpoint
+from megatron_ext.model import build_gpt, transformer_config
+from megatron_ext.parallel import Layout, init_distributed
+from megatron_ext.training import build_trainer, check_same_vocab, run_training
+from megatron_ext.vlm import VisionLanguageModel, VisualEmbedding, viq_fingerprint, vlm_forward_step
+from viq_mllm.data.multimodal import PackedDataset, PackedSource, documents_from_shards
+from viq_mllm.data.packing import pack
+from viq_mllm.data.shards import CodeShards, FingerprintMismatch
+from viq_mllm.recipe import Recipe
+from viq_mllm.vocab.tokenizer import MultimodalTokenizer
+
+
+def load_data(recipe: Recipe, tokenizer: MultimodalTokenizer, expected_viq: str) -> PackedDataset:
+    data, model = recipe.data, recipe.model
+    sources = []
+    for source in data.sources:
+        shards = CodeShards(source.path, expected_fingerprint=expected_viq)
+        docs = documents_from_shards(shards, tokenizer, data.task, model.visual.group)
+        sources.append(PackedSource(pack(docs, model.seq_length, data.truncate), source.weight))
+    return PackedDataset(sources, recipe.train.seed)
+
+
+def vocab_meta(recipe: Recipe, tokenizer: MultimodalTokenizer) -> dict:
+    v = tokenizer.vocab
+    return {"text_size": v.text_size, "padded_size": v.padded_size, "text_fingerprint": v.text_fingerprint,
+            "vocab_fingerprint": v.fingerprint, "viq_fingerprint": v.viq_fingerprint,
+            "vocab_dir": str(Path(recipe.data.vocab).resolve()),
+            "viq_dir": str(Path(recipe.model.visual.viq).resolve())}
+
+
+def build_vlm(recipe: Recipe, tokenizer: MultimodalTokenizer, layout: Layout) -> VisionLanguageModel:
+    m, p, t = recipe.model, recipe.parallel, recipe.train
+    gpt = build_gpt(transformer_config(m, p, t), m, p, tokenizer.vocab.padded_size, layout, t.seed)
+    visual = None
+    if layout.first_stage:
+        with torch.random.fork_rng():
+            torch.manual_seed(t.seed + 17)  # same visual init on every layout
+            visual = VisualEmbedding(m.visual, tokenizer.vocab, m.hidden_size, gpt.embedding.word_embeddings)
+    return VisionLanguageModel(gpt, visual)
+
+
+def initialize_from(path: Path, vlm: VisionLanguageModel, expected: dict) -> None:
+    meta = checkpoint.read_meta(path)
+    check_same_vocab(meta["vocab"], expected, path)
+    checkpoint.load_model(path, vlm if meta["model"].get("visual") else vlm.gpt)
+
+
+def train_vlm(recipe: Recipe) -> list[dict]:
+    p, t, m = recipe.parallel, recipe.train, recipe.model
+    layout = init_distributed(p.tp, p.pp, t.seed)
+    tokenizer = MultimodalTokenizer.from_dir(recipe.data.vocab)
+    expected_viq = viq_fingerprint(m.visual.viq)
+    if tokenizer.vocab.viq_fingerprint != expected_viq:
+        raise FingerprintMismatch(
+            f"data.vocab={recipe.data.vocab} was extended for ViQ tokenizer {tokenizer.vocab.viq_fingerprint}, "
+            f"model.visual.viq={m.visual.viq} is {expected_viq}"
+        )
+    dataset = load_data(recipe, tokenizer, expected_viq)
+    vlm = build_vlm(recipe, tokenizer, layout)
+    meta = vocab_meta(recipe, tokenizer)
+    if recipe.init.checkpoint and checkpoint.latest(Path(recipe.run.dir) / "checkpoints") is None:
+        initialize_from(Path(recipe.init.checkpoint), vlm, meta)
+    trainer = build_trainer(recipe, layout, vlm, meta, packed=True)
+    if layout.rank == 0:
+        padding = [round(s.padding_fraction, 4) for s in dataset.sources]
+        print(f"packed {sum(len(s.rows) for s in dataset.sources)} rows of {m.seq_length} positions; "
+              f"padding fraction per source {padding}", flush=True)
+
+    def batches(step: int):
+        return dataset.micro_batches(step, t.global_batch_size, t.micro_batch_size, layout.dp_rank, layout.dp_size)
+
+    return run_training(trainer, batches, tokens_per_step=t.global_batch_size * m.seq_length,
+                        forward_step=vlm_forward_step)

@@ -1,0 +1,140 @@
+"""The multimodal sequence layout: captions and chat turns around image blocks, with loss masks.
+
+An image block (contract 4 of DESIGN.md) is ``<|image_start|>``, then for each row of visual positions the
+positions followed by ``<|row_end|>``, then ``<|image_end|>``. A visual position covers ``G`` codes:
+
+- ``G = 16`` (default): a 2x2 window of patches x 4 sub-codes; an ``h x w`` patch grid gives ``h/2`` rows of
+  ``w/2`` positions, so ``(h/2)(w/2) + h/2 + 2`` positions in all (the continuous baseline's count);
+- ``G = 4``: one patch (4 sub-codes) per position, rows of ``w``;
+- ``G = 1``: one code per position (Emu3-style), rows of ``4w``.
+
+A document is a list of positions. Each has an id (a text or special id; for a visual position the id of its
+first code, kept for bookkeeping), a flag ``visual``, and for visual positions their ``G`` code ids. ``labels``
+are next-position ids; ``loss_mask`` marks positions whose next id is supervised: pretraining supervises the
+caption (and the end of document) after the image, SFT only the assistant's answers and end-of-turn; visual and
+padding positions are never targets.
+
+Example, G = 16, a 2 x 4 patch grid and caption "A pig." (ids abbreviated)::
+
+    positions  <img_start> [v v] <row_end> <img_end> A   pig  .   <eod>
+    visual      .           1 1   .         .        .   .    .   .
+    loss_mask   .           . .   .         1        1   1    1   .      (predicts A, pig, ., <eod>)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from viq_mllm.vocab.ids import Vocab
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Document:
+    tokens: torch.Tensor  # [L] int64
+    visual: torch.Tensor  # [L] bool
+    codes: torch.Tensor  # [n_visual, G] int64 vocabulary ids of the codes
+    loss_mask: torch.Tensor  # [L] float: 1 where labels[i] (= tokens[i + 1]) is a target
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.cat([self.tokens[1:], self.tokens.new_zeros(1)])
+
+
+def window_for(group: int) -> int:
+    if group not in (1, 4, 16):
+        raise ValueError(f"model.visual.group={group}: choose 16 (2x2 patches), 4 (one patch) or 1 (one code)")
+    return 2 if group == 16 else 1
+
+
+def code_groups(codes: np.ndarray | torch.Tensor, group: int) -> torch.Tensor:
+    """``(h, w, 4)`` codes -> ``[rows, positions_per_row, G]`` in window order (row-major windows, row-major
+    patches inside a window, 4 sub-codes per patch)."""
+    codes = torch.as_tensor(np.asarray(codes, dtype=np.int64))
+    h, w, _ = codes.shape
+    k = window_for(group)
+    windows = codes.view(h // k, k, w // k, k, 4).permute(0, 2, 1, 3, 4).reshape(h // k, w // k, 4 * k * k)
+    return windows.reshape(h // k, -1, group)
+
+
+def visual_position_count(h: int, w: int, group: int) -> int:
+    """LLM positions of one image block (markers included)."""
+    k = window_for(group)
+    rows, per_row = h // k, (w // k) * (4 * k * k) // group
+    return rows * per_row + rows + 2
+
+
+class _Builder:
+    def __init__(self, vocab: Vocab):
+        self.vocab = vocab
+        self.tokens: list[int] = []
+        self.visual: list[bool] = []
+        self.codes: list[torch.Tensor] = []
+        self.target: list[bool] = []  # is this position a prediction target (of the previous position)?
+
+    def text(self, ids: list[int], supervised: bool) -> None:
+        self.tokens += ids
+        self.visual += [False] * len(ids)
+        self.target += [supervised] * len(ids)
+
+    def image(self, codes: np.ndarray, group: int) -> None:
+        grid = self.vocab.codes_to_ids(code_groups(codes, group))
+        self.text([self.vocab.special("image_start")], False)
+        for row in grid:
+            for position in row:
+                self.tokens.append(int(position[0]))
+                self.visual.append(True)
+                self.target.append(False)
+                self.codes.append(position)
+            self.text([self.vocab.special("row_end")], False)
+        self.text([self.vocab.special("image_end")], False)
+
+    def build(self) -> Document:
+        tokens = torch.tensor(self.tokens, dtype=torch.long)
+        target = torch.tensor(self.target + [False], dtype=torch.float32)
+        group = self.codes[0].numel() if self.codes else 1
+        codes = torch.stack(self.codes) if self.codes else torch.zeros(0, group, dtype=torch.long)
+        return Document(tokens, torch.tensor(self.visual), codes, target[1:])
+
+
+def caption_document(tokenizer, vocab: Vocab, codes: np.ndarray, caption: str, group: int) -> Document:
+    """Pretraining: image, then the caption and end-of-document, all caption tokens supervised."""
+    b = _Builder(vocab)
+    b.image(codes, group)
+    b.text(tokenizer.encode(caption) + [tokenizer.eod], True)
+    return b.build()
+
+
+def chat_document(tokenizer, vocab: Vocab, codes: np.ndarray, turns: list[dict], group: int) -> Document:
+    """SFT: ``turns`` of {"from"/"role": ..., "value"/"content": ...}; the image replaces ``<image>`` in the
+    first user turn that has it (or opens the first user turn). Only assistant answers and their end-of-turn
+    (``eod``) are supervised; role headers (``"User: "``, ``"Assistant: "``) are not."""
+    b = _Builder(vocab)
+    placed = False
+    for turn in turns:
+        role = ROLES.get(turn.get("from", turn.get("role", "")))
+        if role is None:
+            raise ValueError(f"unknown chat role in {turn}; expected one of {sorted(ROLES)}")
+        text = turn.get("value", turn.get("content", ""))
+        b.text(tokenizer.encode(f"{role.capitalize()}: "), False)
+        if role == "user" and not placed:
+            before, found, after = text.partition(IMAGE_PLACEHOLDER)
+            if not found:
+                before, after = "", text
+            if before.strip():
+                b.text(tokenizer.encode(before.strip()), False)
+            b.image(codes, group)
+            placed, text = True, after.strip()
+        supervised = role == "assistant"
+        b.text(tokenizer.encode(text.replace(IMAGE_PLACEHOLDER, "").strip()) + [tokenizer.eod], supervised)
+    if not placed:
+        raise ValueError("a conversation needs a user turn to hold the image")
+    return b.build()

@@ -1,0 +1,76 @@
+"""Packed multimodal training data from code shards: documents -> packed rows -> blended, resumable order.
+
+Each source (a shard set with a weight) becomes documents (``layout.py``: captions for pretraining,
+conversations for SFT) and then packed rows. The row read at global position ``p`` is a pure function of
+``(seed, p)``: a weighted draw picks the source, and the source's own per-epoch permutation picks the row. So
+a resumed run reads exactly what an uninterrupted one would, from the step number alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from viq_mllm.data.layout import Document, caption_document, chat_document
+from viq_mllm.data.packing import Row, collate, pack
+from viq_mllm.data.shards import CodeShards
+from viq_mllm.data.text import sample_index
+from viq_mllm.vocab.tokenizer import MultimodalTokenizer
+
+
+def documents_from_shards(shards: CodeShards, tokenizer: MultimodalTokenizer, task: str, group: int) -> list[Document]:
+    docs = []
+    for sample in shards:
+        if task == "pretrain":
+            caption = sample.text.get("caption")
+            if not caption:
+                raise ValueError(f"{shards.directory}: sample {sample.key} ({sample.source}) has no caption")
+            docs.append(caption_document(tokenizer.text, tokenizer.vocab, sample.codes, caption, group))
+        else:
+            turns = sample.text.get("conversations") or _caption_as_chat(sample.text.get("caption"))
+            if not turns:
+                raise ValueError(f"{shards.directory}: sample {sample.key} ({sample.source}) has no conversation")
+            docs.append(chat_document(tokenizer.text, tokenizer.vocab, sample.codes, turns, group))
+    return docs
+
+
+def _caption_as_chat(caption: str | None) -> list[dict] | None:
+    if not caption:
+        return None
+    return [{"from": "human", "value": "<image>\nWhat is in this picture?"}, {"from": "gpt", "value": caption}]
+
+
+@dataclass
+class PackedSource:
+    rows: list[Row]
+    weight: float
+
+    @property
+    def padding_fraction(self) -> float:
+        total = sum(r.seq_length for r in self.rows)
+        return 1.0 - sum(r.used for r in self.rows) / total
+
+
+class PackedDataset:
+    def __init__(self, sources: list[PackedSource], seed: int):
+        if not sources or any(s.weight <= 0 or not s.rows for s in sources):
+            raise ValueError("every data source needs a positive weight and at least one document")
+        self.sources, self.seed = sources, seed
+        total = sum(s.weight for s in sources)
+        self.cumulative = torch.tensor([s.weight for s in sources], dtype=torch.float64).cumsum(0) / total
+
+    def row_at(self, position: int) -> Row:
+        draw = torch.rand(1, generator=torch.Generator().manual_seed(self.seed * 7919 + position), dtype=torch.float64)
+        source = min(int(torch.searchsorted(self.cumulative, draw)), len(self.sources) - 1)
+        rows = self.sources[source].rows
+        return rows[sample_index(position, len(rows), self.seed + 1000 * source)]
+
+    def micro_batches(self, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
+                      ) -> Iterator[dict[str, torch.Tensor]]:
+        """The packed micro-batches (``micro_batch`` rows flattened into one thd sequence) of one DP rank."""
+        per_rank = global_batch // dp_size
+        first = step * global_batch + dp_rank * per_rank
+        for start in range(first, first + per_rank, micro_batch):
+            yield collate([self.row_at(p) for p in range(start, start + micro_batch)])

@@ -1,0 +1,95 @@
+"""Packing documents into fixed-length rows, and rows into one ``thd`` micro-batch.
+
+Rows are filled first-fit-decreasing (longest document first into the first row with room; ties by document
+index), so the layout is deterministic and the padding small. A document never spans two rows: a longer one is
+an error unless truncation is allowed. Attention isolation comes from ``cu_seqlens`` (one segment per document,
+plus one for the row's padding); position ids restart in every segment.
+
+Example, seq_length 8, documents of 5, 4 and 3 positions -> rows ``[5, 3]`` and ``[4, pad 4]``;
+``collate`` of both rows gives one sequence of 16 with ``cu_seqlens = [0, 5, 8, 12, 16]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from viq_mllm.data.layout import Document
+
+
+@dataclass
+class Row:
+    documents: list[Document]
+    seq_length: int
+
+    @property
+    def used(self) -> int:
+        return sum(len(d) for d in self.documents)
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of the items in each bin; items sorted by length (desc), then index."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def truncate(document: Document, length: int) -> Document:
+    visual_kept = int(document.visual[:length].sum())
+    mask = document.loss_mask[:length].clone()
+    mask[-1] = 0.0  # its label would be the first dropped token
+    return Document(document.tokens[:length], document.visual[:length], document.codes[:visual_kept], mask)
+
+
+def pack(documents: list[Document], seq_length: int, allow_truncation: bool = False) -> list[Row]:
+    fitted = []
+    for i, doc in enumerate(documents):
+        if len(doc) > seq_length:
+            if not allow_truncation:
+                raise ValueError(
+                    f"document {i} has {len(doc)} positions, more than model.seq_length={seq_length}; raise the "
+                    "sequence length, lower the image resolution, or set data.truncate=true"
+                )
+            doc = truncate(doc, seq_length)
+        fitted.append(doc)
+    bins = first_fit_decreasing([len(d) for d in fitted], seq_length)
+    return [Row([fitted[i] for i in sorted(b)], seq_length) for b in bins]
+
+
+def collate(rows: list[Row], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Rows -> one packed sequence ``[1, len(rows) * seq_length]`` with per-document ``cu_seqlens``."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("tokens", "labels", "loss_mask", "position_ids", "visual")}
+    codes, lengths = [], []
+    for row in rows:
+        for doc in row.documents:
+            parts["tokens"].append(doc.tokens)
+            parts["labels"].append(doc.labels)
+            parts["loss_mask"].append(doc.loss_mask)
+            parts["position_ids"].append(torch.arange(len(doc)))
+            parts["visual"].append(doc.visual)
+            codes.append(doc.codes)
+            lengths.append(len(doc))
+        pad = row.seq_length - row.used
+        if pad:
+            parts["tokens"].append(torch.full((pad,), pad_id, dtype=torch.long))
+            parts["labels"].append(torch.full((pad,), pad_id, dtype=torch.long))
+            parts["loss_mask"].append(torch.zeros(pad))
+            parts["position_ids"].append(torch.arange(pad))
+            parts["visual"].append(torch.zeros(pad, dtype=torch.bool))
+            lengths.append(pad)
+    batch = {k: torch.cat(v)[None] for k, v in parts.items()}
+    batch["codes"] = torch.cat(codes) if codes else torch.zeros(0, 1, dtype=torch.long)
+    batch["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    batch["max_seqlen"] = torch.tensor(max(lengths), dtype=torch.int32)
+    batch["real_tokens"] = torch.tensor(sum(r.used for r in rows))
+    return batch
