@@ -1,0 +1,109 @@
+"""Sequence layout, loss masks and packing, against hand-built expectations."""
+
+import numpy as np
+import pytest
+import torch
+
+from viq_mllm.data.layout import caption_document, chat_document, code_groups, visual_position_count
+from viq_mllm.data.packing import collate, first_fit_decreasing, pack
+from viq_mllm.viq import visual_positions
+from viq_mllm.vocab import Vocab
+
+
+class WordTokenizer:
+    """One id per word (ids 10+), eod = 1: makes expected sequences easy to write by hand."""
+
+    eod = 1
+
+    def __init__(self):
+        self.words = {}
+
+    def encode(self, text):
+        return [self.words.setdefault(w, 10 + len(self.words)) for w in text.split()]
+
+
+VOCAB = Vocab.build(text_size=100, codebook_size=2304, viq_fingerprint="viq-x", text_fingerprint="t")
+S, E, R, OFF = 100, 101, 102, 103  # image_start, image_end, row_end, code offset
+
+
+def grid(h, w):
+    return np.arange(h * w * 4, dtype=np.uint16).reshape(h, w, 4)
+
+
+def test_code_groups_window_order():
+    codes = grid(2, 4)  # patch (r, c) has codes 4*(4r+c) .. +3
+    g16 = code_groups(codes, 16)
+    assert g16.shape == (1, 2, 16)
+    first_window = [4 * p + k for p in (0, 1, 4, 5) for k in range(4)]  # patches (0,0) (0,1) (1,0) (1,1)
+    assert g16[0, 0].tolist() == first_window
+    assert code_groups(codes, 4).shape == (2, 4, 4) and code_groups(codes, 1).shape == (2, 16, 1)
+    assert code_groups(codes, 1)[1, 0, 0] == 16
+
+
+@pytest.mark.parametrize("h, w", [(2, 2), (16, 16), (24, 24), (4, 10)])
+def test_g16_positions_equal_the_continuous_baseline(h, w):
+    assert visual_position_count(h, w, 16) == visual_positions(h, w)
+    assert visual_position_count(h, w, 1) == h * w * 4 + h + 2
+
+
+def test_caption_document_hand_built():
+    tok = WordTokenizer()
+    doc = caption_document(tok, VOCAB, grid(2, 4), "a red pig", 16)
+    a, red, pig = 10, 11, 12
+    assert doc.tokens.tolist() == [S, OFF + 0, OFF + 8, R, E, a, red, pig, 1]
+    assert doc.visual.tolist() == [False, True, True, False, False, False, False, False, False]
+    assert doc.codes.shape == (2, 16) and doc.codes[1, 0] == OFF + 8
+    # targets: a (predicted at <image_end>), red, pig, eod; never a code, a marker or padding
+    assert doc.loss_mask.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 0]
+    assert doc.labels.tolist()[4:8] == [a, red, pig, 1]
+
+
+def test_sft_mask_covers_only_assistant_answers():
+    tok = WordTokenizer()
+    turns = [{"from": "human", "value": "look <image> what is it"},
+             {"from": "gpt", "value": "a pig"},
+             {"from": "human", "value": "colour ?"},
+             {"from": "gpt", "value": "pink"}]
+    doc = chat_document(tok, VOCAB, grid(2, 2), turns, 16)
+    w = tok.words
+    expected = ([w["User:"], w["look"], S, OFF, R, E, w["what"], w["is"], w["it"], 1]
+                + [w["Assistant:"], w["a"], w["pig"], 1]
+                + [w["User:"], w["colour"], w["?"], 1]
+                + [w["Assistant:"], w["pink"], 1])
+    assert doc.tokens.tolist() == expected
+    supervised = {i + 1 for i, m in enumerate(doc.loss_mask.tolist()) if m}
+    # positions of: a, pig, eod (first answer), pink, eod (second answer)
+    assert supervised == {11, 12, 13, 19, 20}
+
+
+def test_first_fit_decreasing():
+    assert first_fit_decreasing([5, 4, 3], 8) == [[0, 2], [1]]
+    assert first_fit_decreasing([2, 2, 2, 2], 4) == [[0, 1], [2, 3]]
+
+
+def test_pack_refuses_or_truncates_long_documents():
+    tok = WordTokenizer()
+    doc = caption_document(tok, VOCAB, grid(4, 4), "a b c d e f", 16)
+    with pytest.raises(ValueError, match=r"document 0 has 15 positions, more than model.seq_length=10"):
+        pack([doc], 10)
+    (row,) = pack([doc], 10, allow_truncation=True)
+    assert row.used == 10 and row.documents[0].loss_mask[-1] == 0
+
+
+def test_collate_restarts_positions_and_isolates_documents():
+    tok = WordTokenizer()
+    docs = [caption_document(tok, VOCAB, grid(2, 2), text, 16) for text in ("x y z", "p", "q r")]
+    rows = pack(docs, 12)
+    batch = collate(rows)
+    lengths = [len(d) for r in rows for d in r.documents]
+    assert batch["tokens"].shape == (1, 12 * len(rows))
+    cu = batch["cu_seqlens"].tolist()
+    assert cu[0] == 0 and cu[-1] == 12 * len(rows) and all(b > a for a, b in zip(cu, cu[1:]))
+    for start, end in zip(cu[:-1], cu[1:]):
+        assert batch["position_ids"][0, start:end].tolist() == list(range(end - start))
+    assert int(batch["real_tokens"]) == sum(lengths)
+    assert batch["codes"].shape == (3, 16) and int(batch["visual"].sum()) == 3
+    for r, row in enumerate(rows):  # each row's padding is its own segment and never a target
+        assert r * 12 + row.used in cu
+        assert batch["loss_mask"][0, r * 12 + row.used : (r + 1) * 12].sum() == 0
+    assert batch["loss_mask"].sum() == sum(float(d.loss_mask.sum()) for d in docs)

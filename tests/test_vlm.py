@@ -1,0 +1,99 @@
+"""The discrete VLM on packed multimodal sequences: isolation, parallel equivalence, resume, modes, refusals."""
+
+import pytest
+import torch
+
+from conftest import VLM, train_vlm_cli, viq_mllm, vlm_overrides
+
+STEPS = ["train.steps=6", "train.warmup_steps=2", "checkpoint.every=0"]
+
+
+@pytest.fixture(scope="module")
+def megatron_single():
+    from megatron_ext.parallel import init_distributed, shutdown
+
+    yield init_distributed(tp=1, pp=1, seed=0)
+    shutdown()
+
+
+def test_document_logits_inside_a_packed_row_equal_alone(vlm_assets, megatron_single):
+    from megatron_ext.vlm import packed_params
+    from megatron_ext.vlm_train import build_vlm
+    from viq_mllm.data.multimodal import documents_from_shards
+    from viq_mllm.data.packing import collate, pack
+    from viq_mllm.data.shards import CodeShards
+    from viq_mllm.recipe import load_recipe
+    from viq_mllm.vocab.tokenizer import MultimodalTokenizer
+
+    recipe = load_recipe(VLM, vlm_overrides(vlm_assets))
+    tokenizer = MultimodalTokenizer.from_dir(vlm_assets["vocab"])
+    docs = documents_from_shards(CodeShards(vlm_assets["shards"]), tokenizer, "pretrain", 16)[:5]
+    model = build_vlm(recipe, tokenizer, megatron_single).eval()
+    rows = pack(docs, 256)
+    assert len(rows) == 1 and len(rows[0].documents) == 5
+    batch = collate(rows)
+    with torch.no_grad():
+        packed = model(batch, packed_params(batch), labels=False)[0]
+        start = 0
+        for doc in rows[0].documents:
+            alone = collate(pack([doc], len(doc)))
+            logits = model(alone, packed_params(alone), labels=False)[0]
+            torch.testing.assert_close(packed[start : start + len(doc)], logits, rtol=1e-4, atol=1e-4)
+            start += len(doc)
+        unisolated = dict(batch, cu_seqlens=torch.tensor([0, 256], dtype=torch.int32), max_seqlen=torch.tensor(256))
+        leaky = model(unisolated, packed_params(unisolated), labels=False)[0]
+    assert (leaky[len(rows[0].documents[0]) :] - packed[len(rows[0].documents[0]) :]).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def single(vlm_assets, tmp_path_factory):
+    return train_vlm_cli(tmp_path_factory.mktemp("single") / "run", vlm_assets, *STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_parallel_equals_single_process(vlm_assets, single, tmp_path, layout):
+    rows = train_vlm_cli(tmp_path / "run", vlm_assets, *STEPS, layout, nproc=2)
+    assert single[-1]["loss"] < single[0]["loss"] - 1.0
+    for ours, ref in zip(rows, single):
+        assert abs(ours["loss"] - ref["loss"]) / ref["loss"] < 1e-3, (ours, ref)
+
+
+@pytest.mark.slow
+def test_stop_and_resume_is_exact(vlm_assets, single, tmp_path):
+    common = ["train.decay_steps=6", "train.warmup_steps=2", "checkpoint.every=3"]
+    train_vlm_cli(tmp_path / "run", vlm_assets, *common, "train.steps=3")
+    resumed = train_vlm_cli(tmp_path / "run", vlm_assets, *common, "train.steps=6")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for ours, ref in zip(resumed, single):
+        assert abs(ours["loss"] - ref["loss"]) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [["model.visual.group=1", "model.seq_length=1024"],
+                                  ["model.visual.group=4", "model.seq_length=512"],
+                                  ["model.visual.embedding=embedder"]], ids=["G1", "G4", "embedder"])
+def test_other_visual_modes_train(vlm_assets, tmp_path, mode):
+    rows = train_vlm_cli(tmp_path / "run", vlm_assets, *STEPS, "train.steps=10", *mode)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+
+
+def test_shards_of_another_tokenizer_are_refused_before_training(vlm_assets, tmp_path):
+    from viq_mllm.viq import ViQTokenizer
+
+    other = ViQTokenizer.from_config("tiny", preset="2k", seed=7).save_pretrained(tmp_path / "other_viq")
+    proc = viq_mllm("train", VLM, f"run.dir={tmp_path / 'run'}", *vlm_overrides(vlm_assets),
+                    f"model.visual.viq={other}", check=False)
+    assert proc.returncode != 0
+    assert "was extended for ViQ tokenizer" in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_init_checkpoint_of_another_vocabulary_is_refused(vlm_assets, tmp_path):
+    from conftest import train_tiny
+
+    train_tiny(tmp_path / "text", "train.steps=2", "train.warmup_steps=1", "checkpoint.every=2")
+    proc = viq_mllm("train", VLM, f"run.dir={tmp_path / 'run'}", *vlm_overrides(vlm_assets),
+                    f"init.checkpoint={tmp_path / 'text' / 'checkpoints' / 'step_00000002'}", check=False)
+    assert proc.returncode != 0
+    assert "checkpoint text_fingerprint is 'bytes-utf8-v1', this run expects 'text-" in proc.stderr
