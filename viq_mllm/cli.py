@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -65,6 +66,24 @@ def _resize_vocab(args: argparse.Namespace) -> int:
     from megatron_ext.vocab_resize import resize_checkpoint
 
     resize_checkpoint(args.checkpoint, args.vocab, args.out, init=args.init, seed=args.seed)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from megatron_ext.parallel import shutdown
+    from megatron_ext.vlm_eval import greedy, load_for_inference, prompt_document
+    from viq_mllm.viq import ViQTokenizer
+
+    model, tokenizer, meta = load_for_inference(args.checkpoint)
+    try:
+        codes = ViQTokenizer.from_pretrained(meta["vocab"]["viq_dir"]).encode([args.image])[0]
+        prompt = prompt_document(tokenizer, codes, args.prompt, meta["model"]["visual"]["group"])
+        ids = greedy(model, tokenizer, prompt, args.max_new_tokens)
+    finally:
+        shutdown()
+    print(tokenizer.text.decode(ids))
+    if args.output_ids:
+        Path(args.output_ids).write_text(" ".join(map(str, ids)) + "\n")
     return 0
 
 
@@ -138,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     rsz.add_argument("--init", choices=["mean-cov", "mean"], default="mean-cov")
     rsz.add_argument("--seed", type=int, default=0)
     rsz.set_defaults(func=_resize_vocab)
+
+    gen = sub.add_parser("generate", help="greedy generation from a VLM checkpoint for one image",
+                         description="Encodes --image with the checkpoint's ViQ tokenizer and continues the sequence "
+                         "greedily: a caption when --prompt is empty (pretrained models), an answer otherwise.")
+    gen.add_argument("--checkpoint", required=True, help="checkpoints/step_XXXXXXXX of a vlm run")
+    gen.add_argument("--image", required=True)
+    gen.add_argument("--prompt", default="", help="question for chat (SFT) models; empty = caption")
+    gen.add_argument("--max-new-tokens", type=int, default=24)
+    gen.add_argument("--output-ids", default=None, help="also write the generated ids to this file")
+    gen.set_defaults(func=_generate)
 
     demo = sub.add_parser("demo", help="the end-to-end job on offline real data")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

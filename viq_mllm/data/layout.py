@@ -72,7 +72,9 @@ def visual_position_count(h: int, w: int, group: int) -> int:
     return rows * per_row + rows + 2
 
 
-class _Builder:
+class SequenceBuilder:
+    """Appends text and image blocks position by position; ``build()`` gives the :class:`Document`."""
+
     def __init__(self, vocab: Vocab):
         self.vocab = vocab
         self.tokens: list[int] = []
@@ -107,7 +109,7 @@ class _Builder:
 
 def caption_document(tokenizer, vocab: Vocab, codes: np.ndarray, caption: str, group: int) -> Document:
     """Pretraining: image, then the caption and end-of-document, all caption tokens supervised."""
-    b = _Builder(vocab)
+    b = SequenceBuilder(vocab)
     b.image(codes, group)
     b.text(tokenizer.encode(caption) + [tokenizer.eod], True)
     return b.build()
@@ -117,7 +119,7 @@ def chat_document(tokenizer, vocab: Vocab, codes: np.ndarray, turns: list[dict],
     """SFT: ``turns`` of {"from"/"role": ..., "value"/"content": ...}; the image replaces ``<image>`` in the
     first user turn that has it (or opens the first user turn). Only assistant answers and their end-of-turn
     (``eod``) are supervised; role headers (``"User: "``, ``"Assistant: "``) are not."""
-    b = _Builder(vocab)
+    b = SequenceBuilder(vocab)
     placed = False
     for turn in turns:
         role = ROLES.get(turn.get("from", turn.get("role", "")))

@@ -86,7 +86,7 @@ def _from_jsonl(path: Path) -> list[SourceRecord]:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}:{line_no}: expected a JSON object with an 'image' field ({err})") from None
         text = {k: item[k] for k in ("caption", "conversations") if k in item}
-        records.append(SourceRecord(len(records), path.parent / image, f"{path.name}:{line_no}:{image}", text))
+        records.append(SourceRecord(len(records), path.parent / image, str(image), text))
     return records
 
 
