@@ -61,6 +61,33 @@ class VisualEmbedding(nn.Module):
         return self.projector.pool_windows(patches.view(n, 4, -1))
 
 
+class ContinuousVisualEmbedding(nn.Module):
+    """The continuous baseline: pixels -> ViQ's ViT (no quantization) inside the step -> 2x2 pooling projector.
+
+    ``trained=False`` runs the encoder forward-only (frozen); ``True`` trains it (forward + backward), as a
+    vision encoder inside MLLM training usually is. One output vector per 2x2 window, in the window order of
+    the discrete layout, so both paths fill the same visual positions.
+    """
+
+    def __init__(self, vit: nn.Module, width: int, hidden: int, trained: bool):
+        super().__init__()
+        from viq_mllm.viq import PoolingProjector
+
+        self.vit, self.trained = vit, trained
+        self.vit.requires_grad_(trained)
+        self.projector = PoolingProjector(width, hidden, with_markers=False)
+
+    def forward(self, pixels: list[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
+        with torch.set_grad_enabled(self.trained and torch.is_grad_enabled()):
+            tokens, _ = self.vit(pixels, grids)
+        windows, start = [], 0
+        for h, w in grids:
+            grid = tokens[start : start + h * w].view(h // 2, 2, w // 2, 2, -1).permute(0, 2, 1, 3, 4)
+            windows.append(grid.reshape(-1, 4, tokens.shape[-1]))
+            start += h * w
+        return self.projector.pool_windows(torch.cat(windows))
+
+
 class VisionLanguageModel(MegatronModule):
     def __init__(self, gpt: MegatronModule, visual: Optional[VisualEmbedding]):
         super().__init__(config=gpt.config)
@@ -77,19 +104,27 @@ class VisionLanguageModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.gpt.set_input_tensor(input_tensor)
 
-    def embed(self, tokens: torch.Tensor, visual: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """``tokens [1, S]`` -> ``decoder_input [S, 1, hidden]`` with visual positions from their codes."""
+    def embed(self, batch: dict) -> torch.Tensor:
+        """``tokens [1, S]`` -> ``decoder_input [S, 1, hidden]``; visual positions from their codes, or from
+        ``pixels`` / ``grids`` through the continuous baseline's encoder."""
+        tokens, visual = batch["tokens"], batch["visual"]
         hidden = self.gpt.embedding.word_embeddings(tokens)
-        if codes.numel():
-            vectors = self.visual(codes).to(hidden.dtype)
-            hidden = hidden.masked_scatter(visual.unsqueeze(-1).expand_as(hidden), vectors)
+        if "pixels" in batch:
+            vectors = self.visual(batch["pixels"], batch["grids"])
+        elif batch["codes"].numel():
+            vectors = self.visual(batch["codes"])
+        else:
+            vectors = None
+        if vectors is not None:
+            hidden = hidden.masked_scatter(visual.unsqueeze(-1).expand_as(hidden), vectors.to(hidden.dtype))
         hidden = F.dropout(hidden, p=self.config.hidden_dropout, training=self.training)
         return hidden.transpose(0, 1).contiguous()
 
     def forward(self, batch: dict, packed_seq_params: Optional[PackedSeqParams] = None, labels: bool = True):
+        batch = {k: _to_device(v) for k, v in batch.items()}
         decoder_input = None
         if self.gpt.pre_process:
-            decoder_input = self.embed(batch["tokens"], batch["visual"], batch["codes"])
+            decoder_input = self.embed(batch)
         return self.gpt(batch["tokens"], batch["position_ids"], None, decoder_input=decoder_input,
                         labels=batch["labels"] if labels else None, packed_seq_params=packed_seq_params)
 
@@ -102,14 +137,33 @@ class VisionLanguageModel(MegatronModule):
         return state
 
 
+def continuous_batch(batch: dict, vocab: Vocab, pixels: list[torch.Tensor], grids: list[tuple[int, int]]) -> dict:
+    """The continuous baseline's view of a packed discrete batch: the same positions, masks and packing; code
+    ids replaced by a special id (the baseline's vocabulary has no codes) and the images' pixels attached, so
+    :class:`ContinuousVisualEmbedding` fills exactly the visual positions the codes would have."""
+    placeholder = torch.tensor(vocab.special("image_start"))
+    out = {**batch, "pixels": pixels, "grids": grids}
+    for key in ("tokens", "labels"):
+        out[key] = torch.where(vocab.is_code(batch[key]), placeholder, batch[key])
+    return out
+
+
 def packed_params(batch: dict) -> PackedSeqParams:
     cu = batch["cu_seqlens"].to(device())
     top = int(batch["max_seqlen"])
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=top, max_seqlen_kv=top)
 
 
+def _to_device(value):
+    if isinstance(value, torch.Tensor):
+        return value.to(device())
+    if isinstance(value, list):
+        return [_to_device(v) for v in value]
+    return value
+
+
 def vlm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
-    batch = {k: v.to(device()) for k, v in next(data_iterator).items()}
+    batch = {k: _to_device(v) for k, v in next(data_iterator).items()}
     output = model(batch, packed_params(batch))
     return output, partial(masked_loss, batch["loss_mask"])
 

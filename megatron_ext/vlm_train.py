@@ -13,7 +13,7 @@ import torch
 
 from megatron_ext import checkpoint
 from megatron_ext.model import build_gpt, transformer_config
-from megatron_ext.parallel import Layout, init_distributed
+from megatron_ext.parallel import Layout, device, init_distributed
 from megatron_ext.training import build_trainer, check_same_vocab, run_training
 from megatron_ext.vlm import VisionLanguageModel, VisualEmbedding, viq_fingerprint, vlm_forward_step
 from viq_mllm.data.multimodal import PackedDataset, PackedSource, documents_from_shards
@@ -49,7 +49,7 @@ def build_vlm(recipe: Recipe, tokenizer: MultimodalTokenizer, layout: Layout) ->
         with torch.random.fork_rng():
             torch.manual_seed(t.seed + 17)  # same visual init on every layout
             visual = VisualEmbedding(m.visual, tokenizer.vocab, m.hidden_size, gpt.embedding.word_embeddings)
-    return VisionLanguageModel(gpt, visual)
+    return VisionLanguageModel(gpt, visual).to(device())
 
 
 def initialize_from(path: Path, vlm: VisionLanguageModel, expected: dict) -> None:

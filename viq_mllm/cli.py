@@ -99,6 +99,10 @@ def _bench(args: argparse.Namespace) -> int:
         from megatron_ext.bench_train import main as bench_train
 
         return bench_train(args.rest + (["--out", args.out] if args.out else []))
+    if args.what == "speedup":
+        from megatron_ext.bench_speedup import main as bench_speedup
+
+        return bench_speedup(args.rest + (["--out", args.out] if args.out else []))
     if args.what == "encode":
         from viq_mllm.viq.bench import main as bench_encode
 
@@ -174,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: train (ours vs HF transformers), encode (ViQ packed vs one-by-one)",
+        help="benchmarks: speedup (discrete vs continuous vs text), train (ours vs HF), encode (ViQ packed)",
         description="Benchmarks print a table and write JSON under --out. Arguments after the benchmark name "
         "are passed to it (use `viq-mllm bench train --help`).",
     )
-    bench.add_argument("what", choices=["train", "encode"])
+    bench.add_argument("what", choices=["train", "encode", "speedup"])
     bench.add_argument("--out", default=None, help="output directory")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)

@@ -1,0 +1,272 @@
+"""``viq-mllm bench speedup``: training-step time of the discrete VLM vs the continuous baseline vs text only.
+
+For each LLM size and sequence length, three models with the *same* GPT shape see the *same* packed row
+(documents of one image + one caption, first-fit packed):
+
+- discrete: visual positions from ViQ codes (``table`` embedding: rows of the extended vocabulary);
+- continuous: the ViQ ViT runs inside the step on the pixels (trained: forward + backward; ``--frozen-encoder``:
+  forward only), then the 2x2 pooling projector; text vocabulary only;
+- text only: the discrete model's LLM (extended vocabulary included) on the same number of positions, all
+  text: the floor, so ``t_d / t_text`` is the cost of the visual embedding alone.
+
+Steps alternate round by round in a rotating order (medians), so noise and the after-effects of one variant's
+large allocations hit all three alike. Reported: speed-up ``1 - t_d / t_c``
+(the paper's ratio), its FLOP-model prediction (``flops.py``), and the discrete overhead ``t_d / t_text``.
+
+Presets keep the paper's proportions: ``cpu`` scales SigLIP2-g (1.1B) vs Qwen2.5-0.5B / 7B down to an encoder
+about 2x the small LLM and 0.2x the large one, at sequence lengths 512 / 2048 (the paper's 4K / 16K ratio);
+``gpu`` uses the real shapes (needs a GPU); ``tiny`` is for the test suite. Longer sequences carry images of
+twice the side (native resolution: a 16K context is where high-resolution images go); with packed per-document
+attention and a fixed image size the speed-up would not depend on the sequence length at all (FLOP model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_ext.flops import EncoderShape, GPTShape, encoder_step_flops, llm_step_flops, predicted_speedup
+from megatron_ext.model import build_gpt, transformer_config
+from megatron_ext.parallel import init_distributed, shutdown
+from megatron_ext.training import build_trainer, forward_backward, optimizer_step
+from megatron_ext.vlm import (
+    ContinuousVisualEmbedding,
+    VisionLanguageModel,
+    VisualEmbedding,
+    continuous_batch,
+    vlm_forward_step,
+)
+from viq_mllm.data.layout import Document, SequenceBuilder
+from viq_mllm.data.packing import collate, pack
+from viq_mllm.recipe import VisualSection, recipe_from_dict
+from viq_mllm.viq.config import ViQConfig
+from viq_mllm.viq.vit import VisionTransformer
+from viq_mllm.vocab import Vocab, padded_vocab_size
+
+
+@dataclass(frozen=True)
+class Preset:
+    encoder: dict  # ViQConfig fields of the vision encoder
+    llms: dict[str, dict]  # name -> GPT shape (num_layers, hidden_size, ffn_hidden_size, heads, groups)
+    seq_lengths: tuple[int, ...]
+    image_px: tuple[int, ...]  # image side at each sequence length (longer sequences carry larger images)
+    caption_tokens: int
+    text_vocab: int
+    codebook: int
+    precision: str = "fp32"
+
+
+def _llm(layers, hidden, ffn, heads, groups):
+    return dict(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
+                num_query_groups=groups)
+
+
+PRESETS = {
+    "tiny": Preset(dict(width=64, depth=2, heads=4, mlp_hidden=256, pos_grid=8), {"small": _llm(2, 64, 172, 4, 2),
+                   "large": _llm(2, 128, 344, 4, 2)}, (256, 512), (64, 128), 12, 1024, 2304),
+    "cpu": Preset(dict(width=384, depth=8, heads=6, mlp_hidden=1536, pos_grid=16),
+                  {"0.5B-like": _llm(4, 256, 688, 4, 2), "7B-like": _llm(10, 768, 2048, 12, 4)},
+                  (512, 2048), (256, 512), 20, 16384, 2304),
+    "gpu": Preset(dict(width=1536, depth=40, heads=16, mlp_hidden=6144, pos_grid=128),
+                  {"Qwen2.5-0.5B": _llm(24, 896, 4864, 14, 2), "Qwen2.5-1.5B": _llm(28, 1536, 8960, 12, 2)},
+                  (4096, 16384), (384, 768), 40, 151936, 15360, "bf16"),
+}
+
+
+def _documents(preset: Preset, vocab: Vocab, seq: int, px: int, seed: int = 0
+               ) -> tuple[list[Document], list[torch.Tensor]]:
+    """Caption documents of one ``px``-square image each, enough to fill ``seq`` positions; and the pixels."""
+    g = torch.Generator().manual_seed(seed)
+    side = px // 16
+    docs, pixels = [], []
+    while True:
+        b = SequenceBuilder(vocab)
+        b.image(torch.randint(0, preset.codebook, (side, side, 4), generator=g).numpy(), 16)
+        b.text(torch.randint(0, preset.text_vocab, (preset.caption_tokens,), generator=g).tolist(), True)
+        doc = b.build()
+        if sum(len(d) for d in docs) + len(doc) > seq:
+            return docs, pixels
+        docs.append(doc)
+        pixels.append(torch.rand(3, px, px, generator=g) * 2 - 1)
+
+
+def _text_document(doc: Document, text_vocab: int) -> Document:
+    tokens = torch.randint(0, text_vocab, (len(doc),), generator=torch.Generator().manual_seed(len(doc)))
+    return Document(tokens, torch.zeros(len(doc), dtype=torch.bool), torch.zeros(0, 16, dtype=torch.long),
+                    doc.loss_mask)
+
+
+def _trainer(preset: Preset, llm: dict, seq: int, vocab_size: int, visual_factory, layout):
+    recipe = recipe_from_dict({
+        "run": {"dir": "/tmp/viq-bench-unused"},
+        "model": {**llm, "seq_length": seq, "qkv_bias": True, "tie_embeddings": True},
+        "train": {"steps": 100, "lr": 1e-4, "min_lr": 1e-5, "precision": preset.precision},
+        "log": {"wandb": "disabled", "tensorboard": False, "progress": False},
+    })
+    config = transformer_config(recipe.model, recipe.parallel, recipe.train)
+    gpt = build_gpt(config, recipe.model, recipe.parallel, padded_vocab_size(vocab_size), layout, 0)
+    model = VisionLanguageModel(gpt, visual_factory(gpt))
+    if torch.cuda.is_available():
+        model.cuda()
+    meta = {"text_size": vocab_size, "padded_size": padded_vocab_size(vocab_size), "text_fingerprint": "bench"}
+    return build_trainer(recipe, layout, model, meta, packed=True)
+
+
+def bench_one(preset: Preset, llm_name: str, seq: int, rounds: int, trained_encoder: bool, layout) -> dict:
+    llm = preset.llms[llm_name]
+    vocab = Vocab.build(preset.text_vocab, preset.codebook, "bench", "bench")
+    px = preset.image_px[preset.seq_lengths.index(seq)]
+    enc_cfg = ViQConfig(**preset.encoder, image_base=px)
+    docs, pixels = _documents(preset, vocab, seq, px)
+    row = collate(pack(docs, seq))
+    grids = [(px // 16,) * 2] * len(pixels)
+    text_row = collate(pack([_text_document(d, preset.text_vocab) for d in docs], seq))
+    hidden = llm["hidden_size"]
+    section = VisualSection(embedding="table", group=16, viq="unused")
+    variants = {
+        "discrete": (_trainer(preset, llm, seq, vocab.size, lambda gpt: VisualEmbedding(
+            section, vocab, hidden, gpt.embedding.word_embeddings), layout), row),
+        "continuous": (_trainer(preset, llm, seq, vocab.code_offset, lambda gpt: ContinuousVisualEmbedding(
+            VisionTransformer(enc_cfg), enc_cfg.width, hidden, trained_encoder), layout),
+            continuous_batch(row, vocab, pixels, grids)),
+        "text_only": (_trainer(preset, llm, seq, vocab.size, lambda gpt: None, layout), text_row),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds + 1):
+        for name in names[r % 3 :] + names[: r % 3]:  # rotate: each variant follows each other one in turn
+            trainer, batch = variants[name]
+            sync()
+            began = time.perf_counter()
+            forward_backward(trainer, iter([batch]), vlm_forward_step)
+            optimizer_step(trainer)
+            sync()
+            if r:  # round 0 warms up
+                times[name].append(time.perf_counter() - began)
+    t = {name: statistics.median(v) for name, v in times.items()}
+    flops = _flops(llm, vocab, enc_cfg, [len(d) for d in docs], px, len(pixels), trained_encoder)
+    image_positions = sum(int(d.visual.sum()) + px // 32 + 2 for d in docs)
+    return {"llm": llm_name, "seq_len": seq, "image_px": px, "documents": len(docs),
+            "image_share": image_positions / seq,
+            "t_discrete": t["discrete"], "t_continuous": t["continuous"], "t_text_only": t["text_only"],
+            "speedup": 1 - t["discrete"] / t["continuous"], "overhead_vs_text": t["discrete"] / t["text_only"],
+            "predicted_ratio": predicted_speedup(flops["discrete"], flops["continuous"]), "flops": flops,
+            "trained_encoder": trained_encoder, "rounds": rounds}
+
+
+def _flops(llm: dict, vocab: Vocab, enc_cfg: ViQConfig, lengths: list[int], px: int, images: int,
+           trained: bool) -> dict:
+    def shape(vocab_size):
+        return GPTShape(llm["num_layers"], llm["hidden_size"], llm["ffn_hidden_size"], llm["num_attention_heads"],
+                        llm["num_query_groups"], padded_vocab_size(vocab_size))
+
+    w, patches = enc_cfg.width, (px // 16) ** 2
+    vit_params = 3 * 256 * w + enc_cfg.depth * (4 * w * w + 2 * w * enc_cfg.mlp_hidden)
+    hidden = llm["hidden_size"]
+    projector = w * hidden / 4 + 2 * hidden * hidden / 4 + hidden * hidden / 4  # per patch (pooled 4 -> 1)
+    encoder = encoder_step_flops(EncoderShape(enc_cfg.depth, w, int(vit_params + projector)), [patches] * images,
+                                 trained)
+    return {"discrete": llm_step_flops(shape(vocab.size), lengths),
+            "continuous": llm_step_flops(shape(vocab.code_offset), lengths) + encoder,
+            "text_only": llm_step_flops(shape(vocab.size), lengths)}
+
+
+#: dense bf16 peaks (TFLOP/s) by device name; MFU is stated against these (H100/H200 SXM: 989)
+GPU_PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops() -> tuple[float, str]:
+    """The peak MFU divides by: the GPU's dense bf16 datasheet peak, or on CPU a measured fp32 GEMM rate."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in GPU_PEAKS.items():
+            if key in name:
+                return value, f"{name}: dense bf16 datasheet peak {value:.0f} TFLOP/s"
+        return float("nan"), f"{name}: unknown peak"
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    began = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    rate = 5 * 2 * 2048**3 / (time.perf_counter() - began) / 1e12
+    return rate, f"CPU ({torch.get_num_threads()} threads): measured fp32 2048^3 GEMM rate {rate * 1e3:.0f} GFLOP/s"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| LLM | seq | t discrete (s) | t continuous (s) | speed-up | FLOP-model prediction | t text-only (s) | "
+             "discrete / text |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['llm']} | {r['seq_len']} | {r['t_discrete']:.3f} | {r['t_continuous']:.3f} | "
+                     f"{r['speedup']:.0%} | {r['predicted_ratio']:.0%} | {r['t_text_only']:.3f} | "
+                     f"{r['overhead_vs_text']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seqs = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(1, len(seqs), figsize=(5 * len(seqs), 3.8), squeeze=False)
+    for ax, seq in zip(axes[0], seqs):
+        sel = [r for r in rows if r["seq_len"] == seq]
+        x = range(len(sel))
+        ax.bar([i - 0.2 for i in x], [r["t_discrete"] for r in sel], 0.4, label="ViQ codes (discrete)")
+        ax.bar([i + 0.2 for i in x], [r["t_continuous"] for r in sel], 0.4, label="continuous encoder")
+        for i, r in enumerate(sel):
+            ax.text(i, max(r["t_discrete"], r["t_continuous"]) * 1.02, f"{r['speedup']:.0%}", ha="center")
+        ax.set_xticks(list(x), [r["llm"] for r in sel])
+        ax.set_ylabel("training step (s)")
+        ax.set_title(f"sequence length {seq}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="viq-mllm bench speedup", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant (medians)")
+    parser.add_argument("--frozen-encoder", action="store_true", help="baseline encoder forward-only")
+    parser.add_argument("--out", default="runs/bench_speedup")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    layout = init_distributed(tp=1, pp=1, seed=0)
+    rows = []
+    try:
+        for llm in preset.llms:
+            for seq in preset.seq_lengths:
+                rows.append(bench_one(preset, llm, seq, args.rounds, not args.frozen_encoder, layout))
+                print(f"  {llm} seq {seq}: speed-up {rows[-1]['speedup']:.0%} "
+                      f"(predicted {rows[-1]['predicted_ratio']:.0%})", flush=True)
+    finally:
+        shutdown()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    plot(rows, out / "speedup.png")
+    peak, peak_note = peak_tflops()
+    for r in rows:
+        r["mfu"] = {k: r["flops"][k] / r[f"t_{k}"] / 1e12 / peak for k in ("discrete", "continuous", "text_only")}
+    (out / "speedup.json").write_text(json.dumps({"preset": args.preset, "device": device, "peak": peak_note,
+                                                  "rows": rows}, indent=2))
+    print(format_table(rows))
+    print(f"MFU against {peak_note}: " + ", ".join(
+        f"{r['llm']}@{r['seq_len']} discrete {r['mfu']['discrete']:.0%} / continuous {r['mfu']['continuous']:.0%}"
+        for r in rows))
+    print(f"wrote {out / 'speedup.json'} and {out / 'speedup.png'} ({device})")
+    return 0

@@ -1,0 +1,92 @@
+"""The continuous baseline lines up with the discrete path; the FLOP model; the speed-up benchmark's output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+def megatron_num_floating_point_operations(batch, seq, layers, hidden, heads, groups, ffn, vocab, kv=None, swiglu=True):
+    """Megatron-LM's dense-GPT formula (megatron/training/training.py), transcribed."""
+    kv = kv or hidden // heads
+    query_projection_to_hidden_size_ratio = kv * heads / hidden
+    gated_linear_multiplier = 3 / 2 if swiglu else 1
+    return 12 * batch * seq * layers * hidden * hidden * (
+        ((1 + groups / heads + seq / hidden) * query_projection_to_hidden_size_ratio)
+        + (ffn / hidden) * gated_linear_multiplier
+        + vocab / (2 * layers * hidden)
+    )
+
+
+@pytest.mark.parametrize("shape", [(24, 896, 14, 2, 4864, 151936), (4, 64, 4, 4, 172, 1024), (28, 3584, 28, 4, 18944, 152064)])
+@pytest.mark.parametrize("seq", [512, 4096])
+def test_flop_model_reproduces_megatron_for_a_text_gpt(shape, seq):
+    from megatron_ext.flops import GPTShape, llm_step_flops
+
+    layers, hidden, heads, groups, ffn, vocab = shape
+    ours = llm_step_flops(GPTShape(layers, hidden, ffn, heads, groups, vocab), [seq])
+    theirs = megatron_num_floating_point_operations(1, seq, layers, hidden, heads, groups, ffn, vocab)
+    assert ours == pytest.approx(theirs, rel=1e-12)
+
+
+def test_packed_documents_cost_less_attention_than_one_long_one():
+    from megatron_ext.flops import GPTShape, llm_step_flops
+
+    shape = GPTShape(4, 64, 172, 4, 2, 1024)
+    assert llm_step_flops(shape, [256, 256]) < llm_step_flops(shape, [512])
+
+
+def test_baseline_fills_exactly_the_discrete_visual_positions():
+    from megatron_ext.vlm import ContinuousVisualEmbedding, continuous_batch
+    from viq_mllm.data.layout import caption_document
+    from viq_mllm.data.packing import collate, pack
+    from viq_mllm.viq import ViQTokenizer
+    from viq_mllm.vocab import Vocab
+
+    class Words:
+        eod = 1
+
+        def encode(self, text):
+            return [10 + len(w) for w in text.split()]
+
+    tok = ViQTokenizer.from_config("tiny", preset="2k")
+    vocab = Vocab.build(100, 2304, tok.fingerprint, "t")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(40, 200), (128, 128), (300, 90)]]
+    items = tok.preprocess(images)
+    codes = tok.encode_preprocessed(items)
+    docs = [caption_document(Words(), vocab, c.numpy(), "a small red pig", 16) for c in codes]
+    discrete = collate(pack(docs, 512))
+    baseline = continuous_batch(discrete, vocab, [it.pixels for it in items], [it.grid for it in items])
+    assert torch.equal(baseline["visual"], discrete["visual"])
+    assert torch.equal(baseline["loss_mask"], discrete["loss_mask"])
+    assert torch.equal(baseline["cu_seqlens"], discrete["cu_seqlens"])
+    text = ~discrete["visual"] & ~vocab.is_code(discrete["tokens"])
+    assert torch.equal(baseline["tokens"][text], discrete["tokens"][text])
+    assert not vocab.is_code(baseline["tokens"]).any()
+    encoder = ContinuousVisualEmbedding(tok.vit, tok.config.width, 32, trained=False)
+    vectors = encoder(baseline["pixels"], baseline["grids"])
+    assert vectors.shape == (int(discrete["visual"].sum()), 32) == (discrete["codes"].shape[0], 32)
+
+
+@pytest.mark.slow
+def test_speedup_benchmark_writes_the_table(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "viq_mllm", "bench", "speedup", "--preset", "tiny", "--rounds", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+    assert "| LLM | seq | t discrete (s) | t continuous (s) | speed-up |" in proc.stdout
+    result = json.loads((tmp_path / "speedup.json").read_text())
+    rows = result["rows"]
+    assert [(r["llm"], r["seq_len"]) for r in rows] == [("small", 256), ("small", 512), ("large", 256), ("large", 512)]
+    for r in rows:
+        assert min(r["t_discrete"], r["t_continuous"], r["t_text_only"]) > 0
+        assert r["speedup"] == pytest.approx(1 - r["t_discrete"] / r["t_continuous"])
+        assert r["predicted_ratio"] == pytest.approx(1 - r["flops"]["discrete"] / r["flops"]["continuous"])
+        assert r["flops"]["continuous"] > r["flops"]["text_only"] and 0 < r["image_share"] < 1
+    assert (tmp_path / "speedup.png").stat().st_size > 0
