@@ -121,18 +121,22 @@ def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
         labels=batch["labels"],
         packed_seq_params=batch.get("packed_seq_params"),
     )
-    return output, partial(masked_loss, batch["loss_mask"])
+    return output, partial(masked_loss, batch["loss_mask"], None)
 
 
-def masked_loss(mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """megatron's 3-tuple loss contract: (loss sum, token count, reported [sum, count])."""
+def masked_loss(mask: torch.Tensor, real_tokens: torch.Tensor | None, per_token_loss: torch.Tensor):
+    """megatron's 3-tuple loss contract: (loss sum, token count, reported [sum, count, real tokens]).
+
+    ``real_tokens``: positions holding documents (not row padding); None when every position is real."""
     loss_sum = (per_token_loss.float().view(-1) * mask.view(-1)).sum()
-    return loss_sum, mask.sum().to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+    real = torch.tensor(float(mask.numel()) if real_tokens is None else float(real_tokens), device=mask.device)
+    reported = torch.stack([loss_sum.detach(), mask.sum().detach().float(), real])
+    return loss_sum, mask.sum().to(torch.int), {"lm loss": reported}
 
 
-def global_loss(reported: list[dict], layout: Layout) -> tuple[float, float]:
-    """(loss sum, token count) of the whole global batch, identical on every rank."""
-    totals = torch.zeros(2, dtype=torch.float64)
+def global_loss(reported: list[dict], layout: Layout) -> tuple[float, float, float]:
+    """(loss sum, supervised token count, real tokens) of the whole global batch, identical on every rank."""
+    totals = torch.zeros(3, dtype=torch.float64)
     for item in reported:
         totals += item["lm loss"].double().cpu()
     totals = totals.to(device())
@@ -144,11 +148,12 @@ def global_loss(reported: list[dict], layout: Layout) -> tuple[float, float]:
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
-    return float(totals[0]), float(totals[1])
+    return float(totals[0]), float(totals[1]), float(totals[2])
 
 
 def forward_backward(trainer: Trainer, batches: Iterator[dict], forward_step: Callable = lm_forward_step):
-    """Forward and backward over one global batch's micro-batches; returns the global (loss sum, tokens)."""
+    """Forward and backward over one global batch's micro-batches; returns the global (loss sum, supervised
+    tokens, real tokens)."""
     t = trainer.recipe.train
     trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
@@ -217,7 +222,7 @@ def run_training(
     rows = []
     for step in range(start, t.steps):
         began = time.perf_counter()
-        loss_sum, count = forward_backward(trainer, batches_for_step(step), forward_step)
+        loss_sum, count, real = forward_backward(trainer, batches_for_step(step), forward_step)
         loss = loss_sum / max(count, 1.0)
         lr = trainer.optimizer.param_groups[0]["lr"]
         if math.isfinite(loss):
@@ -238,6 +243,8 @@ def run_training(
             "grad_norm": grad_norm,
             "tokens": tokens_per_step,
             "loss_tokens": int(count),
+            "real_tokens": int(real),
+            "padding_fraction": 1.0 - real / tokens_per_step,
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_step / elapsed,
             "skipped": not math.isfinite(loss),

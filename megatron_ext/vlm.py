@@ -165,7 +165,7 @@ def _to_device(value):
 def vlm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     batch = {k: _to_device(v) for k, v in next(data_iterator).items()}
     output = model(batch, packed_params(batch))
-    return output, partial(masked_loss, batch["loss_mask"])
+    return output, partial(masked_loss, batch["loss_mask"], batch["real_tokens"])
 
 
 def viq_fingerprint(viq_dir: str | Path) -> str:

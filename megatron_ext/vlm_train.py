@@ -29,7 +29,8 @@ def load_data(recipe: Recipe, tokenizer: MultimodalTokenizer, expected_viq: str)
     for source in data.sources:
         shards = CodeShards(source.path, expected_fingerprint=expected_viq)
         docs = documents_from_shards(shards, tokenizer, data.task, model.visual.group)
-        sources.append(PackedSource(pack(docs, model.seq_length, data.truncate), source.weight))
+        rows = pack(docs, model.seq_length, data.truncate, one_per_row=not data.pack)
+        sources.append(PackedSource(rows, source.weight))
     return PackedDataset(sources, recipe.train.seed)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from viq_mllm.data.synthetic import make_vlm_assets
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny_text_cpu.yaml")
 QUIET = ["log.wandb=disabled", "log.tensorboard=false", "log.progress=false"]
@@ -38,37 +40,6 @@ def tiny(tmp_path):
 
 
 VLM = str(ROOT / "recipes" / "vlm_tiny_pretrain.yaml")
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-
-
-def make_vlm_assets(root: Path, images: int = 40, seed: int = 0) -> dict:
-    """Synthetic captioned shapes -> tiny ViQ tokenizer -> code shards -> SentencePiece -> extended vocab."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    from viq_mllm.data.extract import run_tokenize
-    from viq_mllm.viq import ViQTokenizer
-    from viq_mllm.vocab.extend import extend_vocab
-    from viq_mllm.vocab.text_tokenizers import train_sentencepiece
-
-    folder = root / "images"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    captions = []
-    for i in range(images):
-        colour, shape = list(COLORS)[i % 4], ("square", "circle")[(i // 4) % 2]
-        image = Image.new("RGB", (96 + 32 * (i % 3), 96), (255, 255, 255))
-        x = int(rng.integers(5, 30))
-        (ImageDraw.Draw(image).rectangle if shape == "square" else ImageDraw.Draw(image).ellipse)(
-            [x, x, x + 50, x + 50], fill=COLORS[colour])
-        image.save(folder / f"img{i:03d}.png")
-        captions.append(f"A {colour} {shape}.")
-        (folder / f"img{i:03d}.txt").write_text(captions[-1])
-    viq = ViQTokenizer.from_config("tiny", preset="2k", seed=seed).save_pretrained(root / "viq")
-    run_tokenize(viq, folder, root / "shards", shard_size=16, show_progress=False)
-    sp = train_sentencepiece(captions * 10, root / "text.model", 300)
-    extend_vocab(sp, viq, root / "vocab")
-    return {"root": root, "viq": root / "viq", "shards": root / "shards", "vocab": root / "vocab", "sp": sp}
 
 
 def vlm_overrides(assets: dict) -> list[str]:

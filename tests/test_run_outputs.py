@@ -26,7 +26,8 @@ def test_run_dir_contents(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert REQUIRED <= row.keys()
-        assert row["tokens"] == 8 * 128 and row["tokens_per_s"] > 0
+        assert row["tokens"] == row["real_tokens"] == 8 * 128 and row["tokens_per_s"] > 0
+        assert row["padding_fraction"] == 0
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
@@ -44,8 +45,8 @@ SCRIPT = textwrap.dedent(
 
     def poisoned(reported, layout):
         calls.append(1)
-        loss_sum, count = real(reported, layout)
-        return (float("nan"), count) if len(calls) in bad_steps else (loss_sum, count)
+        loss_sum, count, tokens = real(reported, layout)
+        return (float("nan"), count, tokens) if len(calls) in bad_steps else (loss_sum, count, tokens)
 
     training.global_loss = poisoned
     try:

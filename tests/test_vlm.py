@@ -76,6 +76,7 @@ def test_stop_and_resume_is_exact(vlm_assets, single, tmp_path):
 def test_other_visual_modes_train(vlm_assets, tmp_path, mode):
     rows = train_vlm_cli(tmp_path / "run", vlm_assets, *STEPS, "train.steps=10", *mode)
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    assert all(0 <= r["padding_fraction"] < 0.5 and r["real_tokens"] <= r["tokens"] for r in rows)
 
 
 def test_shards_of_another_tokenizer_are_refused_before_training(vlm_assets, tmp_path):

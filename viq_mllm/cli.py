@@ -94,20 +94,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: benchmark name -> module with ``main(argv)``
+BENCHMARKS = {
+    "speedup": "megatron_ext.bench_speedup",
+    "train": "megatron_ext.bench_train",
+    "packing": "megatron_ext.bench_packing",
+    "tokenize": "viq_mllm.data.bench",
+    "encode": "viq_mllm.viq.bench",
+}
+
+
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "train":
-        from megatron_ext.bench_train import main as bench_train
+    import importlib
 
-        return bench_train(args.rest + (["--out", args.out] if args.out else []))
-    if args.what == "speedup":
-        from megatron_ext.bench_speedup import main as bench_speedup
-
-        return bench_speedup(args.rest + (["--out", args.out] if args.out else []))
-    if args.what == "encode":
-        from viq_mllm.viq.bench import main as bench_encode
-
-        return bench_encode(args.rest + (["--out", args.out] if args.out else []))
-    raise AssertionError(args.what)
+    module = importlib.import_module(BENCHMARKS[args.what])
+    return module.main(args.rest + (["--out", args.out] if args.out else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,11 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: speedup (discrete vs continuous vs text), train (ours vs HF), encode (ViQ packed)",
+        help="benchmarks: speedup (discrete vs continuous vs text), train (ours vs HF), tokenize (offline "
+        "extraction), encode (ViQ packed vs one-by-one), packing (packed vs unpacked VLM batches)",
         description="Benchmarks print a table and write JSON under --out. Arguments after the benchmark name "
         "are passed to it (use `viq-mllm bench train --help`).",
     )
-    bench.add_argument("what", choices=["train", "encode", "speedup"])
+    bench.add_argument("what", choices=list(BENCHMARKS))
     bench.add_argument("--out", default=None, help="output directory")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)

@@ -115,6 +115,7 @@ class CodesDataSection(_Section):
     vocab: str
     task: Literal["pretrain", "sft"] = "pretrain"
     truncate: bool = False
+    pack: bool = True  # false: one document per row (padding to seq_length), for comparison
 
 
 class InitSection(_Section):

@@ -51,7 +51,8 @@ def truncate(document: Document, length: int) -> Document:
     return Document(document.tokens[:length], document.visual[:length], document.codes[:visual_kept], mask)
 
 
-def pack(documents: list[Document], seq_length: int, allow_truncation: bool = False) -> list[Row]:
+def pack(documents: list[Document], seq_length: int, allow_truncation: bool = False, one_per_row: bool = False
+         ) -> list[Row]:
     fitted = []
     for i, doc in enumerate(documents):
         if len(doc) > seq_length:
@@ -62,6 +63,8 @@ def pack(documents: list[Document], seq_length: int, allow_truncation: bool = Fa
                 )
             doc = truncate(doc, seq_length)
         fitted.append(doc)
+    if one_per_row:
+        return [Row([doc], seq_length) for doc in fitted]
     bins = first_fit_decreasing([len(d) for d in fitted], seq_length)
     return [Row([fitted[i] for i in sorted(b)], seq_length) for b in bins]
 
