@@ -15,11 +15,20 @@ from megatron_ext import checkpoint
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import Layout, device, init_distributed
 from megatron_ext.training import build_trainer, check_same_vocab, run_training
-from megatron_ext.vlm import VisionLanguageModel, VisualEmbedding, viq_fingerprint, vlm_forward_step
+from megatron_ext.vlm import (
+    ContinuousVisualEmbedding,
+    VisionLanguageModel,
+    VisualEmbedding,
+    continuous_batch,
+    viq_fingerprint,
+    vlm_forward_step,
+)
 from viq_mllm.data.multimodal import PackedDataset, PackedSource, documents_from_shards
 from viq_mllm.data.packing import pack
 from viq_mllm.data.shards import CodeShards, FingerprintMismatch
 from viq_mllm.recipe import Recipe
+from viq_mllm.viq import ViQTokenizer
+from viq_mllm.viq.preprocess import preprocess
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
 
@@ -49,8 +58,35 @@ def build_vlm(recipe: Recipe, tokenizer: MultimodalTokenizer, layout: Layout) ->
     if layout.first_stage:
         with torch.random.fork_rng():
             torch.manual_seed(t.seed + 17)  # same visual init on every layout
-            visual = VisualEmbedding(m.visual, tokenizer.vocab, m.hidden_size, gpt.embedding.word_embeddings)
+            if m.visual.embedding == "continuous":
+                viq = ViQTokenizer.from_pretrained(m.visual.viq)
+                visual = ContinuousVisualEmbedding(viq.vit, viq.config.width, m.hidden_size, m.visual.encoder_trained)
+            else:
+                visual = VisualEmbedding(m.visual, tokenizer.vocab, m.hidden_size, gpt.embedding.word_embeddings)
     return VisionLanguageModel(gpt, visual).to(device())
+
+
+class PixelSource:
+    """The continuous baseline's image loader: source files -> preprocessed pixels (cached), with the ViQ
+    tokenizer's own preprocessing, so the patch grids equal the code grids of the shards."""
+
+    def __init__(self, viq_dir: str, vocab):
+        config = ViQTokenizer.from_pretrained(viq_dir).config
+        self.base, self.max_pixels, self.vocab = config.image_base, config.max_pixels, vocab
+        self._cache: dict[str, tuple] = {}
+
+    def load(self, path: str | None):
+        if path is None:
+            raise ValueError("the continuous baseline needs shards whose samples came from image files "
+                             "(a folder or a .jsonl input of `viq-mllm tokenize`), not from tar shards")
+        if path not in self._cache:
+            item = preprocess(path, self.base, self.max_pixels)
+            self._cache[path] = (item.pixels, item.grid)
+        return self._cache[path]
+
+    def attach(self, batch: dict) -> dict:
+        loaded = [self.load(p) for p in batch.pop("images")]
+        return continuous_batch(batch, self.vocab, [p for p, _ in loaded], [g for _, g in loaded])
 
 
 def initialize_from(path: Path, vlm: VisionLanguageModel, expected: dict) -> None:
@@ -80,8 +116,12 @@ def train_vlm(recipe: Recipe) -> list[dict]:
         print(f"packed {sum(len(s.rows) for s in dataset.sources)} rows of {m.seq_length} positions; "
               f"padding fraction per source {padding}", flush=True)
 
+    pixels = PixelSource(m.visual.viq, tokenizer.vocab) if m.visual.embedding == "continuous" else None
+
     def batches(step: int):
-        return dataset.micro_batches(step, t.global_batch_size, t.micro_batch_size, layout.dp_rank, layout.dp_size)
+        for batch in dataset.micro_batches(step, t.global_batch_size, t.micro_batch_size, layout.dp_rank,
+                                           layout.dp_size):
+            yield pixels.attach(batch) if pixels else {k: v for k, v in batch.items() if k != "images"}
 
     return run_training(trainer, batches, tokens_per_step=t.global_batch_size * m.seq_length,
                         forward_step=vlm_forward_step)

@@ -107,3 +107,18 @@ def test_collate_restarts_positions_and_isolates_documents():
         assert r * 12 + row.used in cu
         assert batch["loss_mask"][0, r * 12 + row.used : (r + 1) * 12].sum() == 0
     assert batch["loss_mask"].sum() == sum(float(d.loss_mask.sum()) for d in docs)
+
+
+def test_blending_follows_the_weights_and_is_a_function_of_the_position():
+    from viq_mllm.data.multimodal import PackedDataset, PackedSource
+
+    tok = WordTokenizer()
+    make = lambda text: pack([caption_document(tok, VOCAB, grid(2, 2), text, 16)], 32)  # noqa: E731
+    a, b = PackedSource(make("a") + make("a a"), 3.0), PackedSource(make("b") + make("b b"), 1.0)
+    data = PackedDataset([a, b], seed=5)
+    drawn = [data.row_at(p) for p in range(4000)]
+    share_a = sum(any(row is r for r in a.rows) for row in drawn) / len(drawn)
+    assert abs(share_a - 0.75) < 0.03
+    again = PackedDataset([a, b], seed=5)
+    assert all(again.row_at(p) is drawn[p] for p in (0, 17, 3999))
+    assert [PackedDataset([a, b], seed=6).row_at(p) is drawn[p] for p in range(50)].count(False) > 5

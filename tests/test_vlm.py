@@ -72,11 +72,33 @@ def test_stop_and_resume_is_exact(vlm_assets, single, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [["model.visual.group=1", "model.seq_length=1024"],
                                   ["model.visual.group=4", "model.seq_length=512"],
-                                  ["model.visual.embedding=embedder"]], ids=["G1", "G4", "embedder"])
+                                  ["model.visual.embedding=embedder"], ["model.visual.embedding=continuous"],
+                                  ["model.visual.embedding=continuous", "model.visual.encoder_trained=false"]],
+                         ids=["G1", "G4", "embedder", "continuous-trained", "continuous-frozen"])
 def test_other_visual_modes_train(vlm_assets, tmp_path, mode):
     rows = train_vlm_cli(tmp_path / "run", vlm_assets, *STEPS, "train.steps=10", *mode)
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
     assert all(0 <= r["padding_fraction"] < 0.5 and r["real_tokens"] <= r["tokens"] for r in rows)
+
+
+@pytest.mark.slow
+def test_sft_supervises_only_the_answers_and_learns(vlm_assets, tmp_path):
+    rows = train_vlm_cli(tmp_path / "run", vlm_assets, *STEPS, "train.steps=10", "data.task=sft",
+                         "model.seq_length=512")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    from viq_mllm.data.multimodal import documents_from_shards
+    from viq_mllm.data.shards import CodeShards
+    from viq_mllm.vocab.tokenizer import MultimodalTokenizer
+
+    tok = MultimodalTokenizer.from_dir(vlm_assets["vocab"])
+    sft = documents_from_shards(CodeShards(vlm_assets["shards"]), tok, "sft", 16)
+    pre = documents_from_shards(CodeShards(vlm_assets["shards"]), tok, "pretrain", 16)
+    # an answer is the caption + end-of-turn: exactly the targets of the caption in pretraining, and none of
+    # the question, the role headers or the image
+    for a, b in zip(sft, pre):
+        assert a.loss_mask.sum() == b.loss_mask.sum()
+        targets = a.tokens[1:][a.loss_mask[:-1].bool()]
+        assert targets.tolist() == b.tokens[1:][b.loss_mask[:-1].bool()].tolist()
 
 
 def test_shards_of_another_tokenizer_are_refused_before_training(vlm_assets, tmp_path):

@@ -8,7 +8,9 @@
    special tokens and one token per code (``viq-mllm extend-vocab``).
 5. A tiny text LM trained with megatron-core on the same text, its vocabulary grown (``viq-mllm resize-vocab``).
 6. The discrete VLM, initialised from it, trained on packed caption sequences (``viq-mllm train``).
-7. Held-out caption loss given the right image vs another image's codes; greedy captions for held-out images.
+7. The continuous baseline: the same VLM, recipe and packed data, with the tokenizer's ViT run on the pixels
+   inside every step (trained) instead of codes; the measured speed-up and both loss curves.
+8. Held-out caption loss given the right image vs another image's codes; greedy captions for held-out images.
 
 Writes ``summary.json``, ``report.md`` and PNG plots into ``--out``.
 """
@@ -153,7 +155,7 @@ def evaluate_vlm(out: Path, checkpoint: Path, held: list[tuple[Path, str]]) -> d
             "matched_lower_fraction": wins / len(samples), "eval_images": len(samples), "generated": generated}
 
 
-def plot_losses(out: Path, runs: dict[str, Path]) -> None:
+def plot_losses(out: Path, panels: dict[str, list[Path]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,11 +163,13 @@ def plot_losses(out: Path, runs: dict[str, Path]) -> None:
 
     from viq_mllm.metrics import read_metrics
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5))
-    for ax, (name, run_dir) in zip(axes, runs.items()):
-        rows = read_metrics(run_dir)
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-        ax.set_title(name)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
+    for ax, (name, run_dirs) in zip(axes, panels.items()):
+        for run_dir in run_dirs:
+            rows = read_metrics(run_dir)
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=run_dir.name, linewidth=0.8)
+        ax.legend(fontsize=8)
+        ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
@@ -194,35 +198,35 @@ def plot_captions(out: Path, generated: list[dict], held: list[tuple[Path, str]]
     plt.close(fig)
 
 
-def run_demo(out: str | Path, vlm_steps: int = 600, text_steps: int = 300, tokenizer_steps: int = 1000) -> dict:
+def run_demo(out: str | Path, vlm_steps: int = 500, text_steps: int = 300, tokenizer_steps: int = 1000) -> dict:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     summary: dict = {}
 
-    say("1/7 data: Tux Paint stamps with captions")
+    say("1/8 data: Tux Paint stamps with captions")
     pairs = captioned_images(ensure_stamps())
     held = pairs[::12]
     train = [p for i, p in enumerate(pairs) if i % 12]
     summary["data"] = {"images": len(pairs), "train": len(train), "held_out": len(held), "source": str(STAMPS)}
 
-    say(f"2/7 training a tiny ViQ tokenizer on pixel reconstruction ({tokenizer_steps} steps)")
+    say(f"2/8 training a tiny ViQ tokenizer on pixel reconstruction ({tokenizer_steps} steps)")
     summary["tokenizer"] = train_tokenizer(out, train, held, tokenizer_steps)
     rec = summary["tokenizer"]["held_out"]
     say(f"  held-out PSNR {rec['psnr']:.2f} dB vs mean-colour-per-patch {rec['psnr_patch_mean_baseline']:.2f} dB")
 
-    say("3/7 extracting codes offline")
+    say("3/8 extracting codes offline")
     for split, items in (("train", train), ("eval", held)):
         viq_mllm("tokenize", "--viq", str(out / "viq"), "--input", str(write_jsonl(out / f"{split}.jsonl", items)),
                  "--out", str(out / "shards" / split), "--shard-size", "256")
     summary["shards"] = json.loads((out / "shards" / "train" / "manifest.json").read_text())
     summary["shards"].pop("shards")
 
-    say("4/7 text tokenizer and extended vocabulary")
+    say("4/8 text tokenizer and extended vocabulary")
     corpus, sp_model = build_text_corpus(out, train)
     viq_mllm("extend-vocab", "--text-tokenizer", str(sp_model), "--viq", str(out / "viq"), "--out", str(out / "vocab"))
 
-    say(f"5/7 text LM with megatron-core ({text_steps} steps), then resize-vocab")
+    say(f"5/8 text LM with megatron-core ({text_steps} steps), then resize-vocab")
     viq_mllm("train", str(ROOT / "recipes" / "tiny_text_cpu.yaml"), f"run.dir={out / 'text_lm'}",
              f"train.steps={text_steps}", f"checkpoint.every={text_steps}", f"data.tokenizer=sentencepiece:{sp_model}",
              f"data.text_files=[{corpus}]", "train.lr=2.0e-3", *VLM_MODEL)
@@ -230,28 +234,38 @@ def run_demo(out: str | Path, vlm_steps: int = 600, text_steps: int = 300, token
     viq_mllm("resize-vocab", "--checkpoint", str(text_ckpt), "--vocab", str(out / "vocab"), "--out",
              str(out / "vlm_init"))
 
-    say(f"6/7 discrete VLM on packed caption sequences ({vlm_steps} steps)")
-    viq_mllm("train", str(ROOT / "recipes" / "vlm_tiny_pretrain.yaml"), f"run.dir={out / 'vlm_pretrain'}",
-             f"data.sources=[{{path: {out / 'shards' / 'train'}}}]", f"data.vocab={out / 'vocab'}",
-             f"model.visual.viq={out / 'viq'}", f"init.checkpoint={out / 'vlm_init'}", f"train.steps={vlm_steps}",
-             f"checkpoint.every={vlm_steps}", *VLM_MODEL)
+    vlm_args = [str(ROOT / "recipes" / "vlm_tiny_pretrain.yaml"), f"data.sources=[{{path: {out / 'shards' / 'train'}}}]",
+                f"data.vocab={out / 'vocab'}", f"model.visual.viq={out / 'viq'}", f"init.checkpoint={out / 'vlm_init'}",
+                f"train.steps={vlm_steps}", f"checkpoint.every={vlm_steps}", *VLM_MODEL]
+    say(f"6/8 discrete VLM on packed caption sequences ({vlm_steps} steps)")
+    viq_mllm("train", *vlm_args, f"run.dir={out / 'vlm_pretrain'}")
+    say(f"7/8 continuous baseline: the same VLM with the ViT inside every step ({vlm_steps} steps)")
+    viq_mllm("train", *vlm_args, f"run.dir={out / 'baseline_pretrain'}", "model.visual.embedding=continuous")
 
-    say("7/7 held-out evaluation and captions")
+    say("8/8 held-out evaluation and captions")
     from viq_mllm.metrics import read_metrics
 
     vlm_rows = read_metrics(out / "vlm_pretrain")
+    base_rows = read_metrics(out / "baseline_pretrain")
+    t_d, t_c = (sorted(r["step_time_s"] for r in rows)[len(rows) // 2] for rows in (vlm_rows, base_rows))
+    summary["continuous_baseline"] = {"first_loss": base_rows[0]["loss"], "final_loss": base_rows[-1]["loss"],
+                                      "median_step_time_s": t_c}
+    summary["speedup"] = {"median_step_time_discrete_s": t_d, "median_step_time_continuous_s": t_c,
+                          "speedup": 1 - t_d / t_c}
     summary["text_lm"] = {"final_loss": read_metrics(out / "text_lm")[-1]["loss"]}
     summary["discrete_vlm"] = evaluate_vlm(out, out / "vlm_pretrain" / "checkpoints" / f"step_{vlm_steps:08d}", held)
     summary["discrete_vlm"].update(first_loss=vlm_rows[0]["loss"], final_loss=vlm_rows[-1]["loss"],
                                    median_tokens_per_s=sorted(r["tokens_per_s"] for r in vlm_rows)[len(vlm_rows) // 2])
-    plot_losses(out, {"text LM": out / "text_lm", "discrete VLM": out / "vlm_pretrain"})
+    plot_losses(out, {"text LM": [out / "text_lm"], "VLM: discrete codes vs continuous encoder":
+                      [out / "vlm_pretrain", out / "baseline_pretrain"]})
     plot_captions(out, summary["discrete_vlm"]["generated"], held)
     summary["seconds"] = time.perf_counter() - began
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(report(summary))
     vlm = summary["discrete_vlm"]
     say(f"done in {summary['seconds'] / 60:.1f} min: held-out caption loss {vlm['eval_loss_matched_image']:.3f} with "
-        f"the right image vs {vlm['eval_loss_mismatched_image']:.3f} with another image's codes; see {out / 'report.md'}")
+        f"the right image vs {vlm['eval_loss_mismatched_image']:.3f} with another image's codes; training step "
+        f"{summary['speedup']['speedup']:.0%} faster than the continuous baseline; see {out / 'report.md'}")
     return summary
 
 
@@ -275,6 +289,13 @@ def report(s: dict) -> str:
         f"| held-out caption loss, another image's codes | {v['eval_loss_mismatched_image']:.3f} |",
         f"| held-out captions where the right image gives the lower loss | {v['matched_lower_fraction']:.0%} |",
         f"| median training tokens/s | {v['median_tokens_per_s']:.0f} |", "",
+        "## Discrete codes vs the continuous baseline (same VLM, recipe and packed data)", "",
+        "| | discrete (codes) | continuous (ViT in the step) |", "|---|---|---|",
+        f"| median step time (s) | {s['speedup']['median_step_time_discrete_s']:.3f} | "
+        f"{s['speedup']['median_step_time_continuous_s']:.3f} |",
+        f"| train loss first -> last | {v['first_loss']:.3f} -> {v['final_loss']:.3f} | "
+        f"{s['continuous_baseline']['first_loss']:.3f} -> {s['continuous_baseline']['final_loss']:.3f} |",
+        f"| speed-up 1 - t_d / t_c | {s['speedup']['speedup']:.0%} | |", "",
         "![loss curves](loss_curves.png)", "", "![captions](captions.png)", "",
         "| held-out image | truth | generated |", "|---|---|---|",
         *[f"| {g['source']} | {g['caption']} | {g['generated']} |" for g in v["generated"]],

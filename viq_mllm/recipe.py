@@ -58,12 +58,15 @@ class VisualSection(_Section):
     ``table``: each code has a row of the extended embedding table; a position is the sum of its ``group``
     codes' rows, each scaled elementwise by a learned per-slot vector. ``embedder``: codes -> the ViQ code
     embedder -> 2x2 pooling projector (needs ``group: 16``), initialised from the tokenizer in ``viq``.
+    ``continuous``: the baseline: the source images -> the ViQ tokenizer's ViT inside every step (trained, or
+    frozen with ``encoder_trained: false``) -> 2x2 pooling projector, in the same positions (``group: 16``).
     """
 
-    embedding: Literal["table", "embedder"] = "table"
+    embedding: Literal["table", "embedder", "continuous"] = "table"
     group: Literal[1, 4, 16] = 16
     viq: str
     train_embedder: bool = True
+    encoder_trained: bool = True
 
 
 class ModelSection(_Section):
@@ -280,9 +283,9 @@ def _check_kind(recipe: Recipe) -> None:
         raise RecipeError("kind=vlm needs a model.visual section (embedding, group, viq)")
     if recipe.kind == "text_lm" and visual is not None:
         raise RecipeError("model.visual is only for kind=vlm")
-    if visual is not None and visual.embedding == "embedder" and visual.group != 16:
-        raise RecipeError(f"model.visual.embedding=embedder pools 2x2 patches: needs model.visual.group=16, "
-                          f"got {visual.group}")
+    if visual is not None and visual.embedding != "table" and visual.group != 16:
+        raise RecipeError(f"model.visual.embedding={visual.embedding} pools 2x2 patches: needs "
+                          f"model.visual.group=16, got {visual.group}")
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:

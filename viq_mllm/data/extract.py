@@ -82,8 +82,10 @@ def _encode_shard(model: ViQTokenizer, records: list[SourceRecord], workers: int
         codes = model.encode_preprocessed([d.item for d in pending], max_tokens)
         for decoded, grid in zip(pending, codes):
             array = grid.numpy().astype(np.uint16)
+            image = decoded.record.image
+            path = str(Path(image).resolve()) if isinstance(image, Path) else None
             samples.append(CodeSample(decoded.record.key, array, decoded.item.source_size, decoded.record.source,
-                                      decoded.record.text))
+                                      decoded.record.text, path))
             stats["code_bytes"] += array.nbytes
             stats["pixel_bytes"] += decoded.item.pixels[0].numel() * 3
             stats["file_bytes"] += decoded.file_bytes

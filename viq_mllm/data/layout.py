@@ -24,6 +24,7 @@ Example, G = 16, a 2 x 4 patch grid and caption "A pig." (ids abbreviated)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ class Document:
     visual: torch.Tensor  # [L] bool
     codes: torch.Tensor  # [n_visual, G] int64 vocabulary ids of the codes
     loss_mask: torch.Tensor  # [L] float: 1 where labels[i] (= tokens[i + 1]) is a target
+    image: Optional[str] = None  # the source image file (the continuous baseline reads its pixels)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])

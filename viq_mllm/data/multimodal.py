@@ -15,7 +15,7 @@ import torch
 
 from viq_mllm.data.layout import Document, caption_document, chat_document
 from viq_mllm.data.packing import Row, collate, pack
-from viq_mllm.data.shards import CodeShards
+from viq_mllm.data.shards import CodeSample, CodeShards
 from viq_mllm.data.text import sample_index
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
@@ -23,17 +23,23 @@ from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 def documents_from_shards(shards: CodeShards, tokenizer: MultimodalTokenizer, task: str, group: int) -> list[Document]:
     docs = []
     for sample in shards:
-        if task == "pretrain":
-            caption = sample.text.get("caption")
-            if not caption:
-                raise ValueError(f"{shards.directory}: sample {sample.key} ({sample.source}) has no caption")
-            docs.append(caption_document(tokenizer.text, tokenizer.vocab, sample.codes, caption, group))
-        else:
-            turns = sample.text.get("conversations") or _caption_as_chat(sample.text.get("caption"))
-            if not turns:
-                raise ValueError(f"{shards.directory}: sample {sample.key} ({sample.source}) has no conversation")
-            docs.append(chat_document(tokenizer.text, tokenizer.vocab, sample.codes, turns, group))
+        docs.append(_document(shards, sample, tokenizer, task, group))
+        docs[-1].image = sample.path
     return docs
+
+
+def _document(shards: CodeShards, sample: CodeSample, tokenizer: MultimodalTokenizer, task: str, group: int
+              ) -> Document:
+    where = f"{shards.directory}: sample {sample.key} ({sample.source})"
+    if task == "pretrain":
+        caption = sample.text.get("caption")
+        if not caption:
+            raise ValueError(f"{where} has no caption")
+        return caption_document(tokenizer.text, tokenizer.vocab, sample.codes, caption, group)
+    turns = sample.text.get("conversations") or _caption_as_chat(sample.text.get("caption"))
+    if not turns:
+        raise ValueError(f"{where} has no conversation")
+    return chat_document(tokenizer.text, tokenizer.vocab, sample.codes, turns, group)
 
 
 def _caption_as_chat(caption: str | None) -> list[dict] | None:

@@ -70,11 +70,14 @@ def pack(documents: list[Document], seq_length: int, allow_truncation: bool = Fa
 
 
 def collate(rows: list[Row], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Rows -> one packed sequence ``[1, len(rows) * seq_length]`` with per-document ``cu_seqlens``."""
+    """Rows -> one packed sequence ``[1, len(rows) * seq_length]`` with per-document ``cu_seqlens``; ``images``
+    lists the documents' source image files (what the continuous baseline encodes)."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("tokens", "labels", "loss_mask", "position_ids", "visual")}
-    codes, lengths = [], []
+    codes, lengths, images = [], [], []
     for row in rows:
         for doc in row.documents:
+            if doc.codes.numel():
+                images.append(doc.image)
             parts["tokens"].append(doc.tokens)
             parts["labels"].append(doc.labels)
             parts["loss_mask"].append(doc.loss_mask)
@@ -95,4 +98,5 @@ def collate(rows: list[Row], pad_id: int = 0) -> dict[str, torch.Tensor]:
     batch["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     batch["max_seqlen"] = torch.tensor(max(lengths), dtype=torch.int32)
     batch["real_tokens"] = torch.tensor(sum(r.used for r in rows))
+    batch["images"] = images  # source image files of the documents with visual positions, in order
     return batch

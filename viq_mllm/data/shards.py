@@ -3,7 +3,8 @@
 One shard ``codes-00003.tar`` holds, per sample with key ``000001234`` (the input's global index)::
 
     000001234.codes.npy    uint16 array (h, w, 4): the code grid
-    000001234.json         {"grid": [h, w], "source_size": [H, W], "source": "...", "text": {...}}
+    000001234.json         {"grid": [h, w], "source_size": [H, W], "source": "...", "text": {...},
+                            "path": "/abs/path.png" (when the input was a file)}
 
 Beside it, ``codes-00003.json`` is the shard's completion record (sample count, sha256, skipped inputs); a shard
 counts as done only when its record exists and matches the tar. ``manifest.json`` gathers the records with the
@@ -21,7 +22,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -41,6 +42,7 @@ class CodeSample:
     source_size: tuple[int, int]
     source: str
     text: dict = field(default_factory=dict)  # {"caption": ...} or {"conversations": [...]}
+    path: Optional[str] = None  # absolute path of the source image file, when it was one (continuous baseline)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -58,6 +60,8 @@ def encode_sample(sample: CodeSample) -> list[tuple[str, bytes]]:
     np.save(buf, np.ascontiguousarray(sample.codes, dtype=np.uint16), allow_pickle=False)
     meta = {"grid": list(sample.grid), "source_size": list(sample.source_size), "source": sample.source,
             "text": sample.text}
+    if sample.path is not None:
+        meta["path"] = sample.path
     return [(f"{sample.key}.codes.npy", buf.getvalue()),
             (f"{sample.key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())]
 
@@ -91,7 +95,7 @@ def read_shard(path: Path) -> Iterator[CodeSample]:
         parts = members[key]
         meta = json.loads(parts["json"])
         codes = np.load(io.BytesIO(parts["codes.npy"]), allow_pickle=False)
-        yield CodeSample(key, codes, tuple(meta["source_size"]), meta["source"], meta["text"])
+        yield CodeSample(key, codes, tuple(meta["source_size"]), meta["source"], meta["text"], meta.get("path"))
 
 
 class CodeShards:
