@@ -26,6 +26,7 @@ from megatron_ext.vlm import (
 from viq_mllm.data.multimodal import PackedDataset, PackedSource, documents_from_shards
 from viq_mllm.data.packing import pack
 from viq_mllm.data.shards import CodeShards, FingerprintMismatch
+from viq_mllm.data.sources import TarMember
 from viq_mllm.recipe import Recipe
 from viq_mllm.viq import ViQTokenizer
 from viq_mllm.viq.preprocess import preprocess
@@ -67,8 +68,9 @@ def build_vlm(recipe: Recipe, tokenizer: MultimodalTokenizer, layout: Layout) ->
 
 
 class PixelSource:
-    """The continuous baseline's image loader: source files -> preprocessed pixels (cached), with the ViQ
-    tokenizer's own preprocessing, so the patch grids equal the code grids of the shards."""
+    """The continuous baseline's image loader: the raw images the code shards were made from (image files or
+    members of webdataset image shards), decoded and preprocessed (cached) with the ViQ tokenizer's own
+    preprocessing, so the patch grids equal the code grids."""
 
     def __init__(self, viq_dir: str, vocab):
         config = ViQTokenizer.from_pretrained(viq_dir).config
@@ -77,10 +79,11 @@ class PixelSource:
 
     def load(self, path: str | None):
         if path is None:
-            raise ValueError("the continuous baseline needs shards whose samples came from image files "
-                             "(a folder or a .jsonl input of `viq-mllm tokenize`), not from tar shards")
+            raise ValueError("these code shards do not record where their images are (made by an older "
+                             "`viq-mllm tokenize`); re-tokenize to train the continuous baseline")
         if path not in self._cache:
-            item = preprocess(path, self.base, self.max_pixels)
+            source = TarMember.from_locator(path).read() if "::" in path else path  # webdataset image shards
+            item = preprocess(source, self.base, self.max_pixels)
             self._cache[path] = (item.pixels, item.grid)
         return self._cache[path]
 

@@ -117,7 +117,12 @@ def test_jsonl_and_tar_inputs(viq_dir, tmp_path):
         info.size = 9
         tar.addfile(info, io.BytesIO(b"A square."))
     manifest = run_tokenize(viq_dir, tmp_path / "in.tar", tmp_path / "t", show_progress=False)
-    assert [s.text for s in CodeShards(tmp_path / "t")] == [{"caption": "A square."}]
+    (sample,) = CodeShards(tmp_path / "t")
+    assert sample.text == {"caption": "A square."}
+    from viq_mllm.data.sources import TarMember
+
+    # the recorded location reads back the raw image bytes (what the continuous baseline decodes)
+    assert TarMember.from_locator(sample.path).read() == (tmp_path / "a.png").read_bytes()
 
 
 def _many_images(root, count):

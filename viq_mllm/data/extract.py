@@ -83,7 +83,7 @@ def _encode_shard(model: ViQTokenizer, records: list[SourceRecord], workers: int
         for decoded, grid in zip(pending, codes):
             array = grid.numpy().astype(np.uint16)
             image = decoded.record.image
-            path = str(Path(image).resolve()) if isinstance(image, Path) else None
+            path = image.locator() if isinstance(image, TarMember) else str(Path(image).resolve())
             samples.append(CodeSample(decoded.record.key, array, decoded.item.source_size, decoded.record.source,
                                       decoded.record.text, path))
             stats["code_bytes"] += array.nbytes

@@ -4,7 +4,7 @@ One shard ``codes-00003.tar`` holds, per sample with key ``000001234`` (the inpu
 
     000001234.codes.npy    uint16 array (h, w, 4): the code grid
     000001234.json         {"grid": [h, w], "source_size": [H, W], "source": "...", "text": {...},
-                            "path": "/abs/path.png" (when the input was a file)}
+                            "path": "/abs/path.png" or "/abs/images.tar::key.jpg"}
 
 Beside it, ``codes-00003.json`` is the shard's completion record (sample count, sha256, skipped inputs); a shard
 counts as done only when its record exists and matches the tar. ``manifest.json`` gathers the records with the
@@ -42,7 +42,7 @@ class CodeSample:
     source_size: tuple[int, int]
     source: str
     text: dict = field(default_factory=dict)  # {"caption": ...} or {"conversations": [...]}
-    path: Optional[str] = None  # absolute path of the source image file, when it was one (continuous baseline)
+    path: Optional[str] = None  # where the source image is: a file path, or "shard.tar::member" (baseline reads it)
 
     @property
     def grid(self) -> tuple[int, int]:

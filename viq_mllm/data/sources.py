@@ -32,6 +32,15 @@ class TarMember:
         with tarfile.open(self.tar) as tar:
             return tar.extractfile(self.name).read()
 
+    def locator(self) -> str:
+        """``/abs/shard.tar::member.jpg``: where a later reader (the continuous baseline) finds the image."""
+        return f"{Path(self.tar).resolve()}::{self.name}"
+
+    @classmethod
+    def from_locator(cls, locator: str) -> "TarMember":
+        tar, _, name = locator.partition("::")
+        return cls(Path(tar), name)
+
 
 @dataclass
 class SourceRecord:
