@@ -8,7 +8,6 @@ Reported per variant: median real (non-padding) tokens/s, padding fraction, step
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -16,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from viq_mllm.bench_report import markdown_table, publish
 from viq_mllm.data.synthetic import make_vlm_assets
 from viq_mllm.metrics import read_metrics
 
@@ -52,12 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             "step_time_s": statistics.median(r["step_time_s"] for r in metrics),
             "steps": len(metrics),
         }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_packing.json").write_text(json.dumps(table, indent=2))
-    print("| batches | real tokens/s | padding fraction | step time (s) |\n|---|---|---|---|")
-    for name, r in table.items():
-        print(f"| {name} | {r['real_tokens_per_s']:.0f} | {r['padding_fraction']:.1%} | {r['step_time_s']:.3f} |")
     ratio = table["packed"]["real_tokens_per_s"] / table["unpacked"]["real_tokens_per_s"]
-    print(f"packed / unpacked real tokens/s: {ratio:.2f}x; wrote {out / 'bench_packing.json'}")
+    publish(args.out, "bench_packing.json", table, markdown_table(
+        ["batches", "real tokens/s", "padding fraction", "step time (s)"],
+        [[name, f"{r['real_tokens_per_s']:.0f}", f"{r['padding_fraction']:.1%}", f"{r['step_time_s']:.3f}"]
+         for name, r in table.items()]) + f"\npacked / unpacked real tokens/s: {ratio:.2f}x")
     return 0

@@ -23,7 +23,6 @@ attention and a fixed image size the speed-up would not depend on the sequence l
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from megatron_ext.vlm import (
     continuous_batch,
     vlm_forward_step,
 )
+from viq_mllm.bench_report import markdown_table, publish
 from viq_mllm.data.layout import Document, SequenceBuilder
 from viq_mllm.data.packing import collate, pack
 from viq_mllm.recipe import VisualSection, recipe_from_dict
@@ -204,13 +204,11 @@ def sync() -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| LLM | seq | t discrete (s) | t continuous (s) | speed-up | FLOP-model prediction | t text-only (s) | "
-             "discrete / text |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['llm']} | {r['seq_len']} | {r['t_discrete']:.3f} | {r['t_continuous']:.3f} | "
-                     f"{r['speedup']:.0%} | {r['predicted_ratio']:.0%} | {r['t_text_only']:.3f} | "
-                     f"{r['overhead_vs_text']:.2f}x |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["LLM", "seq", "t discrete (s)", "t continuous (s)", "speed-up", "FLOP-model prediction", "t text-only (s)",
+         "discrete / text"],
+        [[r["llm"], str(r["seq_len"]), f"{r['t_discrete']:.3f}", f"{r['t_continuous']:.3f}", f"{r['speedup']:.0%}",
+          f"{r['predicted_ratio']:.0%}", f"{r['t_text_only']:.3f}", f"{r['overhead_vs_text']:.2f}x"] for r in rows])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -255,18 +253,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"(predicted {rows[-1]['predicted_ratio']:.0%})", flush=True)
     finally:
         shutdown()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    plot(rows, out / "speedup.png")
     peak, peak_note = peak_tflops()
     for r in rows:
         r["mfu"] = {k: r["flops"][k] / r[f"t_{k}"] / 1e12 / peak for k in ("discrete", "continuous", "text_only")}
-    (out / "speedup.json").write_text(json.dumps({"preset": args.preset, "device": device, "peak": peak_note,
-                                                  "rows": rows}, indent=2))
-    print(format_table(rows))
-    print(f"MFU against {peak_note}: " + ", ".join(
+    mfu = f"MFU against {peak_note}: " + ", ".join(
         f"{r['llm']}@{r['seq_len']} discrete {r['mfu']['discrete']:.0%} / continuous {r['mfu']['continuous']:.0%}"
-        for r in rows))
-    print(f"wrote {out / 'speedup.json'} and {out / 'speedup.png'} ({device})")
+        for r in rows)
+    path = publish(args.out, "speedup.json", {"preset": args.preset, "device": device, "peak": peak_note,
+                                              "rows": rows}, format_table(rows) + "\n" + mfu)
+    plot(rows, path.with_suffix(".png"))
     return 0

@@ -8,16 +8,15 @@ machine noise hits both alike; the table reports the median over rounds and the 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import init_distributed, shutdown
 from megatron_ext.training import build_trainer, forward_backward, optimizer_step
+from viq_mllm.bench_report import markdown_table, publish
 from viq_mllm.recipe import recipe_from_dict
 
 CONFIGS = {
@@ -91,11 +90,10 @@ def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| config | params | tokens/step | ours tok/s | HF tok/s | ours / HF |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['params'] / 1e6:.2f}M | {r['tokens_per_step']} | "
-                     f"{r['ours_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | {r['ratio_ours_over_hf']:.2f}x |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["config", "params", "tokens/step", "ours tok/s", "HF tok/s", "ours / HF"],
+        [[r["config"], f"{r['params'] / 1e6:.2f}M", str(r["tokens_per_step"]), f"{r['ours_tokens_per_s']:.0f}",
+          f"{r['hf_tokens_per_s']:.0f}", f"{r['ratio_ours_over_hf']:.2f}x"] for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,9 +107,5 @@ def main(argv: list[str] | None = None) -> int:
         rows = [bench_config(name, CONFIGS[name], args.rounds, layout) for name in args.configs]
     finally:
         shutdown()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_train.json").write_text(json.dumps({"rows": rows}, indent=2))
-    print(format_table(rows))
-    print(f"wrote {out / 'bench_train.json'}")
+    publish(args.out, "bench_train.json", {"rows": rows}, format_table(rows))
     return 0

@@ -1,6 +1,5 @@
 """FSQ against the reference's formulas (VIQ_REFERENCE.md 3.4), exhaustively for every preset."""
 
-import itertools
 import math
 
 import numpy as np

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from viq_mllm.data.layout import caption_document, chat_document, code_groups, visual_position_count
 from viq_mllm.data.packing import collate, first_fit_decreasing, pack

@@ -51,7 +51,6 @@ def test_thd_core_attention_equals_per_document(megatron_single):
 
     r = load_recipe(TINY)
     attn = SDPACoreAttention(transformer_config(r.model, r.parallel, r.train), 1, AttnMaskType.causal, "self")
-    lengths = [5, 2, 7]
     cu = torch.tensor([0, 5, 7, 14], dtype=torch.int32)
     torch.manual_seed(0)
     q, k, v = torch.randn(14, 4, 16), torch.randn(14, 2, 16), torch.randn(14, 2, 16)

@@ -99,8 +99,8 @@ BENCHMARKS = {
     "speedup": "megatron_ext.bench_speedup",
     "train": "megatron_ext.bench_train",
     "packing": "megatron_ext.bench_packing",
-    "tokenize": "viq_mllm.data.bench",
-    "encode": "viq_mllm.viq.bench",
+    "tokenize": "viq_mllm.bench_tokenize",
+    "encode": "viq_mllm.bench_encode",
 }
 
 

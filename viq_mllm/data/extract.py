@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from viq_mllm.data.shards import MANIFEST, REPORT, SHARD_NAME, CodeSample, sha256_of, write_shard

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from viq_mllm.data.layout import Document, caption_document, chat_document
-from viq_mllm.data.packing import Row, collate, pack
+from viq_mllm.data.packing import Row, collate
 from viq_mllm.data.shards import CodeSample, CodeShards
 from viq_mllm.data.text import sample_index
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer

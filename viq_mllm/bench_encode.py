@@ -15,9 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
+
+from viq_mllm.bench_report import markdown_table, publish
 
 ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 1.0, 2.0, 0.5)
 
@@ -90,21 +91,21 @@ def measure(arch: str, size: int, count: int, rounds: int) -> list[dict]:
 
 def _run_worker(arch: str, size: int, count: int, rounds: int) -> list[dict]:
     """A fresh process per (arch, size), so one measurement's memory does not inflate the next."""
-    cmd = [sys.executable, "-m", "viq_mllm.viq.bench", "--worker", arch, str(size), str(count), str(rounds)]
+    cmd = [sys.executable, "-m", "viq_mllm.bench_encode", "--worker", arch, str(size), str(count), str(rounds)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| arch | params | px | images | packed img/s | one-by-one img/s | packed / one | peak RSS MB packed | "
-             "peak RSS MB one |", "|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r["arch"], r["size"], r["mode"]): r for r in rows}
+    table = []
     for arch, size in dict.fromkeys((r["arch"], r["size"]) for r in rows):
         p, o = by_key[(arch, size, "packed")], by_key[(arch, size, "single")]
-        lines.append(f"| {arch} | {p['params_m']:.0f}M | {size} | {p['images']} | {p['images_per_s']:.2f} | "
-                     f"{o['images_per_s']:.2f} | {p['images_per_s'] / o['images_per_s']:.2f}x | "
-                     f"{p['peak_rss_mb']:.0f} | {o['peak_rss_mb']:.0f} |")
-    return "\n".join(lines)
+        table.append([arch, f"{p['params_m']:.0f}M", str(size), str(p["images"]), f"{p['images_per_s']:.2f}",
+                      f"{o['images_per_s']:.2f}", f"{p['images_per_s'] / o['images_per_s']:.2f}x",
+                      f"{p['peak_rss_mb']:.0f}", f"{o['peak_rss_mb']:.0f}"])
+    return markdown_table(["arch", "params", "px", "images", "packed img/s", "one-by-one img/s", "packed / one",
+                           "peak RSS MB packed", "peak RSS MB one"], table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.extend(_run_worker(arch, size, count, args.rounds if arch == "tiny" else 1))
             print(f"  {arch} {size}px: " + ", ".join(f"{r['mode']} {r['images_per_s']:.2f} img/s" for r in rows[-2:]),
                   flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_encode.json").write_text(json.dumps({"rows": rows}, indent=2))
-    print(format_table(rows))
-    print(f"wrote {out / 'bench_encode.json'}")
+    publish(args.out, "bench_encode.json", {"rows": rows}, format_table(rows))
     return 0
 
 

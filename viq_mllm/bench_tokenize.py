@@ -9,7 +9,6 @@ model to the last image, run twice in alternating order on the same PNG files (m
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from viq_mllm.bench_report import markdown_table, publish
 from viq_mllm.data.extract import run_tokenize
 from viq_mllm.viq import ViQTokenizer
 
@@ -76,13 +76,12 @@ def bench_size(root: Path, viq_dir: Path, size: int, count: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| px | images | loop img/s | job 1 worker img/s | job 2 workers img/s | codes / raw pixels | "
-             "codes / PNG files | shards / PNG files |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['size']} | {r['images']} | {r['loop']:.1f} | {r['job_1_worker']:.1f} | "
-                     f"{r['job_2_workers']:.1f} | 1/{r['pixel_bytes'] / r['code_bytes']:.0f} | "
-                     f"1/{r['file_bytes'] / r['code_bytes']:.0f} | 1/{r['file_bytes'] / r['shard_bytes']:.1f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["px", "images", "loop img/s", "job 1 worker img/s", "job 2 workers img/s", "codes / raw pixels",
+         "codes / PNG files", "shards / PNG files"],
+        [[str(r["size"]), str(r["images"]), f"{r['loop']:.1f}", f"{r['job_1_worker']:.1f}",
+          f"{r['job_2_workers']:.1f}", f"1/{r['pixel_bytes'] / r['code_bytes']:.0f}",
+          f"1/{r['file_bytes'] / r['code_bytes']:.0f}", f"1/{r['file_bytes'] / r['shard_bytes']:.1f}"] for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,9 +97,5 @@ def main(argv: list[str] | None = None) -> int:
             viq_dir = ViQTokenizer.from_config("tiny", image_base=size, max_pixels=4 * size * size).save_pretrained(
                 root / f"viq_{size}")
             rows.append(bench_size(root, viq_dir, size, args.images))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_tokenize.json").write_text(json.dumps({"rows": rows}, indent=2))
-    print(format_table(rows))
-    print(f"wrote {out / 'bench_tokenize.json'}")
+    publish(args.out, "bench_tokenize.json", {"rows": rows}, format_table(rows))
     return 0
