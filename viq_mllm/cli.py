@@ -69,6 +69,19 @@ def _resize_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from megatron_ext.hf_convert import hf_to_mcore, mcore_to_hf
+
+    if args.direction == "hf-to-mcore":
+        meta = hf_to_mcore(args.input, args.output, tp=args.tp, pp=args.pp)
+        print(f"wrote {args.output}: {meta['hf_config']['architectures'][0]}, vocabulary {meta['vocab']['text_size']} "
+              f"padded to {meta['vocab']['padded_size']} (loads at any TP/PP; checked for TP={args.tp} PP={args.pp})")
+    else:
+        mcore_to_hf(args.input, args.output)
+        print(f"wrote {args.output} (config.json + model.safetensors, vocabulary padding stripped)")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from megatron_ext.parallel import shutdown
     from megatron_ext.vlm_eval import greedy, load_for_inference, prompt_document
@@ -162,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     rsz.add_argument("--init", choices=["mean-cov", "mean"], default="mean-cov")
     rsz.add_argument("--seed", type=int, default=0)
     rsz.set_defaults(func=_resize_vocab)
+
+    conv = sub.add_parser("convert", help="HF <-> megatron-core checkpoints (Llama, Qwen2)",
+                          description="hf-to-mcore: an HF model folder -> a megatron checkpoint (model.json + "
+                          "dist_checkpointing, any TP/PP). mcore-to-hf: back, from a checkpoint made by hf-to-mcore "
+                          "or trained from one. Strict: every tensor must map.")
+    conv.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    conv.add_argument("--input", required=True)
+    conv.add_argument("--output", required=True)
+    conv.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate the shapes for")
+    conv.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate the shapes for")
+    conv.set_defaults(func=_convert)
 
     gen = sub.add_parser("generate", help="greedy generation from a VLM checkpoint for one image",
                          description="Encodes --image with the checkpoint's ViQ tokenizer and continues the sequence "

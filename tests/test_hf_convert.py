@@ -1,0 +1,120 @@
+"""HF <-> megatron conversion on tiny random Llama and Qwen2 models: logits equal HF's at TP=1 and TP=2,
+and hf -> mcore -> hf reproduces every tensor exactly."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import ROOT, viq_mllm
+
+LOGITS = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from megatron.core import tensor_parallel
+    from megatron_ext import checkpoint
+    from megatron_ext.model import build_gpt, transformer_config
+    from megatron_ext.parallel import init_distributed, shutdown
+    from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
+
+    ckpt, tp, tokens_file, out = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    layout = init_distributed(tp, 1, 0)
+    meta = checkpoint.read_meta(ckpt)
+    model, parallel = ModelSection(**meta["model"]), ParallelSection(tp=tp)
+    gpt = build_gpt(transformer_config(model, parallel, TrainSection(steps=1)), model, parallel,
+                    meta["vocab"]["padded_size"], layout, 99)
+    checkpoint.load_model(ckpt, gpt)
+    gpt.eval()
+    tokens = torch.load(tokens_file)
+    with torch.no_grad():
+        logits = gpt(tokens, torch.arange(tokens.shape[1])[None].expand_as(tokens), None)
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    if layout.rank == 0:
+        torch.save(full[..., : meta["vocab"]["text_size"]], out)
+    shutdown()
+    """
+)
+
+CASES = {
+    "llama-untied": ("llama", dict(tie_word_embeddings=False)),
+    "llama-tied": ("llama", dict(tie_word_embeddings=True)),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=False, rope_theta=1000000.0)),
+}
+
+
+def tiny_hf(kind: str, extra: dict, path):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = {**dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6), **extra}
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    with torch.no_grad():  # random norms and biases, so a wrong mapping of them cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.5 + (1 if "norm" in name else 0))
+    model.eval().save_pretrained(str(path))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def converted(request, tmp_path_factory):
+    kind, extra = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    model = tiny_hf(kind, extra, root / "hf")
+    viq_mllm("convert", "hf-to-mcore", "--input", str(root / "hf"), "--output", str(root / "mcore"), "--tp", "2")
+    return root, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_logits_equal_hf(converted, tp):
+    root, model = converted
+    tokens = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    torch.save(tokens, root / "tokens.pt")
+    (root / "logits.py").write_text(LOGITS)
+    out = root / f"logits{tp}.pt"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
+                    str(root / "logits.py"), str(root / "mcore"), str(tp), str(root / "tokens.pt"), str(out)],
+                   check=True, cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    ours = torch.load(out)
+    with torch.no_grad():
+        theirs = model(tokens).logits
+    assert ours.shape == theirs.shape
+    rel = (ours - theirs).abs().max() / theirs.abs().max()
+    assert rel < 1e-4, rel
+
+
+@pytest.mark.slow
+def test_round_trip_reproduces_every_tensor(converted):
+    from safetensors.torch import load_file
+
+    root, model = converted
+    viq_mllm("convert", "mcore-to-hf", "--input", str(root / "mcore"), "--output", str(root / "back"))
+    back = load_file(str(root / "back" / "model.safetensors"))
+    original = {k: v for k, v in model.state_dict().items()
+                if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    assert set(back) == set(original)
+    for key, tensor in original.items():
+        assert torch.equal(back[key], tensor), key
+
+
+def test_unmapped_tensor_is_an_error(tmp_path):
+    from megatron_ext.hf_convert import ConversionError, Shapes, apply, mappings
+
+    ctx = Shapes(layers=1, heads=4, groups=2, head_dim=16, vocab=300, padded_vocab=1024, qkv_bias=False, tied=True)
+    model = tiny_hf("llama", dict(tie_word_embeddings=True, num_hidden_layers=1), tmp_path / "hf")
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    with pytest.raises(ConversionError, match="unmapped tensors: \\['model.layers.0.self_attn.rotary_emb.inv_freq'\\]"):
+        apply(mappings(ctx), state, ctx, "to_mcore")
+    del state["model.layers.0.self_attn.rotary_emb.inv_freq"], state["model.norm.weight"]
+    with pytest.raises(ConversionError, match="missing tensor model.norm.weight"):
+        apply(mappings(ctx), state, ctx, "to_mcore")
