@@ -1,4 +1,5 @@
-"""Using a trained discrete VLM: held-out caption loss (matched vs mismatched images) and greedy generation.
+"""Using trained models: held-out caption loss of a VLM (matched vs mismatched images) and greedy generation
+(VLM captions / answers, text continuations of a text GPT).
 
 Single process (TP = PP = 1): a checkpoint of any layout loads here (torch_dist reshards). The checkpoint's
 ``model.json`` names the model shape, the vocabulary folder and the ViQ tokenizer, so nothing else is needed.
@@ -7,16 +8,18 @@ Single process (TP = PP = 1): a checkpoint of any layout loads here (torch_dist 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from megatron_ext import checkpoint
+from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import Layout, init_distributed
 from megatron_ext.vlm import VisionLanguageModel, packed_params
 from megatron_ext.vlm_train import build_vlm
 from viq_mllm.data.layout import Document, SequenceBuilder
 from viq_mllm.data.packing import collate, pack
-from viq_mllm.recipe import recipe_from_dict
+from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection, recipe_from_dict
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
 
@@ -63,20 +66,48 @@ def prompt_document(tokenizer: MultimodalTokenizer, codes, prompt: str, group: i
 
 
 @torch.no_grad()
-def greedy(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, prompt: Document, max_new_tokens: int
-           ) -> list[int]:
-    """Greedy decoding over text ids only (no KV cache: the whole sequence is re-run each step)."""
-    tokens, visual, codes = prompt.tokens, prompt.visual, prompt.codes
-    new: list[int] = []
-    text_size = tokenizer.vocab.text_size
+def greedy_ids(next_logits: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor, max_new_tokens: int,
+               stop_id: int, allowed: int) -> list[int]:
+    """Greedy decoding: ``next_logits(tokens)`` gives the last position's logits; only ids below ``allowed`` (the
+    text vocabulary) are chosen; stops at ``stop_id``. No KV cache: the whole sequence is re-run each step."""
+    tokens, new = prompt, []
     for _ in range(max_new_tokens):
-        doc = Document(tokens, visual, codes, torch.zeros(len(tokens)))
-        batch = collate(pack([doc], len(doc)))
-        logits = model(batch, packed_params(batch), labels=False)[0, -1, :text_size]
-        next_id = int(logits.argmax())
-        if next_id == tokenizer.text.eod:
+        next_id = int(next_logits(tokens)[:allowed].argmax())
+        if next_id == stop_id:
             break
         new.append(next_id)
         tokens = torch.cat([tokens, torch.tensor([next_id])])
-        visual = torch.cat([visual, torch.tensor([False])])
     return new
+
+
+def greedy(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, prompt: Document, max_new_tokens: int
+           ) -> list[int]:
+    """Continue a multimodal prompt (image block, optional chat turn) with text."""
+
+    def next_logits(tokens: torch.Tensor) -> torch.Tensor:
+        extra = len(tokens) - len(prompt)
+        visual = torch.cat([prompt.visual, torch.zeros(extra, dtype=torch.bool)])
+        doc = Document(tokens, visual, prompt.codes, torch.zeros(len(tokens)))
+        batch = collate(pack([doc], len(doc)))
+        return model(batch, packed_params(batch), labels=False)[0, -1]
+
+    return greedy_ids(next_logits, prompt.tokens, max_new_tokens, tokenizer.text.eod, tokenizer.vocab.text_size)
+
+
+def load_text_model(ckpt: str | Path):
+    """A text GPT checkpoint (trained here or converted from HF) -> (model, meta), single process."""
+    ckpt = Path(ckpt)
+    meta = checkpoint.read_meta(ckpt)
+    model = ModelSection(**meta["model"])
+    layout = init_distributed(tp=1, pp=1, seed=0)
+    gpt = build_gpt(transformer_config(model, ParallelSection(), TrainSection(steps=1)), model, ParallelSection(),
+                    meta["vocab"]["padded_size"], layout, 0)
+    checkpoint.load_model(ckpt, gpt)
+    return gpt.eval(), meta
+
+
+def greedy_text(gpt, prompt_ids: list[int], max_new_tokens: int, stop_id: int, vocab: int) -> list[int]:
+    def next_logits(tokens: torch.Tensor) -> torch.Tensor:
+        return gpt(tokens[None], torch.arange(len(tokens))[None], None)[0, -1]
+
+    return greedy_ids(next_logits, torch.tensor(prompt_ids), max_new_tokens, stop_id, vocab)

