@@ -22,7 +22,7 @@ from typing import Union
 import torch
 
 from megatron_ext import checkpoint
-from megatron_ext.model import build_gpt, transformer_config
+from megatron_ext.model import build_gpt, gpt_from_checkpoint, transformer_config
 from megatron_ext.parallel import init_distributed, shutdown
 from viq_mllm.recipe import ModelSection, ParallelSection, RecipeError, TrainSection, check_layout, recipe_from_dict
 from viq_mllm.vocab import padded_vocab_size
@@ -220,13 +220,9 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path) -> dict:
     meta = checkpoint.read_meta(ckpt)
     if "hf_config" not in meta:
         raise ConversionError(f"{ckpt}: no hf_config in model.json (not converted from HF)")
-    model = ModelSection(**meta["model"])
-    ctx = shapes_of(model, meta["vocab"]["text_size"])
-    layout = init_distributed(1, 1, 0)
+    ctx = shapes_of(ModelSection(**meta["model"]), meta["vocab"]["text_size"])
     try:
-        gpt = build_gpt(transformer_config(model, ParallelSection(), TrainSection(steps=1)), model, ParallelSection(),
-                        meta["vocab"]["padded_size"], layout, 0)
-        checkpoint.load_model(ckpt, gpt)
+        gpt, _ = gpt_from_checkpoint(ckpt, init_distributed(1, 1, 0))
         state = {k: v.detach().clone() for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
     finally:
         shutdown()

@@ -88,3 +88,18 @@ def build_gpt(
     )
     init.initialize(gpt, seed, model.init_std, model.num_layers, model.tie_embeddings)
     return gpt
+
+
+def gpt_from_checkpoint(path, layout: Layout, seed: int = 0) -> tuple[GPTModel, dict]:
+    """A GPT shaped by a checkpoint's ``model.json``, built for the current TP/PP layout, with its weights loaded
+    (torch_dist checkpoints reshard on load). Returns (model in eval mode, the checkpoint's meta)."""
+    from megatron_ext import checkpoint
+    from viq_mllm.recipe import ModelSection, TrainSection
+
+    meta = checkpoint.read_meta(path)
+    model = ModelSection(**meta["model"])
+    parallel = ParallelSection(tp=layout.tp_size, pp=layout.pp_size)
+    gpt = build_gpt(transformer_config(model, parallel, TrainSection(steps=1)), model, parallel,
+                    meta["vocab"]["padded_size"], layout, seed)
+    checkpoint.load_model(path, gpt)
+    return gpt.eval(), meta

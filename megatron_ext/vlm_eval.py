@@ -13,13 +13,13 @@ from typing import Callable
 import torch
 
 from megatron_ext import checkpoint
-from megatron_ext.model import build_gpt, transformer_config
+from megatron_ext.model import gpt_from_checkpoint
 from megatron_ext.parallel import Layout, init_distributed
 from megatron_ext.vlm import VisionLanguageModel, packed_params
 from megatron_ext.vlm_train import build_vlm
 from viq_mllm.data.layout import Document, SequenceBuilder
 from viq_mllm.data.packing import collate, pack
-from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection, recipe_from_dict
+from viq_mllm.recipe import recipe_from_dict
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
 
@@ -96,14 +96,7 @@ def greedy(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, prompt: D
 
 def load_text_model(ckpt: str | Path):
     """A text GPT checkpoint (trained here or converted from HF) -> (model, meta), single process."""
-    ckpt = Path(ckpt)
-    meta = checkpoint.read_meta(ckpt)
-    model = ModelSection(**meta["model"])
-    layout = init_distributed(tp=1, pp=1, seed=0)
-    gpt = build_gpt(transformer_config(model, ParallelSection(), TrainSection(steps=1)), model, ParallelSection(),
-                    meta["vocab"]["padded_size"], layout, 0)
-    checkpoint.load_model(ckpt, gpt)
-    return gpt.eval(), meta
+    return gpt_from_checkpoint(Path(ckpt), init_distributed(tp=1, pp=1, seed=0))
 
 
 def greedy_text(gpt, prompt_ids: list[int], max_new_tokens: int, stop_id: int, vocab: int) -> list[int]:

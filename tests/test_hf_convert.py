@@ -16,19 +16,12 @@ LOGITS = textwrap.dedent(
     import sys, torch
     from pathlib import Path
     from megatron.core import tensor_parallel
-    from megatron_ext import checkpoint
-    from megatron_ext.model import build_gpt, transformer_config
+    from megatron_ext.model import gpt_from_checkpoint
     from megatron_ext.parallel import init_distributed, shutdown
-    from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
 
     ckpt, tp, tokens_file, out = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     layout = init_distributed(tp, 1, 0)
-    meta = checkpoint.read_meta(ckpt)
-    model, parallel = ModelSection(**meta["model"]), ParallelSection(tp=tp)
-    gpt = build_gpt(transformer_config(model, parallel, TrainSection(steps=1)), model, parallel,
-                    meta["vocab"]["padded_size"], layout, 99)
-    checkpoint.load_model(ckpt, gpt)
-    gpt.eval()
+    gpt, meta = gpt_from_checkpoint(ckpt, layout, seed=99)  # the seed must not matter: weights are loaded
     tokens = torch.load(tokens_file)
     with torch.no_grad():
         logits = gpt(tokens, torch.arange(tokens.shape[1])[None].expand_as(tokens), None)

@@ -16,21 +16,14 @@ LOGITS = textwrap.dedent(
     import sys, torch
     from pathlib import Path
     from megatron.core import tensor_parallel
-    from megatron_ext import checkpoint
-    from megatron_ext.model import build_gpt, transformer_config
+    from megatron_ext.model import gpt_from_checkpoint
     from megatron_ext.parallel import init_distributed, shutdown
-    from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
 
     old, new, tp, out = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     layout = init_distributed(tp, 1, 0)
     results = {}
     for name, path in (("old", old), ("new", new)):
-        meta = checkpoint.read_meta(path)
-        model, parallel = ModelSection(**meta["model"]), ParallelSection(tp=tp)
-        gpt = build_gpt(transformer_config(model, parallel, TrainSection(steps=1)), model, parallel,
-                        meta["vocab"]["padded_size"], layout, 123)
-        checkpoint.load_model(path, gpt)
-        gpt.eval()
+        gpt, meta = gpt_from_checkpoint(path, layout, seed=123)
         tokens = (torch.arange(48) * 7 % meta["vocab"]["text_size"])[None]
         with torch.no_grad():
             logits = gpt(tokens, torch.arange(48)[None], None)
