@@ -127,7 +127,7 @@ def build_text_corpus(out: Path, train: list[tuple[Path, str]]) -> tuple[Path, P
     return corpus, model
 
 
-def evaluate_vlm(out: Path, checkpoint: Path, held: list[tuple[Path, str]]) -> dict:
+def evaluate_vlm(out: Path, checkpoint: Path) -> dict:
     from megatron_ext.parallel import shutdown
     from megatron_ext.vlm_eval import caption_losses, greedy, load_for_inference, prompt_document
     from viq_mllm.data.layout import caption_document
@@ -178,7 +178,7 @@ def plot_losses(out: Path, panels: dict[str, list[Path]]) -> None:
     plt.close(fig)
 
 
-def plot_captions(out: Path, generated: list[dict], held: list[tuple[Path, str]]) -> None:
+def plot_captions(out: Path, generated: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,10 +187,9 @@ def plot_captions(out: Path, generated: list[dict], held: list[tuple[Path, str]]
 
     from viq_mllm.viq.preprocess import to_rgb
 
-    by_name = {str(p): p for p, _ in held}
     fig, axes = plt.subplots(3, 4, figsize=(12, 10))
     for ax, item in zip(axes.flat, generated):
-        ax.imshow(to_rgb(Image.open(by_name.get(item["source"], item["source"]))))
+        ax.imshow(to_rgb(Image.open(item["source"])))
         ax.set_title(f"model: {item['generated']}\ntruth: {item['caption']}", fontsize=8, wrap=True)
         ax.axis("off")
     fig.tight_layout()
@@ -253,12 +252,12 @@ def run_demo(out: str | Path, vlm_steps: int = 500, text_steps: int = 300, token
     summary["speedup"] = {"median_step_time_discrete_s": t_d, "median_step_time_continuous_s": t_c,
                           "speedup": 1 - t_d / t_c}
     summary["text_lm"] = {"final_loss": read_metrics(out / "text_lm")[-1]["loss"]}
-    summary["discrete_vlm"] = evaluate_vlm(out, out / "vlm_pretrain" / "checkpoints" / f"step_{vlm_steps:08d}", held)
+    summary["discrete_vlm"] = evaluate_vlm(out, out / "vlm_pretrain" / "checkpoints" / f"step_{vlm_steps:08d}")
     summary["discrete_vlm"].update(first_loss=vlm_rows[0]["loss"], final_loss=vlm_rows[-1]["loss"],
                                    median_tokens_per_s=sorted(r["tokens_per_s"] for r in vlm_rows)[len(vlm_rows) // 2])
     plot_losses(out, {"text LM": [out / "text_lm"], "VLM: discrete codes vs continuous encoder":
                       [out / "vlm_pretrain", out / "baseline_pretrain"]})
-    plot_captions(out, summary["discrete_vlm"]["generated"], held)
+    plot_captions(out, summary["discrete_vlm"]["generated"])
     summary["seconds"] = time.perf_counter() - began
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(report(summary))
