@@ -1,7 +1,8 @@
 """A megatron-core ``GPTModel`` (Llama/Qwen2 style) from a recipe's model section.
 
-CPU: the local layer spec with :class:`SDPACoreAttention`. GPU: the Transformer Engine spec when the recipe
-asks for ``parallel.transformer_impl: transformer_engine`` (imported lazily; FP8 needs it).
+CPU: the local layer spec with :class:`SDPACoreAttention`, which also applies RoPE (the GPT is built with
+``position_embedding_type="none"``). GPU: the Transformer Engine spec, megatron's RoPE, when the recipe asks for
+``parallel.transformer_impl: transformer_engine`` (imported lazily; FP8 needs it).
 """
 
 from __future__ import annotations
@@ -55,13 +56,15 @@ def transformer_config(model: ModelSection, parallel: ParallelSection, train: Tr
     )
 
 
-def layer_spec(parallel: ParallelSection) -> ModuleSpec:
+def layer_spec(model: ModelSection, parallel: ParallelSection) -> ModuleSpec:
+    """TE spec (megatron applies RoPE), or the local spec whose SDPA core attention applies RoPE itself."""
     if parallel.transformer_impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=SDPACoreAttention, params={"rope_theta": model.rope_theta})
     return spec
 
 
@@ -77,13 +80,13 @@ def build_gpt(
     the parallel layout (:mod:`megatron_ext.init`)."""
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(parallel),
+        transformer_layer_spec=layer_spec(model, parallel),
         vocab_size=vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=layout.first_stage,
         post_process=layout.last_stage,
         share_embeddings_and_output_weights=model.tie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="rope" if parallel.transformer_impl == "transformer_engine" else "none",
         rotary_base=int(model.rope_theta),
     )
     init.initialize(gpt, seed, model.init_std, model.num_layers, model.tie_embeddings)
