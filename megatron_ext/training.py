@@ -128,11 +128,16 @@ def masked_loss(mask: torch.Tensor, real_tokens: torch.Tensor | None, per_token_
     return loss_sum, mask.sum().to(torch.int), {"lm loss": reported}
 
 
-def global_loss(reported: list[dict], layout: Layout) -> tuple[float, float, float]:
-    """(loss sum, supervised token count, real tokens) of the whole global batch, identical on every rank."""
-    totals = torch.zeros(3, dtype=torch.float64)
+def global_loss(reported: list[dict], layout: Layout) -> tuple[float, float, float, dict[str, float]]:
+    """(loss sum, supervised token count, real tokens) of the whole global batch, identical on every rank, and
+    the mean over micro-batches and data-parallel ranks of any other reported value (``[value, 1]`` pairs,
+    e.g. the ViQ stages' auxiliary losses)."""
+    keys = sorted(k for k in (reported[0] if reported else {}) if k != "lm loss")
+    totals = torch.zeros(3 + 2 * len(keys), dtype=torch.float64)
     for item in reported:
-        totals += item["lm loss"].double().cpu()
+        totals[:3] += item["lm loss"].double().cpu()
+        for i, key in enumerate(keys):
+            totals[3 + 2 * i : 5 + 2 * i] += item[key].double().cpu()
     totals = totals.to(device())
     if layout.last_stage:
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
@@ -142,12 +147,12 @@ def global_loss(reported: list[dict], layout: Layout) -> tuple[float, float, flo
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
-    return float(totals[0]), float(totals[1]), float(totals[2])
+    extras = {key: float(totals[3 + 2 * i] / totals[4 + 2 * i]) for i, key in enumerate(keys)}
+    return float(totals[0]), float(totals[1]), float(totals[2]), extras
 
 
 def forward_backward(trainer: Trainer, batches: Iterator[dict], forward_step: Callable = lm_forward_step):
-    """Forward and backward over one global batch's micro-batches; returns the global (loss sum, supervised
-    tokens, real tokens)."""
+    """Forward and backward over one global batch's micro-batches; returns :func:`global_loss`."""
     t = trainer.recipe.train
     trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
@@ -216,17 +221,19 @@ def run_training(
     rows = []
     for step in range(start, t.steps):
         began = time.perf_counter()
-        loss_sum, count, real = forward_backward(trainer, batches_for_step(step), forward_step)
+        loss_sum, count, real, extras = forward_backward(trainer, batches_for_step(step), forward_step)
         loss = loss_sum / max(count, 1.0)
         lr = trainer.optimizer.param_groups[0]["lr"]
-        if math.isfinite(loss):
+        finite = all(math.isfinite(v) for v in (loss, *extras.values()))
+        if finite:
             grad_norm = optimizer_step(trainer)
         else:
             counters["nan_skips"] += 1
             grad_norm = float("nan")
             if counters["nan_skips"] > t.max_nan_skips:
+                terms = f" ({extras})" if extras else ""
                 raise NonFiniteLossError(
-                    f"step {step + 1}: loss is {loss}; {counters['nan_skips']} non-finite steps exceed "
+                    f"step {step + 1}: loss is {loss}{terms}; {counters['nan_skips']} non-finite steps exceed "
                     f"train.max_nan_skips={t.max_nan_skips}"
                 )
         elapsed = time.perf_counter() - began
@@ -241,8 +248,9 @@ def run_training(
             "padding_fraction": 1.0 - real / tokens_per_step,
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_step / elapsed,
-            "skipped": not math.isfinite(loss),
+            "skipped": not finite,
             "nan_skips": counters["nan_skips"],
+            **extras,
         }
         rows.append(row)
         if log is not None:

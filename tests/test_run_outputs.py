@@ -45,8 +45,8 @@ SCRIPT = textwrap.dedent(
 
     def poisoned(reported, layout):
         calls.append(1)
-        loss_sum, count, tokens = real(reported, layout)
-        return (float("nan"), count, tokens) if len(calls) in bad_steps else (loss_sum, count, tokens)
+        loss_sum, count, tokens, extras = real(reported, layout)
+        return (float("nan") if len(calls) in bad_steps else loss_sum), count, tokens, extras
 
     training.global_loss = poisoned
     try:
