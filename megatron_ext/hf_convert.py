@@ -26,7 +26,7 @@ from megatron_ext.model import build_gpt, gpt_from_checkpoint, transformer_confi
 from megatron_ext.parallel import init_distributed, shutdown
 from viq_mllm.recipe import ModelSection, ParallelSection, RecipeError, TrainSection, check_layout, recipe_from_dict
 from viq_mllm.vocab import padded_vocab_size
-from viq_mllm.vocab.text_tokenizers import files_fingerprint
+from viq_mllm.vocab.text_tokenizers import hf_tokenizer_fingerprint
 
 SUPPORTED = {"LlamaForCausalLM", "Qwen2ForCausalLM"}
 
@@ -197,10 +197,9 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -
     if model.tie_embeddings:
         weights.pop("lm_head.weight", None)  # a saved copy of the tied embedding
     state = apply(mappings(ctx), weights, ctx, "to_mcore")
-    tokenizer_files = sorted(p for p in hf_dir.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges")))
     meta = {"model": model.model_dump(mode="json"), "hf_config": config, "converted_for": {"tp": tp, "pp": pp},
             "vocab": {"text_size": ctx.vocab, "padded_size": ctx.padded_vocab, "vocab_fingerprint": None,
-                      "text_fingerprint": files_fingerprint(tokenizer_files) if tokenizer_files else None}}
+                      "text_fingerprint": hf_tokenizer_fingerprint(hf_dir)}}
     layout = init_distributed(1, 1, 0)
     try:
         gpt = build_gpt(transformer_config(model, ParallelSection(), TrainSection(steps=1)), model, ParallelSection(),

@@ -43,7 +43,7 @@ class HFTextTokenizer:
 
         self.path = Path(path)
         self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.fingerprint = files_fingerprint(sorted(p for p in self.path.iterdir() if p.is_file()))
+        self.fingerprint = hf_tokenizer_fingerprint(self.path)
         self.vocab_size = len(self._tok)
         eod = self._tok.eos_token_id
         if eod is None:
@@ -84,6 +84,16 @@ def load_text_tokenizer(spec: str) -> TextTokenizer:
     if sep and kind == "sentencepiece":
         return SentencePieceTokenizer(path)
     raise ValueError(f"data.tokenizer={spec!r}: expected 'bytes', 'hf:DIR' or 'sentencepiece:FILE'")
+
+
+#: The files of an HF folder that define its tokenizer (not the weights or the model config beside them).
+HF_TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens")
+
+
+def hf_tokenizer_fingerprint(folder: Path) -> str | None:
+    """Fingerprint of an HF folder's tokenizer files; None when it has none."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.startswith(HF_TOKENIZER_PREFIXES))
+    return files_fingerprint(files) if files else None
 
 
 def files_fingerprint(paths: list[Path], with_names: bool = True) -> str:
