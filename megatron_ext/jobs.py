@@ -15,6 +15,10 @@ def run_recipe(recipe: Recipe) -> list[dict]:
         from megatron_ext.vlm_train import train_vlm
 
         job = train_vlm
+    elif recipe.kind == "viq":
+        from megatron_ext.viq_train import train_viq_stage
+
+        job = train_viq_stage
     else:
         raise ValueError(f"kind={recipe.kind!r} has no training job")
     try:

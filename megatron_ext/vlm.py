@@ -62,29 +62,33 @@ class VisualEmbedding(nn.Module):
 
 
 class ContinuousVisualEmbedding(nn.Module):
-    """The continuous baseline: pixels -> ViQ's ViT (no quantization) inside the step -> 2x2 pooling projector.
+    """Pixels -> a vision encoder inside the step -> 2x2 pooling projector: the continuous baseline, and the
+    visual path of the ViQ tokenizer stages.
 
-    ``trained=False`` runs the encoder forward-only (frozen); ``True`` trains it (forward + backward), as a
-    vision encoder inside MLLM training usually is. One output vector per 2x2 window, in the window order of
-    the discrete layout, so both paths fill the same visual positions.
+    ``encoder(pixels, grids) -> (features [T, C], cu_seqlens)``: the ViQ tokenizer's ViT (the baseline) or a
+    :class:`viq_mllm.viq.objectives.StageModel`. ``trained=False`` runs it forward-only (frozen); ``True``
+    trains it (the parameters it marks trainable). ``markers=False``: one vector per 2x2 window, in the window
+    order of the discrete layout (markers are special text tokens); ``True``: the projector also writes the
+    learned begin / row-end / end vectors, filling a ``SequenceBuilder.projected_image`` block.
     """
 
-    def __init__(self, vit: nn.Module, width: int, hidden: int, trained: bool):
+    def __init__(self, encoder: nn.Module, width: int, hidden: int, trained: bool, markers: bool = False):
         super().__init__()
         from viq_mllm.viq import PoolingProjector
 
-        self.vit, self.trained = vit, trained
-        self.vit.requires_grad_(trained)
-        self.projector = PoolingProjector(width, hidden, with_markers=False)
+        self.encoder, self.trained, self.markers = encoder, trained, markers
+        if not trained:
+            self.encoder.requires_grad_(False)
+        self.projector = PoolingProjector(width, hidden, with_markers=markers)
 
     def forward(self, pixels: list[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
         with torch.set_grad_enabled(self.trained and torch.is_grad_enabled()):
-            tokens, _ = self.vit(pixels, grids)
-        windows, start = [], 0
-        for h, w in grids:
-            grid = tokens[start : start + h * w].view(h // 2, 2, w // 2, 2, -1).permute(0, 2, 1, 3, 4)
-            windows.append(grid.reshape(-1, 4, tokens.shape[-1]))
-            start += h * w
+            tokens, _ = self.encoder(pixels, grids)
+        per_image = tokens.split([h * w for h, w in grids])
+        if self.markers:
+            return torch.cat([self.projector(t.view(h, w, -1)) for t, (h, w) in zip(per_image, grids)])
+        windows = [t.view(h // 2, 2, w // 2, 2, -1).permute(0, 2, 1, 3, 4).reshape(-1, 4, t.shape[-1])
+                   for t, (h, w) in zip(per_image, grids)]
         return self.projector.pool_windows(torch.cat(windows))
 
 

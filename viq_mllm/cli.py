@@ -2,6 +2,7 @@
 
     viq-mllm train RECIPE.yaml [--nproc N] [key=value ...]
     viq-mllm demo [--out DIR]
+    viq-mllm viq-chain [--out DIR]
     viq-mllm bench train|encode [...]
 
 ``--nproc N`` validates the recipe for a world of N processes, then re-launches this command under
@@ -120,6 +121,13 @@ def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
     return ids, tokenizer.decode(ids)
 
 
+def _viq_chain(args: argparse.Namespace) -> int:
+    from viq_mllm.viq_chain import run_chain
+
+    run_chain(args.out)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from viq_mllm.demo import run_demo
 
@@ -223,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the end-to-end job on offline real data")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     demo.set_defaults(func=_demo)
+
+    chain = sub.add_parser(
+        "viq-chain", help="train a tiny ViQ tokenizer through all four stages (SmolLM2-135M, real offline data)",
+        description="stage 1 (text-aligned, EfficientNet-Lite0 teacher) -> stage 2-1 (proximal) -> stage 2-2 (FSQ) "
+                    "-> decoder, through a frozen SmolLM2-135M; ~20 min on 2 CPU cores. Writes report.md, "
+                    "summary.json, loss_terms.png and the final tokenizer (OUT/decoder/tokenizer).")
+    chain.add_argument("--out", default="runs/viq_chain", help="output directory (default: runs/viq_chain)")
+    chain.set_defaults(func=_viq_chain)
 
     bench = sub.add_parser(
         "bench",

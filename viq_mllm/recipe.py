@@ -121,10 +121,57 @@ class CodesDataSection(_Section):
     pack: bool = True  # false: one document per row (padding to seq_length), for comparison
 
 
-class InitSection(_Section):
-    """Weights to start from when run.dir has no checkpoint yet (e.g. the output of resize-vocab)."""
+class ImagesDataSection(_Section):
+    """Captioned images for the ViQ tokenizer stages: folders (caption in a sidecar ``stem.txt``), ``.jsonl``
+    files or webdataset shards (see ``viq-mllm tokenize``). ``tokenizer`` is the language model's text
+    tokenizer (``hf:DIR``, ``sentencepiece:FILE`` or ``bytes``)."""
 
+    kind: Literal["images"]
+    sources: list[CodeSource] = Field(min_length=1)
+    tokenizer: str = "bytes"
+
+
+class InitSection(_Section):
+    """Weights to start from when run.dir has no checkpoint yet.
+
+    ``checkpoint``: a megatron GPT (or VLM) checkpoint, e.g. the output of resize-vocab or of
+    ``convert hf-to-mcore``. ``from``: the run directory of the previous ViQ stage (its ``tokenizer/``).
+    ``viq``: a ViQ tokenizer folder to start the first stage from (e.g. imported SigLIP2 weights).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
     checkpoint: Optional[str] = None
+    from_: Optional[str] = Field(default=None, alias="from")
+    viq: Optional[str] = None
+
+
+class ViQSection(_Section):
+    """A ViQ tokenizer training stage (``kind: viq``; ``viq_mllm/viq/stages.py`` has the stage table).
+
+    A fresh tokenizer (no ``init.from`` / ``init.viq``) has ``architecture`` and ``preset``. The loss is
+    ``loss_text + distill_weight * loss_distill + rec_weight * loss_rec`` (the decoder stage:
+    ``loss_rec + perceptual_weight * loss_perceptual``). The teacher sees every image at
+    ``teacher_resolution`` (square): ``encoder`` is a frozen copy of the stage's starting encoder,
+    ``efficientnet-lite0`` the offline ImageNet network. ``eval_images``: held-out images (a folder or .jsonl)
+    for PSNR/SSIM; ``eval_captions``: held-out captioned images for the caption loss with the right image vs
+    another image.
+    """
+
+    stage: Literal["stage1", "proximal", "fsq", "decoder"]
+    architecture: Literal["tiny", "so400m", "giant"] = "tiny"
+    preset: str = "16k"
+    proximal_width: int = Field(default=32, gt=0)
+    teacher: Literal["encoder", "efficientnet-lite0", "none"] = "encoder"
+    teacher_resolution: int = Field(default=384, gt=0)
+    distill_weight: float = Field(default=10.0, ge=0)
+    rec_weight: float = Field(default=1.0, ge=0)
+    perceptual_weight: float = Field(default=0.0, ge=0)
+    train_encoder: bool = True
+    train_lm: bool = False
+    usage_window: int = Field(default=20, gt=0)
+    images_per_step: int = Field(default=8, gt=0)
+    eval_images: Optional[str] = None
+    eval_captions: Optional[str] = None
 
 
 class TrainSection(_Section):
@@ -166,10 +213,12 @@ class LogSection(_Section):
 
 
 class Recipe(_Section):
-    kind: Literal["text_lm", "vlm"] = "text_lm"
+    kind: Literal["text_lm", "vlm", "viq"] = "text_lm"
     run: RunSection
-    model: ModelSection
-    data: Union[DataSection, CodesDataSection] = Field(default_factory=DataSection, discriminator="kind")
+    model: Optional[ModelSection] = None
+    data: Union[DataSection, CodesDataSection, ImagesDataSection] = Field(default_factory=DataSection,
+                                                                         discriminator="kind")
+    viq: Optional[ViQSection] = None
     init: InitSection = InitSection()
     train: TrainSection
     parallel: ParallelSection = ParallelSection()
@@ -238,6 +287,11 @@ def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:
     """Reject parallel layouts megatron-core cannot build, naming the field, before any process starts."""
     m, p, t = recipe.model, recipe.parallel, recipe.train
     _check_kind(recipe)
+    _check_schedule(t)
+    if m is None:  # the ViQ decoder stage: no language model
+        if p.tp * p.pp > 1:
+            raise RecipeError("viq.stage=decoder trains without a language model: parallel.tp and parallel.pp must be 1")
+        return
     if p.tp > MAX_TP:
         raise RecipeError(f"parallel.tp={p.tp}: at most {MAX_TP} (vocabulary padding is 128 x {MAX_TP})")
     for name, value in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.query_groups)):
@@ -253,14 +307,9 @@ def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:
         raise RecipeError("parallel.sequence_parallel=true needs parallel.transformer_impl=transformer_engine")
     if t.precision == "fp8" and p.transformer_impl != "transformer_engine":
         raise RecipeError("train.precision=fp8 needs parallel.transformer_impl=transformer_engine")
-    decay = t.decay_steps or t.steps
-    if t.warmup_steps >= decay:
-        raise RecipeError(
-            f"train.warmup_steps={t.warmup_steps} must be smaller than the decay length "
-            f"{decay} (train.decay_steps, or train.steps when unset)"
-        )
-    if t.min_lr > t.lr:
-        raise RecipeError(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
+    if recipe.kind == "viq" and p.pp > 1:
+        raise RecipeError(f"parallel.pp={p.pp}: the ViQ stages add their distillation and reconstruction losses "
+                          "on the first pipeline stage; train them with parallel.pp=1 (tensor and data parallel work)")
     if world_size is not None:
         if world_size % (p.tp * p.pp):
             raise RecipeError(
@@ -274,10 +323,29 @@ def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:
             )
 
 
+def _check_schedule(t: TrainSection) -> None:
+    decay = t.decay_steps or t.steps
+    if t.warmup_steps >= decay:
+        raise RecipeError(
+            f"train.warmup_steps={t.warmup_steps} must be smaller than the decay length "
+            f"{decay} (train.decay_steps, or train.steps when unset)"
+        )
+    if t.min_lr > t.lr:
+        raise RecipeError(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
+
+
 def _check_kind(recipe: Recipe) -> None:
-    wants = {"text_lm": "text", "vlm": "codes"}[recipe.kind]
+    wants = {"text_lm": "text", "vlm": "codes", "viq": "images"}[recipe.kind]
     if recipe.data.kind != wants:
         raise RecipeError(f"kind={recipe.kind} needs data.kind={wants}, got data.kind={recipe.data.kind}")
+    if (recipe.kind == "viq") != (recipe.viq is not None):
+        raise RecipeError("a viq section goes with kind=viq (and kind=viq needs one: viq.stage, ...)")
+    needs_model = recipe.kind != "viq" or recipe.viq.stage != "decoder"
+    if needs_model and recipe.model is None:
+        raise RecipeError("model: required field is missing (the language model's shape)")
+    if recipe.kind == "viq":
+        _check_viq(recipe)
+        return
     visual = recipe.model.visual
     if recipe.kind == "vlm" and visual is None:
         raise RecipeError("kind=vlm needs a model.visual section (embedding, group, viq)")
@@ -288,5 +356,24 @@ def _check_kind(recipe: Recipe) -> None:
                           f"model.visual.group=16, got {visual.group}")
 
 
+def _check_viq(recipe: Recipe) -> None:
+    v, init = recipe.viq, recipe.init
+    from viq_mllm.viq.fsq import PRESETS
+
+    if v.preset not in PRESETS:
+        raise RecipeError(f"viq.preset={v.preset!r}: choose one of {', '.join(PRESETS)}")
+    if v.teacher_resolution % 32:
+        raise RecipeError(f"viq.teacher_resolution={v.teacher_resolution}: must be a multiple of 32")
+    if recipe.model is not None and recipe.model.visual is not None:
+        raise RecipeError("model.visual is only for kind=vlm (the ViQ stages build their own visual path)")
+    if v.stage != "stage1" and init.from_ is None:
+        raise RecipeError(f"viq.stage={v.stage} continues the previous stage: set init.from=RUN_DIR")
+    if init.from_ is not None and init.viq is not None:
+        raise RecipeError("init.from and init.viq both set: a stage starts from one tokenizer")
+    if v.stage != "decoder" and init.checkpoint is None:
+        raise RecipeError(f"viq.stage={v.stage} needs the language model: set init.checkpoint=DIR "
+                          "(a megatron checkpoint, e.g. from `viq-mllm convert hf-to-mcore`)")
+
+
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False))

@@ -101,6 +101,15 @@ class SequenceBuilder:
             self.text([self.vocab.special("row_end")], False)
         self.text([self.vocab.special("image_end")], False)
 
+    def projected_image(self, rows: int, cols: int, placeholder: int) -> None:
+        """An image block whose every position (markers included) is filled by the projector's output
+        (the release's layout: learned begin / row-end / end vectors, no special text tokens), as in the
+        ViQ tokenizer stages. ``placeholder`` is the id kept at those positions (never a target)."""
+        count = visual_position_count(rows, cols, 16)
+        self.tokens += [placeholder] * count
+        self.visual += [True] * count
+        self.target += [False] * count
+
     def build(self) -> Document:
         tokens = torch.tensor(self.tokens, dtype=torch.long)
         target = torch.tensor(self.target + [False], dtype=torch.float32)
@@ -115,6 +124,17 @@ def caption_document(tokenizer, vocab: Vocab, codes: np.ndarray, caption: str, g
     b.image(codes, group)
     b.text(tokenizer.encode(caption) + [tokenizer.eod], True)
     return b.build()
+
+
+def projected_caption_document(tokenizer, grid: tuple[int, int], caption: str, image: str) -> Document:
+    """Pretraining for the ViQ stages: a projected image block (:meth:`SequenceBuilder.projected_image`), then
+    the caption and end-of-document, all supervised."""
+    b = SequenceBuilder(None)
+    b.projected_image(*grid, placeholder=tokenizer.eod)
+    b.text(tokenizer.encode(caption) + [tokenizer.eod], True)
+    doc = b.build()
+    doc.image = image
+    return doc
 
 
 def chat_document(tokenizer, vocab: Vocab, codes: np.ndarray, turns: list[dict], group: int) -> Document:

@@ -76,7 +76,7 @@ def collate(rows: list[Row], pad_id: int = 0) -> dict[str, torch.Tensor]:
     codes, lengths, images = [], [], []
     for row in rows:
         for doc in row.documents:
-            if doc.codes.numel():
+            if bool(doc.visual.any()):
                 images.append(doc.image)
             parts["tokens"].append(doc.tokens)
             parts["labels"].append(doc.labels)
