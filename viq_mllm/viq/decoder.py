@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from viq_mllm.viq.config import ViQConfig
-from viq_mllm.viq.vit import Block, resize_positions
+from viq_mllm.viq.vit import Block, positions_for
 
 
 class PixelDecoder(nn.Module):
@@ -27,7 +27,7 @@ class PixelDecoder(nn.Module):
 
     def forward(self, features: torch.Tensor, cu_patches: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         """``[T, C]`` packed -> list of ``[3, 16 rows, 16 cols]`` images."""
-        x = self.proj_in(features) + torch.cat([resize_positions(self.pos_embed, r, c) for r, c in grids])
+        x = self.proj_in(features) + positions_for(self.pos_embed, grids)
         for block in self.blocks:
             x = block(x, cu_patches)
         patches = self.proj_out(self.norm(x))

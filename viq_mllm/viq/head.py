@@ -27,7 +27,7 @@ from torch import nn
 from viq_mllm.viq.config import ViQConfig
 from viq_mllm.viq.fsq import FSQ
 from viq_mllm.viq.proximal import ProximalBottleneck
-from viq_mllm.viq.rope2d import apply_rope, grid_angles
+from viq_mllm.viq.rope2d import grid_angles, rotate
 from viq_mllm.viq.vit import Block, Mlp, varlen_attention
 
 
@@ -42,11 +42,11 @@ class HeadwiseRoPEAttention(nn.Module):
         self.proj = nn.Linear(inner, inner)
         self.increase_dim = nn.Linear(inner, dim) if dim != inner else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cu_patches: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        """``x [4T, C]``, ``angles [T, 4, inner/2]`` -> ``[4T, C]``."""
+    def forward(self, x: torch.Tensor, cu_patches: torch.Tensor, rope: tuple) -> torch.Tensor:
+        """``x [4T, C]``, ``rope`` = cos and sin of the angles ``[T, 4, inner/2]`` -> ``[4T, C]``."""
         patches = x.shape[0] // self.slots
         q, k, v = self.qkv(self.decrease_dim(x)).view(patches, self.slots, 3, -1).unbind(2)
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        q, k = rotate(q, *rope), rotate(k, *rope)
         out = varlen_attention(q, k, v, cu_patches).reshape(x.shape[0], -1)
         return self.increase_dim(self.proj(out))
 
@@ -59,8 +59,8 @@ class HeadwiseRoPEBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, 4 * dim)
 
-    def forward(self, x, cu_patches, angles):
-        x = x + self.attn(self.norm1(x), cu_patches, angles)
+    def forward(self, x, cu_patches, rope):
+        x = x + self.attn(self.norm1(x), cu_patches, rope)
         return x + self.mlp(self.norm2(x))
 
 
@@ -141,17 +141,26 @@ class QuantHead(nn.Module):
             self.post = post
 
     def forward(self, tokens: torch.Tensor, cu_patches: torch.Tensor, grids: list[tuple[int, int]]) -> HeadOutput:
+        if self.cfg.quantizer == "proximal":
+            return HeadOutput(self.post(self.bottleneck(self._subtokens(tokens, cu_patches))), None, None)
+        codes, indices = self.quantize(tokens, cu_patches, grids)
+        return HeadOutput(self.embedder.from_codes(codes), indices, codes)
+
+    def quantize(self, tokens: torch.Tensor, cu_patches: torch.Tensor, grids: list[tuple[int, int]]):
+        """ViT tokens ``[T, C]`` -> (normalised FSQ codes ``[4T, d]``, indices ``[4T]``); what ``encode`` needs,
+        without the code embedder."""
+        sub = self._subtokens(tokens, cu_patches)
+        if self.rope_blocks:
+            angles = torch.cat([grid_angles(r, c, self.cfg.subtokens, self.cfg.head_rope_dim) for r, c in grids])
+            angles = angles.to(sub.device)
+            rope = (torch.cos(angles), torch.sin(angles))
+            for block in self.rope_blocks:
+                sub = block(sub, cu_patches, rope)
+        return self.embedder.fsq(self.project_in(sub))
+
+    def _subtokens(self, tokens: torch.Tensor, cu_patches: torch.Tensor) -> torch.Tensor:
+        """Normalise, pre-blocks, 1 -> 4 expansion: ``[T, C] -> [4T, C]``."""
         x = F.layer_norm(tokens, tokens.shape[-1:], eps=1e-6)
         for block in self.pre_blocks:
             x = block(x, cu_patches)
-        sub = self.subtoken_mlp(self.expand(x).reshape(x.shape[0] * self.cfg.subtokens, -1))
-        if self.cfg.quantizer == "proximal":
-            return HeadOutput(self.post(self.bottleneck(sub)), None, None)
-        if self.rope_blocks:
-            angles = torch.cat(
-                [grid_angles(r, c, self.cfg.subtokens, self.cfg.head_rope_dim) for r, c in grids]
-            ).to(sub.device)
-            for block in self.rope_blocks:
-                sub = block(sub, cu_patches, angles)
-        codes, indices = self.embedder.fsq(self.project_in(sub))
-        return HeadOutput(self.embedder.from_codes(codes), indices, codes)
+        return self.subtoken_mlp(self.expand(x).reshape(x.shape[0] * self.cfg.subtokens, -1))

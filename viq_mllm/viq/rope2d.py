@@ -16,6 +16,7 @@ bf16 first, a 0.125 rad error). Example: a 2 x 3 grid, 4 heads, head_dim 8 -> an
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -30,8 +31,11 @@ def frequencies(num_pairs: int) -> torch.Tensor:
     return torch.cat([torch.zeros(n_zero, dtype=torch.float64), 0.2 * 100.0**steps])
 
 
+@lru_cache(maxsize=512)
 def grid_angles(rows: int, cols: int, num_heads: int, head_dim: int) -> torch.Tensor:
-    """[rows * cols, heads, head_dim / 2] fp32 rotation angles for a patch grid (row-major patches)."""
+    """[rows * cols, heads, head_dim / 2] fp32 rotation angles for a patch grid (row-major patches).
+
+    A pure function of its arguments, cached (callers must not modify the returned tensor)."""
     if head_dim % 2:
         raise ValueError(f"2D RoPE needs an even head_dim, got {head_dim}")
     pairs = head_dim // 2
@@ -49,8 +53,12 @@ def grid_angles(rows: int, cols: int, num_heads: int, head_dim: int) -> torch.Te
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [N, heads, head_dim]`` by ``angles [N, heads, head_dim/2]`` (half-split pairing), in fp32."""
+    return rotate(x, torch.cos(angles), torch.sin(angles))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` with the angles' cos and sin computed once (shared by q, k and every block)."""
     pairs = x.shape[-1] // 2
-    cos, sin = torch.cos(angles), torch.sin(angles)
     first, second = x[..., :pairs].float(), x[..., pairs:].float()
     rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
     return rotated.to(x.dtype)

@@ -48,9 +48,11 @@ class Handoff:
     dropped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        def modules(keys: list[str]) -> str:
+            return ", ".join(sorted({k.rsplit(".", 1)[0] for k in keys})) or "none"
+
         return (f"loaded {len(self.loaded)} tensors, re-initialised {len(self.reinitialised)} "
-                f"({', '.join(sorted({k.rsplit('.', 1)[0] for k in self.reinitialised})) or 'none'}), "
-                f"dropped {len(self.dropped)} ({', '.join(sorted({k.rsplit('.', 1)[0] for k in self.dropped})) or 'none'})")
+                f"({modules(self.reinitialised)}), dropped {len(self.dropped)} ({modules(self.dropped)})")
 
 
 def stage_config(config: ViQConfig, stage: str) -> ViQConfig:
@@ -68,8 +70,10 @@ def carry_over(source: ViQTokenizer, target: ViQTokenizer) -> Handoff:
     """
     a, b = source.config, target.config
     if dataclasses.replace(a, quantizer=b.quantizer) != b:
-        differing = [f.name for f in dataclasses.fields(a) if f.name != "quantizer" and getattr(a, f.name) != getattr(b, f.name)]
-        raise HandoffError(f"the tokenizers differ in {differing}: a stage continues the previous stage's architecture")
+        differing = [f.name for f in dataclasses.fields(a)
+                     if f.name != "quantizer" and getattr(a, f.name) != getattr(b, f.name)]
+        raise HandoffError(f"the tokenizers differ in {differing}: a stage continues the previous stage's "
+                           "architecture")
     direction = f"{a.quantizer}->{b.quantizer}"
     if a.quantizer != b.quantizer and direction not in RENAMES:
         raise HandoffError(f"no hand-off from a {a.quantizer} tokenizer to a {b.quantizer} one (stages run in order "
@@ -83,7 +87,8 @@ def carry_over(source: ViQTokenizer, target: ViQTokenizer) -> Handoff:
             report.reinitialised.append(key)
             continue
         if src[origin].shape != state[key].shape:
-            raise HandoffError(f"{origin} {tuple(src[origin].shape)} -> {key} {tuple(state[key].shape)}: shapes differ")
+            raise HandoffError(f"{origin} {tuple(src[origin].shape)} -> {key} {tuple(state[key].shape)}: "
+                               "shapes differ")
         state[key] = src[origin]
         report.loaded[key] = origin
     report.dropped = sorted(set(src) - set(report.loaded.values()))

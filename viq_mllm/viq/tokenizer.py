@@ -28,7 +28,7 @@ from torch import nn
 
 from viq_mllm.viq.config import ViQConfig, config_for
 from viq_mllm.viq.decoder import PixelDecoder
-from viq_mllm.viq.head import HeadOutput, QuantHead
+from viq_mllm.viq.head import QuantHead
 from viq_mllm.viq.preprocess import ImageLike, Preprocessed, preprocess
 from viq_mllm.viq.vit import VisionTransformer, cu_seqlens_of
 
@@ -105,8 +105,9 @@ class ViQTokenizer(nn.Module):
             dtype = self.vit.pos_embed.dtype
             pixels = [items[i].pixels.to(self.vit.pos_embed.device, dtype) for i in pack]
             grids = [items[i].grid for i in pack]
-            _, _, out = self.forward_packed(pixels, grids)
-            codes.extend(_split_codes(out, grids))
+            tokens, cu = self.vit(pixels, grids)
+            _, indices = self.head.quantize(tokens, cu, grids)
+            codes.extend(_split_codes(indices, grids))
         return codes
 
     @torch.no_grad()
@@ -144,9 +145,9 @@ def _packs(grids: Sequence[tuple[int, int]], max_tokens: int) -> list[list[int]]
     return packs
 
 
-def _split_codes(out: HeadOutput, grids: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+def _split_codes(indices: torch.Tensor, grids: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
     sizes = [4 * r * c for r, c in grids]
-    return [idx.view(r, c, 4).cpu() for idx, (r, c) in zip(out.indices.split(sizes), grids)]
+    return [idx.view(r, c, 4).cpu() for idx, (r, c) in zip(indices.split(sizes), grids)]
 
 
 def fingerprint(config: ViQConfig, state: dict[str, torch.Tensor]) -> str:

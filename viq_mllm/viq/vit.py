@@ -55,6 +55,13 @@ def resize_positions(table: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return grid[0].permute(1, 2, 0).reshape(rows * cols, -1).to(table.dtype)
 
 
+def positions_for(table: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+    """The resized position table of every image of a pack, ``[sum(rows * cols), C]``; each distinct grid is
+    resized once."""
+    resized = {grid: resize_positions(table, *grid) for grid in dict.fromkeys(grids)}
+    return torch.cat([resized[grid] for grid in grids])
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, out: int | None = None, gelu: str = "exact"):
         super().__init__()
@@ -149,7 +156,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels: list[torch.Tensor], grids: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """List of ``[3, H, W]`` (sides multiples of 16) -> (tokens ``[sum(N_i), C]``, cu_seqlens)."""
-        x = self.patch_embed(pixels) + torch.cat([resize_positions(self.pos_embed, r, c) for r, c in grids])
+        x = self.patch_embed(pixels) + positions_for(self.pos_embed, grids)
         cu = cu_seqlens_of([r * c for r, c in grids], device=x.device)
         for block in self.blocks:
             x = block(x, cu)
