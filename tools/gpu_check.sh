@@ -5,7 +5,8 @@
 # 2. correctness on CUDA: packed thd attention == per-document (SDPA core attention), bf16 VLM steps (NCCL);
 # 3. Transformer Engine layer spec with bf16 and FP8, only if transformer_engine imports (it usually cannot be
 #    installed on the lent machines: then it says so, and FP8 stays unverified);
-# 4. the speed-up benchmark at the real shapes (SigLIP2-g encoder vs Qwen2.5-0.5B/1.5B, 4K and 16K) with MFU
+# 4. ViQ encode throughput, packed vs one-by-one, on CUDA;
+# 5. the speed-up benchmark at the real shapes (SigLIP2-g encoder vs Qwen2.5-0.5B/1.5B, 4K and 16K) with MFU
 #    against the dense bf16 peak.
 set -uo pipefail
 OUT=${1:-${OUT:-runs/gpu_check}}
@@ -32,6 +33,10 @@ if python -c "import transformer_engine.pytorch" 2>/dev/null; then
 else
   log "transformer_engine does not import here: TE layer spec and FP8 are NOT verified on this machine"
 fi
+
+log "ViQ encode on CUDA, packed vs one image at a time (issue 3's goal: packed >= 2x)"
+timeout 150 python -m viq_mllm bench encode --archs tiny so400m --sizes 256 512 --images 32 --out "$OUT/encode" 2>&1 \
+  | grep -v Warning | tail -8 | tee -a "$OUT/gpu_check.log"
 
 log "speed-up benchmark, real shapes"
 timeout 300 python -m viq_mllm bench speedup --preset gpu --rounds 2 --out "$OUT/speedup" 2>&1 \

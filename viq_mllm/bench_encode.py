@@ -66,6 +66,8 @@ def measure(arch: str, size: int, count: int, rounds: int) -> list[dict]:
 
     torch.manual_seed(0)
     tok = ViQTokenizer.from_config(arch, image_base=size, max_pixels=4 * size * size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok.to(device)  # codes come back to the CPU inside encode, which synchronises the device
     images = _images(size, count)
     modes = {
         "packed": lambda: tok.encode(images),
@@ -85,7 +87,8 @@ def measure(arch: str, size: int, count: int, rounds: int) -> list[dict]:
     params = sum(p.numel() for p in tok.parameters()) / 1e6
     return [{"arch": arch, "size": size, "mode": mode, "images": count, "patches": patches,
              "images_per_s": count / statistics.median(times[mode]), "rounds": rounds,
-             "peak_rss_mb": peaks[mode] / 2**20, "params_m": params, "threads": torch.get_num_threads()}
+             "peak_rss_mb": peaks[mode] / 2**20, "params_m": params, "threads": torch.get_num_threads(),
+             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
             for mode in modes]
 
 
