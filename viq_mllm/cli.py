@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a recipe (resumes from run.dir/checkpoints if present)",
         description="Run one recipe. Every field can be overridden with key=value (e.g. train.steps=10 "
         "parallel.tp=2). The run writes recipe.yaml, metrics.jsonl, tensorboard/, wandb/ and checkpoints/ "
-        "into run.dir; started again with the same run.dir it resumes from the latest checkpoint.",
+        "into run.dir; started again with the same run.dir it resumes from the latest checkpoint. Kinds: "
+        "text_lm (a GPT on text), vlm (the discrete VLM on code shards), viq (a ViQ tokenizer stage: "
+        "stage1 / proximal / fsq / decoder, each with init.from=PREVIOUS_RUN_DIR).",
     )
     train.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     train.add_argument("--nproc", type=int, default=0, help="launch N local processes through torchrun")
