@@ -128,9 +128,10 @@ def train_viq_stage(recipe: Recipe) -> list[dict]:
     vlm, handoff = build_stage_model(recipe, layout, padded)
     loaded_adapters = load_adapters(recipe, adapters(vlm))
     cfg = vlm.visual.encoder.tokenizer.config
-    data = load_captioned([s.path for s in recipe.data.sources], text, cfg.image_base, cfg.max_pixels)
-    rows = pack(data.documents, recipe.model.seq_length)
-    dataset = PackedDataset([PackedSource(rows, 1.0)], t.seed)
+    parts = [load_captioned([s.path], text, cfg.image_base, cfg.max_pixels) for s in recipe.data.sources]
+    sources = [PackedSource(pack(part.documents, recipe.model.seq_length), s.weight)
+               for part, s in zip(parts, recipe.data.sources)]
+    dataset, data = PackedDataset(sources, t.seed), CaptionedImages.merge(parts)
     meta = {"text_size": lm_meta["vocab"]["text_size"], "padded_size": padded, "text_fingerprint": text.fingerprint,
             "vocab_fingerprint": None}
     if checkpoint.latest(Path(recipe.run.dir) / "checkpoints") is None:
@@ -138,7 +139,7 @@ def train_viq_stage(recipe: Recipe) -> list[dict]:
     vlm.gpt.requires_grad_(v.train_lm)
     trainer = build_trainer(recipe, layout, vlm, meta, packed=True)
     if layout.rank == 0:
-        print(f"viq {v.stage}: {len(data.documents)} captioned images in {len(rows)} rows "
+        print(f"viq {v.stage}: {len(data.documents)} captioned images in {sum(len(s.rows) for s in sources)} rows "
               f"({len(data.skipped)} skipped); {'carried over: ' + handoff.summary() if handoff else 'fresh tokenizer'}"
               f"; adapters from init.from: {loaded_adapters or 'none'}", flush=True)
 

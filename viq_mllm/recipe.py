@@ -123,7 +123,8 @@ class CodesDataSection(_Section):
 
 class ImagesDataSection(_Section):
     """Captioned images for the ViQ tokenizer stages: folders (caption in a sidecar ``stem.txt``), ``.jsonl``
-    files or webdataset shards (see ``viq-mllm tokenize``). ``tokenizer`` is the language model's text
+    files or webdataset shards (see ``viq-mllm tokenize``), blended by ``weight`` in the language-model stages
+    (the decoder stage draws uniformly from all their images). ``tokenizer`` is the language model's text
     tokenizer (``hf:DIR``, ``sentencepiece:FILE`` or ``bytes``)."""
 
     kind: Literal["images"]

@@ -34,6 +34,16 @@ class CaptionedImages:
     def images(self, keys: list[str]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
         return [self.pixels[k] for k in keys], [self.grids[k] for k in keys]
 
+    @classmethod
+    def merge(cls, parts: list["CaptionedImages"]) -> "CaptionedImages":
+        merged = cls([d for part in parts for d in part.documents])
+        for part in parts:
+            merged.pixels.update(part.pixels)
+            merged.grids.update(part.grids)
+            merged.captions.update(part.captions)
+            merged.skipped.extend(part.skipped)
+        return merged
+
 
 def load_captioned(sources: list[str | Path], text_tokenizer, base: int, max_pixels: int,
                    need_captions: bool = True) -> CaptionedImages:
