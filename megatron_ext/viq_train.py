@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from megatron_ext import checkpoint
+from megatron_ext import checkpoint, vlm_eval
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import Layout, device, init_distributed
 from megatron_ext.training import build_trainer, masked_loss, run_training
@@ -27,7 +27,7 @@ from megatron_ext.vlm import ContinuousVisualEmbedding, VisionLanguageModel, pac
 from viq_mllm.data.captioned import CaptionedImages, load_captioned
 from viq_mllm.data.layout import projected_caption_document
 from viq_mllm.data.multimodal import PackedDataset, PackedSource
-from viq_mllm.data.packing import collate, pack
+from viq_mllm.data.packing import pack
 from viq_mllm.recipe import Recipe
 from viq_mllm.viq.objectives import StageModel
 from viq_mllm.viq.stage_io import evaluate_stage, held_out_images, load_adapters, save_stage, starting_tokenizer
@@ -97,18 +97,16 @@ def adapters(vlm: VisionLanguageModel) -> dict:
 def caption_losses(vlm: VisionLanguageModel, data: CaptionedImages, text) -> dict:
     """Held-out caption loss after the right image vs after another image: the one half the list away (the
     demo's choice; in a sorted folder the neighbour is often the same kind of picture)."""
-    vlm.eval()
     keys = list(data.captions)
-    losses = {"right": [], "other": []}
-    for i, key in enumerate(keys):
-        for name, image in (("right", key), ("other", keys[(i + len(keys) // 2) % len(keys)])):
-            doc = projected_caption_document(text, data.grids[image], data.captions[key], image)
-            batch = collate(pack([doc], len(doc)))
-            batch["pixels"], batch["grids"] = data.images([image])
-            loss_sum, count, _ = masked_loss(batch["loss_mask"].to(device()), None, vlm(batch, packed_params(batch)))
-            losses[name].append(float(loss_sum / count))
+
+    def losses(images: list[str]) -> list[float]:
+        docs = [projected_caption_document(text, data.grids[image], data.captions[key], image)
+                for key, image in zip(keys, images)]
+        return vlm_eval.caption_losses(vlm, docs, attach=data.attach)
+
+    vlm.eval()
+    right, other = losses(keys), losses(keys[len(keys) // 2:] + keys[: len(keys) // 2])
     vlm.train()
-    right, other = losses["right"], losses["other"]
     return {"caption_loss_right_image": sum(right) / len(right), "caption_loss_other_image": sum(other) / len(other),
             "right_image_lower_fraction": sum(r < o for r, o in zip(right, other)) / len(right),
             "documents": len(right)}
@@ -146,8 +144,7 @@ def train_viq_stage(recipe: Recipe) -> list[dict]:
     def batches(step: int):
         for batch in dataset.micro_batches(step, t.global_batch_size, t.micro_batch_size, layout.dp_rank,
                                            layout.dp_size):
-            batch["pixels"], batch["grids"] = data.images(batch.pop("images"))
-            yield batch
+            yield data.attach(batch)
 
     weights = {"loss_distill": v.distill_weight, "loss_rec": v.rec_weight}
     metrics = run_training(trainer, batches, tokens_per_step=t.global_batch_size * recipe.model.seq_length,

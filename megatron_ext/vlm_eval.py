@@ -8,7 +8,7 @@ Single process (TP = PP = 1): a checkpoint of any layout loads here (torch_dist 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -41,11 +41,14 @@ def load_for_inference(ckpt: str | Path) -> tuple[VisionLanguageModel, Multimoda
 
 
 @torch.no_grad()
-def caption_losses(model: VisionLanguageModel, documents: list[Document]) -> list[float]:
-    """Mean loss per supervised token of each document, run alone."""
+def caption_losses(model: VisionLanguageModel, documents: list[Document],
+                   attach: Optional[Callable[[dict], dict]] = None) -> list[float]:
+    """Mean loss per supervised token of each document, run alone; ``attach`` adds what the model's visual path
+    needs beyond codes (the continuous path's pixels)."""
     losses = []
     for doc in documents:
         batch = collate(pack([doc], len(doc)))
+        batch = attach(batch) if attach is not None else batch
         per_token = model(batch, packed_params(batch))[0].float()
         mask = batch["loss_mask"][0]
         losses.append(float((per_token * mask).sum() / mask.sum()))

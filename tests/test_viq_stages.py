@@ -93,8 +93,11 @@ def stage_args(assets, stage: str, run_dir, previous=None, *extra: str) -> list[
                    "viq.teacher_resolution=64", *extra]
 
 
-def weighted_aux(row: dict) -> float:
-    return 1.0 * row["loss_distill"] + 1.0 * row.get("loss_rec", 0.0)  # the tiny recipes' weights
+def weighted_aux(stage: str, row: dict) -> float:
+    from viq_mllm.recipe import load_recipe
+
+    v = load_recipe(ROOT / "recipes" / f"{RECIPE[stage]}.yaml").viq
+    return v.distill_weight * row["loss_distill"] + v.rec_weight * row.get("loss_rec", 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,7 @@ def test_each_stage_logs_its_loss_terms_finite_and_leaves_a_loadable_tokenizer(c
             assert TERMS[stage] <= set(row), (stage, sorted(row))
             assert all(math.isfinite(row[k]) for k in TERMS[stage]), row
             if stage != "decoder":
-                assert row["loss_aux"] == pytest.approx(weighted_aux(row), rel=1e-5)
+                assert row["loss_aux"] == pytest.approx(weighted_aux(stage, row), rel=1e-5)
                 assert row["loss_text"] == pytest.approx(row["loss"], rel=1e-9)
         tokenizer = ViQTokenizer.from_pretrained(run["dir"] / "tokenizer")
         assert tokenizer.config.quantizer == ("fsq" if stage in ("fsq", "decoder") else "proximal")

@@ -14,15 +14,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from viq_mllm.demo import ensure_stamps, viq_mllm, write_jsonl
 from viq_mllm.offline_assets import captioned_stamps, photo_crops, photos, smollm2_hf_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the recipes live here
 HELD_OUT_PHOTOS = ["astronaut", "coffee", "chelsea", "grace_hopper"]
 TRAIN_PHOTOS = ["rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
 STAGES = ["stage1", "stage2_proximal", "stage2_fsq", "decoder"]
@@ -32,19 +30,7 @@ def say(message: str) -> None:
     print(f"[viq-chain {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def viq_mllm(*args: str) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run([sys.executable, "-m", "viq_mllm", *args], check=True, cwd=ROOT, env=env)
-
-
-def write_jsonl(path: Path, pairs) -> Path:
-    path.write_text("".join(json.dumps({"image": str(image), "caption": caption}) + "\n" for image, caption in pairs))
-    return path
-
-
 def prepare_data(out: Path) -> dict:
-    from viq_mllm.demo import ensure_stamps
-
     pairs = captioned_stamps(ensure_stamps())
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import torch
 
 from viq_mllm.data.layout import Document, projected_caption_document
 from viq_mllm.data.sources import TarMember, list_sources
-from viq_mllm.viq.preprocess import ImageInputError, preprocess
+from viq_mllm.viq.preprocess import ImageInputError, Preprocessed, preprocess
 
 
 @dataclass
@@ -33,6 +33,15 @@ class CaptionedImages:
 
     def images(self, keys: list[str]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
         return [self.pixels[k] for k in keys], [self.grids[k] for k in keys]
+
+    def attach(self, batch: dict) -> dict:
+        """A collated batch's ``images`` (keys) replaced by their ``pixels`` and patch ``grids``."""
+        batch["pixels"], batch["grids"] = self.images(batch.pop("images"))
+        return batch
+
+    def preprocessed(self) -> list[Preprocessed]:
+        """Every image as the tokenizer's :class:`Preprocessed` item (what reconstruction takes)."""
+        return [Preprocessed(self.pixels[k], self.grids[k], tuple(self.pixels[k].shape[1:])) for k in self.pixels]
 
     @classmethod
     def merge(cls, parts: list["CaptionedImages"]) -> "CaptionedImages":

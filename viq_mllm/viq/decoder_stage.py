@@ -77,7 +77,7 @@ def train_decoder_stage(recipe: Recipe) -> list[dict]:
     cfg = tokenizer.config
     data = load_captioned([s.path for s in recipe.data.sources], None, cfg.image_base, cfg.max_pixels,
                           need_captions=False)
-    items = [Preprocessed(data.pixels[k], data.grids[k], tuple(data.pixels[k].shape[1:])) for k in data.pixels]
+    items = data.preprocessed()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tokenizer.to(device)
     perceptual = PerceptualDistance().to(device) if v.perceptual_weight > 0 else None

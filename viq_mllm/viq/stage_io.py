@@ -93,5 +93,5 @@ def held_out_images(recipe: Recipe, tokenizer: ViQTokenizer) -> list[Preprocesse
         return []
     cfg = tokenizer.config
     data = load_captioned([recipe.viq.eval_images], None, cfg.image_base, cfg.max_pixels, need_captions=False)
-    return [Preprocessed(data.pixels[k], data.grids[k], tuple(data.pixels[k].shape[1:])) for k in data.pixels]
+    return data.preprocessed()
 
