@@ -7,6 +7,8 @@ Stages 1, 2-1 and 2-2 are continuous VLM training with extra losses, on the cont
 ``caption loss sum + count * (distill_weight * loss_distill + rec_weight * loss_rec)``, so after megatron's
 per-token normalisation the objective is ``loss_text + weighted auxiliary terms``. The same megatron loop as
 every other run (DDP, optimizer, warmup + cosine, NaN skip, checkpoints with automatic resume).
+With ``viq.text_every > 1`` the steps between caption steps are image-only: the stage model alone on
+``viq.images_per_step`` images, the weighted terms as the loss, no language model.
 The decoder stage has no language model and runs :func:`viq_mllm.viq.decoder_stage.train_decoder_stage`.
 """
 
@@ -24,12 +26,13 @@ from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import Layout, device, init_distributed
 from megatron_ext.training import build_trainer, masked_loss, run_training
 from megatron_ext.vlm import ContinuousVisualEmbedding, VisionLanguageModel, packed_params
-from viq_mllm.data.captioned import CaptionedImages, load_captioned
+from viq_mllm.data.captioned import CaptionedImages, images_for_step, load_captioned
 from viq_mllm.data.layout import projected_caption_document
 from viq_mllm.data.multimodal import PackedDataset, PackedSource
 from viq_mllm.data.packing import pack
 from viq_mllm.recipe import Recipe
 from viq_mllm.viq.objectives import StageModel
+from viq_mllm.viq.preprocess import Preprocessed
 from viq_mllm.viq.stage_io import evaluate_stage, held_out_images, load_adapters, save_stage, starting_tokenizer
 from viq_mllm.viq.stages import trainable
 from viq_mllm.viq.teachers import build_teacher
@@ -58,22 +61,46 @@ def check_language_model(recipe: Recipe, meta: dict, text_fingerprint: str) -> N
 
 def stage_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, weights: dict[str, float]):
     batch = next(data_iterator)
-    output = model(batch, packed_params(batch))
     stage = model.module.visual.encoder
+    if batch.get("image_only"):
+        stage([p.to(device()) for p in batch["pixels"]], batch["grids"])
+        return weighted_terms(stage, weights), partial(image_loss, stage)
+    output = model(batch, packed_params(batch))
     return output, partial(stage_loss, batch["loss_mask"].to(device()), batch["real_tokens"], stage, weights)
 
 
-def stage_loss(mask: torch.Tensor, real, stage: StageModel, weights: dict[str, float], per_token_loss: torch.Tensor):
-    loss_sum, count, reported = masked_loss(mask, real, per_token_loss)
-    aux = sum((weights[k] * v for k, v in stage.terms.items()), torch.zeros((), device=loss_sum.device))
-    one = torch.ones((), device=loss_sum.device)
-    reported["loss_text"] = torch.stack([loss_sum.detach().float(), count.detach().float()])  # global per-token mean
-    for key, value in stage.terms.items():
-        reported[key] = torch.stack([value.detach().float(), one])
+def weighted_terms(stage: StageModel, weights: dict[str, float]) -> torch.Tensor:
+    """``distill_weight * loss_distill + rec_weight * loss_rec`` of the stage's last forward."""
+    first = next(iter(stage.terms.values()))
+    return sum((weights[k] * v for k, v in stage.terms.items()), torch.zeros((), device=first.device))
+
+
+def reported_terms(stage: StageModel, aux: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each term, their weighted sum and the code statistics as megatron ``[value, 1]`` pairs."""
+    one = torch.ones((), device=aux.device)
+    reported = {key: torch.stack([value.detach().float(), one]) for key, value in stage.terms.items()}
     reported["loss_aux"] = torch.stack([aux.detach().float(), one])
     for key, value in stage.stats.items():
-        reported[key] = torch.tensor([value, 1.0], device=loss_sum.device)
+        reported[key] = torch.tensor([value, 1.0], device=aux.device)
+    return reported
+
+
+def stage_loss(mask: torch.Tensor, real, stage: StageModel, weights: dict[str, float], per_token_loss: torch.Tensor):
+    """A caption step: ``loss_text`` (the per-token caption loss) plus the weighted terms, counted per token."""
+    loss_sum, count, reported = masked_loss(mask, real, per_token_loss)
+    aux = weighted_terms(stage, weights)
+    reported["loss_text"] = torch.stack([loss_sum.detach().float(), count.detach().float()])  # global per-token mean
+    reported.update(reported_terms(stage, aux))
     return loss_sum + aux * count, count, reported
+
+
+def image_loss(stage: StageModel, aux: torch.Tensor):
+    """An image-only micro-batch counts as one unit of megatron's normalisation; the step's ``loss`` is the mean
+    of the weighted terms over its micro-batches (no ``loss_text``: the language model did not run)."""
+    zero = torch.zeros((), device=aux.device)
+    reported = {"lm loss": torch.stack([aux.detach().float(), torch.ones_like(zero), zero])}
+    reported.update(reported_terms(stage, aux))
+    return aux, torch.ones((), dtype=torch.int, device=aux.device), reported
 
 
 def build_stage_model(recipe: Recipe, layout: Layout, text_size: int):
@@ -112,6 +139,18 @@ def caption_losses(vlm: VisionLanguageModel, data: CaptionedImages, text) -> dic
             "documents": len(right)}
 
 
+def image_micro_batches(images: list[Preprocessed], recipe: Recipe, layout: Layout) -> Iterator[dict]:
+    """This rank's micro-batches of an image-only step: the step's images split evenly over every rank's
+    micro-batches, in order."""
+    t = recipe.train
+    per_rank = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
+    size = len(images) // (per_rank * layout.dp_size)
+    for m in range(per_rank):
+        start = (layout.dp_rank * per_rank + m) * size
+        chosen = images[start : start + size]
+        yield {"image_only": True, "pixels": [it.pixels for it in chosen], "grids": [it.grid for it in chosen]}
+
+
 def train_viq_stage(recipe: Recipe) -> list[dict]:
     v, t, p = recipe.viq, recipe.train, recipe.parallel
     if v.stage == "decoder":
@@ -141,7 +180,14 @@ def train_viq_stage(recipe: Recipe) -> list[dict]:
               f"({len(data.skipped)} skipped); {'carried over: ' + handoff.summary() if handoff else 'fresh tokenizer'}"
               f"; adapters from init.from: {loaded_adapters or 'none'}", flush=True)
 
+    pool = data.preprocessed()
+    if v.image_sources and v.text_every > 1:
+        pool += load_captioned(v.image_sources, None, cfg.image_base, cfg.max_pixels, need_captions=False).preprocessed()
+
     def batches(step: int):
+        if step % v.text_every:
+            yield from image_micro_batches(images_for_step(pool, t.seed, step, v.images_per_step), recipe, layout)
+            return
         for batch in dataset.micro_batches(step, t.global_batch_size, t.micro_batch_size, layout.dp_rank,
                                            layout.dp_size):
             yield data.attach(batch)

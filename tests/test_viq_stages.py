@@ -76,6 +76,9 @@ def stage_assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("viq_stages")
     make_captioned_shapes(root / "images", 24)
     (root / "images" / "broken.png").write_bytes(b"")
+    make_captioned_shapes(root / "photos", 6, seed=1)  # uncaptioned images for image-only steps
+    for caption in (root / "photos").glob("*.txt"):
+        caption.unlink()
     (root / "images" / "broken.txt").write_text("A broken file.")
     viq_mllm("train", TINY, f"run.dir={root / 'lm'}", "train.steps=2", "train.warmup_steps=1", "checkpoint.every=2",
              *QUIET)
@@ -90,7 +93,7 @@ def stage_args(assets, stage: str, run_dir, previous=None, *extra: str) -> list[
     if stage == "decoder":
         return args + ["train.global_batch_size=4", "viq.eval_images=" + str(assets["images"]), *extra]
     return args + [*MODEL, f"init.checkpoint={assets['lm']}", "data.tokenizer=bytes", "train.global_batch_size=2",
-                   "viq.teacher_resolution=64", *extra]
+                   "viq.teacher_resolution=64", "viq.text_every=1", "viq.image_sources=[]", *extra]
 
 
 def weighted_aux(stage: str, row: dict) -> float:
@@ -158,17 +161,34 @@ def test_the_language_model_stays_frozen(chain, stage_assets):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, previous, keys", [
-    ("proximal", "stage1", ("loss", "loss_distill", "loss_rec")),  # the megatron loop
-    ("decoder", "fsq", ("loss", "loss_rec", "loss_perceptual")),     # the plain PyTorch loop
+def test_image_only_steps_train_the_tokenizer_terms_without_the_language_model(chain, stage_assets, tmp_path):
+    from viq_mllm.metrics import read_metrics
+
+    viq_mllm("train", *stage_args(stage_assets, "fsq", tmp_path / "run", chain["proximal"]["dir"], "train.steps=4",
+                                  "viq.text_every=2", "viq.images_per_step=6",
+                                  f"viq.image_sources=[{stage_assets['root'] / 'photos'}]"))
+    rows = read_metrics(tmp_path / "run")
+    assert ["loss_text" in r for r in rows] == [True, False, True, False]
+    for row in rows:
+        assert TERMS["fsq"] - {"loss_text"} <= set(row) and row["grad_norm"] > 0, row
+        assert row["loss_aux"] == pytest.approx(weighted_aux("fsq", row), rel=1e-5)
+    for row in rows[1::2]:  # the step's loss is its weighted terms; the LM saw no token
+        assert row["loss"] == pytest.approx(row["loss_aux"], rel=1e-6) and row["real_tokens"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, previous, keys, extra", [
+    ("proximal", "stage1", ("loss", "loss_distill", "loss_rec"), ["viq.text_every=2", "viq.images_per_step=4"]),
+    ("decoder", "fsq", ("loss", "loss_rec", "loss_perceptual"), []),  # the plain PyTorch loop
 ])
-def test_a_stopped_stage_resumes_exactly(chain, stage_assets, tmp_path, stage, previous, keys):
+def test_a_stopped_stage_resumes_exactly(chain, stage_assets, tmp_path, stage, previous, keys, extra):
+    """The megatron loop (caption steps and image-only steps) and the decoder stage's plain loop."""
     from viq_mllm.metrics import read_metrics
 
     def run(name: str, steps: int, every: int) -> None:
         viq_mllm("train", *stage_args(stage_assets, stage, tmp_path / name, chain[previous]["dir"],
                                       f"train.steps={steps}", f"checkpoint.every={every}",
-                                      "train.decay_steps=4"))  # one schedule for 2 + 2 and 4 steps
+                                      "train.decay_steps=4", *extra))  # one schedule for 2 + 2 and 4 steps
 
     run("whole", 4, 0)
     run("split", 2, 2)
@@ -186,6 +206,8 @@ def test_a_stopped_stage_resumes_exactly(chain, stage_assets, tmp_path, stage, p
     (["init.checkpoint=null"], "init.checkpoint"),
     (["viq.teacher_resolution=100"], "viq.teacher_resolution=100"),
     (["viq.stagee=fsq"], "viq.stagee: unknown key"),
+    (["viq.text_every=2", "viq.images_per_step=3"], "viq.images_per_step=3"),
+    (["viq.text_every=2", "viq.teacher=none"], "viq.text_every=2"),
 ])
 def test_stage_recipe_errors_name_the_field(override, message):
     from viq_mllm.recipe import RecipeError, load_recipe

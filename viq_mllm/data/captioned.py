@@ -13,6 +13,7 @@ cannot be read, or has no caption, is reported and skipped.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,3 +79,9 @@ def load_captioned(sources: list[str | Path], text_tokenizer, base: int, max_pix
         raise ValueError(f"no usable images in {[str(s) for s in sources]} ({len(data.skipped)} skipped: "
                          f"{data.skipped[:3]})")
     return data
+
+
+def images_for_step(items: list[Preprocessed], seed: int, step: int, count: int) -> list[Preprocessed]:
+    """``count`` distinct images (all of them if fewer) as a pure function of ``(seed, step)``: a resumed run
+    draws what an uninterrupted one would."""
+    return random.Random(seed * 1_000_003 + step).sample(items, min(count, len(items)))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import time
 from pathlib import Path
@@ -65,7 +64,7 @@ def _resume(root: Path, tokenizer: ViQTokenizer, optimizer) -> int:
 
 
 def train_decoder_stage(recipe: Recipe) -> list[dict]:
-    from viq_mllm.data.captioned import load_captioned
+    from viq_mllm.data.captioned import images_for_step, load_captioned
 
     t, v, run_dir = recipe.train, recipe.viq, Path(recipe.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +94,7 @@ def train_decoder_stage(recipe: Recipe) -> list[dict]:
         lr = lr_at(t, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        chosen = random.Random(t.seed * 1_000_003 + step).sample(items, min(t.global_batch_size, len(items)))
+        chosen = images_for_step(items, t.seed, step, t.global_batch_size)
         batch = [Preprocessed(it.pixels.to(device), it.grid, it.source_size) for it in chosen]
         terms = reconstruction_terms(tokenizer, batch, perceptual)
         loss = terms["loss_rec"] + v.perceptual_weight * terms.get("loss_perceptual", 0.0)
