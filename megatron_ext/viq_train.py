@@ -183,6 +183,9 @@ def train_viq_stage(recipe: Recipe) -> list[dict]:
     pool = data.preprocessed()
     if v.image_sources and v.text_every > 1:
         pool += load_captioned(v.image_sources, None, cfg.image_base, cfg.max_pixels, need_captions=False).preprocessed()
+    if v.text_every > 1 and len(pool) < v.images_per_step:
+        raise ValueError(f"viq.images_per_step={v.images_per_step} but data.sources and viq.image_sources hold "
+                         f"{len(pool)} usable images")
 
     def batches(step: int):
         if step % v.text_every:

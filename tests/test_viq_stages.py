@@ -221,3 +221,11 @@ def test_a_language_model_of_another_shape_is_refused_naming_the_field(stage_ass
     proc = viq_mllm("train", *stage_args(stage_assets, "stage1", tmp_path / "run", None, "train.steps=1",
                                          "model.ffn_hidden_size=128"), check=False)
     assert proc.returncode != 0 and "model.ffn_hidden_size=128" in proc.stderr and "172" in proc.stderr
+
+
+@pytest.mark.slow
+def test_image_only_steps_asking_for_more_images_than_there_are_are_refused(chain, stage_assets, tmp_path):
+    proc = viq_mllm("train", *stage_args(stage_assets, "proximal", tmp_path / "run", chain["stage1"]["dir"],
+                                         "train.steps=2", "viq.text_every=2", "viq.images_per_step=64"), check=False)
+    assert proc.returncode != 0 and "viq.images_per_step=64" in proc.stderr and "24 usable images" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
