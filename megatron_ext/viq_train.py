@@ -31,6 +31,7 @@ from viq_mllm.data.layout import projected_caption_document
 from viq_mllm.data.multimodal import PackedDataset, PackedSource
 from viq_mllm.data.packing import pack
 from viq_mllm.recipe import Recipe
+from viq_mllm.viq.config import ViQConfig
 from viq_mllm.viq.objectives import StageModel
 from viq_mllm.viq.preprocess import Preprocessed
 from viq_mllm.viq.stage_io import evaluate_stage, held_out_images, load_adapters, save_stage, starting_tokenizer
@@ -70,9 +71,8 @@ def stage_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, we
 
 
 def weighted_terms(stage: StageModel, weights: dict[str, float]) -> torch.Tensor:
-    """``distill_weight * loss_distill + rec_weight * loss_rec`` of the stage's last forward."""
-    first = next(iter(stage.terms.values()))
-    return sum((weights[k] * v for k, v in stage.terms.items()), torch.zeros((), device=first.device))
+    """``distill_weight * loss_distill + rec_weight * loss_rec`` of the stage's last forward (0 without terms)."""
+    return sum((weights[k] * v for k, v in stage.terms.items()), torch.zeros((), device=device()))
 
 
 def reported_terms(stage: StageModel, aux: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -97,8 +97,7 @@ def stage_loss(mask: torch.Tensor, real, stage: StageModel, weights: dict[str, f
 def image_loss(stage: StageModel, aux: torch.Tensor):
     """An image-only micro-batch counts as one unit of megatron's normalisation; the step's ``loss`` is the mean
     of the weighted terms over its micro-batches (no ``loss_text``: the language model did not run)."""
-    zero = torch.zeros((), device=aux.device)
-    reported = {"lm loss": torch.stack([aux.detach().float(), torch.ones_like(zero), zero])}
+    reported = {"lm loss": torch.tensor([float(aux), 1.0, 0.0], device=aux.device)}  # [loss, count, real tokens]
     reported.update(reported_terms(stage, aux))
     return aux, torch.ones((), dtype=torch.int, device=aux.device), reported
 
@@ -137,6 +136,18 @@ def caption_losses(vlm: VisionLanguageModel, data: CaptionedImages, text) -> dic
     return {"caption_loss_right_image": sum(right) / len(right), "caption_loss_other_image": sum(other) / len(other),
             "right_image_lower_fraction": sum(r < o for r, o in zip(right, other)) / len(right),
             "documents": len(right)}
+
+
+def image_pool(recipe: Recipe, data: CaptionedImages, cfg: ViQConfig) -> list[Preprocessed]:
+    """What image-only steps draw from: ``data.sources``' images and the uncaptioned ``viq.image_sources``."""
+    v = recipe.viq
+    pool = data.preprocessed()
+    if v.image_sources:
+        pool += load_captioned(v.image_sources, None, cfg.image_base, cfg.max_pixels, need_captions=False).preprocessed()
+    if len(pool) < v.images_per_step:
+        raise ValueError(f"viq.images_per_step={v.images_per_step} but data.sources and viq.image_sources hold "
+                         f"{len(pool)} usable images")
+    return pool
 
 
 def image_micro_batches(images: list[Preprocessed], recipe: Recipe, layout: Layout) -> Iterator[dict]:
@@ -180,12 +191,7 @@ def train_viq_stage(recipe: Recipe) -> list[dict]:
               f"({len(data.skipped)} skipped); {'carried over: ' + handoff.summary() if handoff else 'fresh tokenizer'}"
               f"; adapters from init.from: {loaded_adapters or 'none'}", flush=True)
 
-    pool = data.preprocessed()
-    if v.image_sources and v.text_every > 1:
-        pool += load_captioned(v.image_sources, None, cfg.image_base, cfg.max_pixels, need_captions=False).preprocessed()
-    if v.text_every > 1 and len(pool) < v.images_per_step:
-        raise ValueError(f"viq.images_per_step={v.images_per_step} but data.sources and viq.image_sources hold "
-                         f"{len(pool)} usable images")
+    pool = image_pool(recipe, data, cfg) if v.text_every > 1 else []
 
     def batches(step: int):
         if step % v.text_every:

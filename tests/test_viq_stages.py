@@ -229,3 +229,13 @@ def test_image_only_steps_asking_for_more_images_than_there_are_are_refused(chai
                                          "train.steps=2", "viq.text_every=2", "viq.images_per_step=64"), check=False)
     assert proc.returncode != 0 and "viq.images_per_step=64" in proc.stderr and "24 usable images" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_stage1_without_a_teacher_trains_on_the_caption_loss_alone(stage_assets, tmp_path):
+    from viq_mllm.metrics import read_metrics
+
+    viq_mllm("train", *stage_args(stage_assets, "stage1", tmp_path / "run", None, "train.steps=1", "viq.teacher=none"))
+    (row,) = read_metrics(tmp_path / "run")
+    assert "loss_distill" not in row and row["loss_aux"] == 0.0
+    assert row["loss_text"] == pytest.approx(row["loss"], rel=1e-9) and math.isfinite(row["loss"])
