@@ -1,22 +1,28 @@
 """A megatron-core ``GPTModel`` (Llama/Qwen2 style) from a recipe's model section.
 
 CPU: the local layer spec with :class:`SDPACoreAttention`, which also applies RoPE (the GPT is built with
-``position_embedding_type="none"``). GPU: the Transformer Engine spec, megatron's RoPE, when the recipe asks for
+``position_embedding_type="none"``), and :class:`SwiGLUMLP` (the same ``linear_fc1`` parameter, computed as two
+GEMMs). Both keep megatron's parameter names and shapes, so checkpoints move freely between specs. GPU: the Transformer Engine spec, megatron's RoPE, when the recipe asks for
 ``parallel.transformer_impl: transformer_engine`` (imported lazily; FP8 needs it).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import layers
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext import init
 from megatron_ext.attention import SDPACoreAttention
 from megatron_ext.parallel import Layout
+from megatron_ext.swiglu import SwiGLUMLP
 from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
 
 
@@ -50,14 +56,26 @@ def transformer_config(model: ModelSection, parallel: ParallelSection, train: Tr
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=layers._grad_accum_fusion_available,  # apex on GPU; cpu_compat on CPU
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
     )
 
 
+class _SwiGLUMLPIsKnown(logging.Filter):
+    """megatron logs "Unknown MLP type ... Using default kwargs" for any MLP class but its own, because it then
+    passes no ``tp_group``; :func:`layer_spec` passes it in the spec's params, so that line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_SwiGLUMLPIsKnown())
+
+
 def layer_spec(model: ModelSection, parallel: ParallelSection) -> ModuleSpec:
-    """TE spec (megatron applies RoPE), or the local spec whose SDPA core attention applies RoPE itself."""
+    """TE spec (megatron applies RoPE), or the local spec whose SDPA core attention applies RoPE itself and whose
+    MLP is :class:`SwiGLUMLP`. Call after process groups exist (the MLP is given the tensor-parallel group)."""
     if parallel.transformer_impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -65,6 +83,8 @@ def layer_spec(model: ModelSection, parallel: ParallelSection) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=SDPACoreAttention, params={"rope_theta": model.rope_theta})
+    spec.submodules.mlp.module = SwiGLUMLP
+    spec.submodules.mlp.params = {"tp_group": parallel_state.get_tensor_model_parallel_group()}
     return spec
 
 
