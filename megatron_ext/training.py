@@ -27,7 +27,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext import checkpoint
+from megatron_ext import checkpoint, cpu_compat
 from megatron_ext.parallel import Layout, device
 from viq_mllm.metrics import MetricsLog
 from viq_mllm.recipe import Recipe, dump_recipe
@@ -157,7 +157,7 @@ def forward_backward(trainer: Trainer, batches: Iterator[dict], forward_step: Ca
     trainer.model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     reported = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=cpu_compat.native(forward_step),
         data_iterator=batches,
         model=[trainer.model],
         num_microbatches=t.global_batch_size // (t.micro_batch_size * trainer.layout.dp_size),

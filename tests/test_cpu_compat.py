@@ -1,0 +1,42 @@
+"""cpu_compat's stand-ins for apex's multi-tensor and gradient-accumulation kernels, against megatron's own
+CPU fallbacks and the plain formula."""
+
+import torch
+from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
+
+from megatron_ext import cpu_compat
+
+
+def tensors(seed: int, dtype=torch.float32) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).to(dtype) for shape in ((3, 4), (7,), (2, 2, 5))]
+
+
+def test_l2norm_equals_megatrons_fallback():
+    lists = [tensors(0), tensors(1)]
+    ours, per_tensor = cpu_compat._multi_tensor_l2norm(2048, None, lists, False)
+    with cpu_compat._CudaToCpu():  # megatron's fallback allocates its result on "cuda"
+        theirs, _ = local_multi_tensor_l2_norm(2048, None, lists, False)
+    assert per_tensor is None and ours.shape == (1,)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_scale_in_place_and_into_other_dtypes_equals_megatrons_fallback():
+    grads, expected = tensors(2), tensors(2)
+    cpu_compat._multi_tensor_scale(2048, None, [grads, grads], 0.25)
+    local_multi_tensor_scale(2048, None, [expected, expected], 0.25)
+    for ours, theirs in zip(grads, expected):
+        torch.testing.assert_close(ours, theirs)
+    sources, ours_bf16, theirs_bf16 = tensors(3), tensors(4, torch.bfloat16), tensors(4, torch.bfloat16)
+    cpu_compat._multi_tensor_scale(2048, None, [sources, ours_bf16], 1.0)
+    local_multi_tensor_scale(2048, None, [sources, theirs_bf16], 1.0)
+    for ours, theirs in zip(ours_bf16, theirs_bf16):
+        assert torch.equal(ours, theirs)
+
+
+def test_wgrad_accumulation_adds_the_weight_gradient():
+    g = torch.Generator().manual_seed(5)
+    total_input, grad_output, main_grad = (torch.randn(shape, generator=g) for shape in ((9, 4), (9, 6), (6, 4)))
+    expected = main_grad + grad_output.t() @ total_input
+    cpu_compat._wgrad_gemm_accum(total_input, grad_output, main_grad)
+    torch.testing.assert_close(main_grad, expected)
