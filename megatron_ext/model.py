@@ -2,8 +2,9 @@
 
 CPU: the local layer spec with :class:`SDPACoreAttention`, which also applies RoPE (the GPT is built with
 ``position_embedding_type="none"``), and :class:`SwiGLUMLP` (the same ``linear_fc1`` parameter, computed as two
-GEMMs). Both keep megatron's parameter names and shapes, so checkpoints move freely between specs. GPU: the Transformer Engine spec, megatron's RoPE, when the recipe asks for
-``parallel.transformer_impl: transformer_engine`` (imported lazily; FP8 needs it).
+GEMMs). Both keep megatron's parameter names and shapes, so checkpoints move freely between specs. GPU: the
+Transformer Engine spec, megatron's RoPE, when the recipe asks for ``parallel.transformer_impl:
+transformer_engine`` (imported lazily; FP8 needs it).
 """
 
 from __future__ import annotations
