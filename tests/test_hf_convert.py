@@ -129,7 +129,7 @@ def test_training_step_gradients_equal_hf(converted):
     ours = torch.load(root / "grads.pt")
     # megatron's softmax runs over the padded vocabulary: the converted model's zero rows give logit 0 there
     model.zero_grad()
-    logits = model.train()(tokens[:, :-1]).logits
+    logits = model(tokens[:, :-1]).logits  # eval mode: no dropout in either model
     padded = torch.cat([logits, logits.new_zeros(*logits.shape[:-1], padded_vocab_size(300) - 300)], dim=-1)
     F.cross_entropy(padded.flatten(0, 1), tokens[:, 1:].flatten()).backward()
     theirs = {name: p.grad for name, p in model.named_parameters()}
