@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per side (median reported)")
     parser.add_argument("--out", default="runs/bench_train", help="writes bench_train.json here")
     args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the ratio's quartiles need two rounds)")
     layout = init_distributed(tp=1, pp=1, seed=0)
     try:
         rows = [bench_config(name, CONFIGS[name], args.rounds, layout) for name in args.configs]

@@ -20,7 +20,7 @@ What it changes, and who needs it:
    on GPU, instead of allocating the gradient and adding it to the buffer afterwards (~1% of a CPU step).
 7. apex's ``multi_tensor_l2norm`` / ``multi_tensor_scale`` (gradient clipping, main-parameter copies) as torch
    ``_foreach`` kernels: megatron's own fallbacks build a Python list of 0-d norms and scale out of place
-   (``dst.copy_(src * scale)``), ~20% of a CPU optimizer step.
+   (``dst.copy_(src * scale)``), ~8% of a CPU optimizer step.
 
 The mode costs ~2 us per torch call. Model code never names CUDA (checked over the test suite: every rewrite
 happens in construction, schedules, optimizers and checkpoints), so :func:`native` runs forward steps without it.

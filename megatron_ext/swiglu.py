@@ -10,7 +10,8 @@ keeps the parameter (same name, shape, sharding and checkpoint) and computes, in
 
 with a hand-written backward that writes the weight gradient's two halves into one ``[2 f, h]`` tensor, or, under
 megatron's ``gradient_accumulation_fusion``, GEMM-accumulates them straight into DDP's ``main_grad`` buffer with
-the same protocol as megatron's linear layers (``grad_added_to_main_grad`` and a dummy gradient). Shapes:
+the kernel and protocol of megatron's linear layers (``wgrad_gemm_accum_*``, ``grad_added_to_main_grad`` and a
+dummy gradient). Shapes:
 ``x [s, b, h] -> y [s, b, f]`` (``f`` = ffn_hidden_size / tp), then megatron's ``linear_fc2`` as before.
 Tensor parallel: the input enters through ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce
 of the input gradient backward), as ``ColumnParallelLinear`` does without sequence parallelism.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, layers
 from megatron.core.transformer.mlp import MLP
 
 
@@ -47,13 +48,16 @@ class _SwiGLU(torch.autograd.Function):
             d_x = torch.addmm(d_gate @ w_gate, d_up, w_up)
         if ctx.needs_input_grad[1]:
             d_w = torch.empty_like(weight)
-            if ctx.accumulate:  # d_w is then a dummy: DDP's hook skips gradients already added
-                targets, beta = weight.main_grad.chunk(2), 1.0
+            if ctx.accumulate:  # megatron's linear-layer protocol: d_w is a dummy, DDP's hook skips it
+                kernels = layers.fused_weight_gradient_mlp_cuda  # apex on GPU, cpu_compat's stand-in on CPU
+                fp32 = weight.main_grad.dtype == torch.float32
+                accumulate = kernels.wgrad_gemm_accum_fp32 if fp32 else kernels.wgrad_gemm_accum_fp16
+                for target, d in zip(weight.main_grad.chunk(2), (d_gate, d_up)):
+                    accumulate(x, d, target)
                 weight.grad_added_to_main_grad = True
             else:
-                targets, beta = d_w.chunk(2), 0.0
-            for target, d in zip(targets, (d_gate, d_up)):
-                target.addmm_(d.t().to(target.dtype), x.to(target.dtype), beta=beta)
+                for target, d in zip(d_w.chunk(2), (d_gate, d_up)):
+                    torch.mm(d.t(), x, out=target)
         return d_x, d_w, None
 
 

@@ -97,7 +97,8 @@ def stage_loss(mask: torch.Tensor, real, stage: StageModel, weights: dict[str, f
 def image_loss(stage: StageModel, aux: torch.Tensor):
     """An image-only micro-batch counts as one unit of megatron's normalisation; the step's ``loss`` is the mean
     of the weighted terms over its micro-batches (no ``loss_text``: the language model did not run)."""
-    reported = {"lm loss": torch.tensor([float(aux), 1.0, 0.0], device=aux.device)}  # [loss, count, real tokens]
+    one = torch.ones((), device=aux.device)
+    reported = {"lm loss": torch.stack([aux.detach().float(), one, torch.zeros_like(one)])}  # loss, count, tokens
     reported.update(reported_terms(stage, aux))
     return aux, torch.ones((), dtype=torch.int, device=aux.device), reported
 

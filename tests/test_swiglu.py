@@ -1,8 +1,12 @@
 """The CPU SwiGLU MLP's hand-written backward against autograd through the plain formula."""
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel import layers
 
+from megatron_ext import cpu_compat
 from megatron_ext.swiglu import _SwiGLU
 
 
@@ -29,9 +33,11 @@ def test_forward_and_gradients_equal_autograd_of_the_formula():
     torch.testing.assert_close(weight.grad, expected_dw)
 
 
-def test_gradient_accumulation_fusion_adds_into_main_grad():
+def test_gradient_accumulation_fusion_adds_into_main_grad(monkeypatch):
     """megatron's protocol: the weight gradient is added to ``main_grad`` and ``grad_added_to_main_grad`` set,
     so DDP's hook skips the (dummy) ``.grad``."""
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda",  # what cpu_compat installs on CPU
+                        SimpleNamespace(wgrad_gemm_accum_fp32=cpu_compat._wgrad_gemm_accum), raising=False)
     x, weight, grad_out = inputs()
     _, expected_dw = torch.autograd.grad(reference(x, weight), (x, weight), grad_out)
     earlier = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
