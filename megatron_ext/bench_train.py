@@ -1,10 +1,11 @@
 """``viq-mllm bench train``: tokens/s of our megatron-core training step vs HF transformers' LlamaForCausalLM.
 
 Same shapes (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings, same padded vocabulary), same batch, AdamW with the
-same hyper-parameters and gradient clipping, fp32, one process. The two steps alternate round by round so
-machine noise hits both alike; the table reports the medians over rounds and the ratio ours / HF of each round
-(median and interquartile range). HF's step runs outside megatron_ext's CPU redirection mode, as it would in a
-process of its own.
+same hyper-parameters and gradient clipping, fp32, one process. Both sides run torch's fused AdamW kernel: ours
+through megatron (``cpu_compat``), HF's as HF Trainer's default optimizer (``adamw_torch_fused`` since torch
+2.8). The two steps alternate round by round so machine noise hits both alike; the table reports the medians over
+rounds and the ratio ours / HF of each round (median and interquartile range). HF's step runs outside
+megatron_ext's CPU redirection mode, as it would in a process of its own.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
                                                    recipe.model, recipe.parallel, cfg["vocab"], layout, 0),
                          {"text_size": cfg["vocab"], "padded_size": cfg["vocab"], "text_fingerprint": "random"})
     hf = _hf_model(cfg)
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
     b, s = cfg["micro_batch"], cfg["seq_length"]
     tokens = torch.randint(0, cfg["vocab"], (b, s + 1), generator=torch.Generator().manual_seed(0))
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(b, s),

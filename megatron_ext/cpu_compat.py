@@ -21,6 +21,9 @@ What it changes, and who needs it:
 7. apex's ``multi_tensor_l2norm`` / ``multi_tensor_scale`` (gradient clipping, main-parameter copies) as torch
    ``_foreach`` kernels: megatron's own fallbacks build a Python list of 0-d norms and scale out of place
    (``dst.copy_(src * scale)``), ~8% of a CPU optimizer step.
+8. megatron's Adam without TE or apex is torch's ``AdamW`` with its defaults, a Python loop of ~20 kernels per
+   parameter on CPU; it becomes torch's fused CPU kernel (``fused=True``, what HF Trainer's default optimizer
+   ``adamw_torch_fused`` runs): a 20M-parameter optimizer step ~44 -> ~22 ms, same update (docs/benchmarks.md).
 
 The mode costs ~2 us per torch call. Model code never names CUDA (checked over the test suite: every rewrite
 happens in construction, schedules, optimizers and checkpoints), so :func:`native` runs forward steps without it.
@@ -96,6 +99,11 @@ def _multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale) -> None:
         torch._foreach_copy_(destinations, torch._foreach_mul(sources, scale))
 
 
+def _fused_adam(params, adam_w_mode: bool = True, **kwargs) -> torch.optim.Optimizer:
+    """apex ``FusedAdam``'s constructor (``adam_w_mode``: decoupled weight decay) on torch's fused kernels."""
+    return (torch.optim.AdamW if adam_w_mode else torch.optim.Adam)(params, fused=True, **kwargs)
+
+
 def install() -> bool:
     """Apply the CPU redirections if CUDA is absent. Idempotent. Returns True when active."""
     global _mode
@@ -112,6 +120,7 @@ def install() -> bool:
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
+    import megatron.core.optimizer as optimizer_package
     from megatron.core.fusions import fused_softmax
     from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.tensor_parallel import layers
@@ -125,6 +134,7 @@ def install() -> bool:
     layers._grad_accum_fusion_available = True
     clip_grads.l2_norm_impl = _multi_tensor_l2norm
     clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = _multi_tensor_scale
+    optimizer_package.Adam, optimizer_package.USING_PYTORCH_OPTIMIZER = _fused_adam, False
 
     # Entered for the life of the process: autograd on CPU runs backward in the calling thread.
     _mode = _CudaToCpu()

@@ -1,5 +1,5 @@
-"""cpu_compat's stand-ins for apex's multi-tensor and gradient-accumulation kernels, against megatron's own
-CPU fallbacks and the plain formula."""
+"""cpu_compat's stand-ins for apex's multi-tensor, gradient-accumulation and Adam kernels, against megatron's own
+CPU fallbacks, the plain formula and torch's per-parameter Adam."""
 
 import torch
 from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
@@ -40,3 +40,21 @@ def test_wgrad_accumulation_adds_the_weight_gradient():
     expected = main_grad + grad_output.t() @ total_input
     cpu_compat._wgrad_gemm_accum(total_input, grad_output, main_grad)
     torch.testing.assert_close(main_grad, expected)
+
+
+def test_fused_adam_steps_like_torchs_single_tensor_reference():
+    """megatron's Adam on CPU (apex FusedAdam's constructor, both weight-decay modes) runs torch's fused kernel and
+    takes the steps of torch's per-parameter implementation."""
+    for adam_w_mode, reference_class in ((True, torch.optim.AdamW), (False, torch.optim.Adam)):
+        ours_params, reference_params = ([torch.nn.Parameter(t) for t in tensors(6)] for _ in range(2))
+        hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        ours = cpu_compat._fused_adam(ours_params, adam_w_mode=adam_w_mode, **hyper)
+        reference = reference_class(reference_params, foreach=False, **hyper)
+        assert all(group["fused"] for group in ours.param_groups)
+        for step in range(3):
+            for params in (ours_params, reference_params):
+                for p, g in zip(params, tensors(10 + step)):
+                    p.grad = g
+            ours.step(), reference.step()
+        for mine, theirs in zip(ours_params, reference_params):
+            torch.testing.assert_close(mine, theirs)

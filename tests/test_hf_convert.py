@@ -1,6 +1,9 @@
 """HF <-> megatron conversion on tiny random Llama and Qwen2 models: logits equal HF's at TP=1 and TP=2, the
-gradients of a training step equal HF's, and hf -> mcore -> hf reproduces every tensor exactly."""
+gradients and the updated weights of a training step equal HF's (stepped by torch's reference AdamW), and
+hf -> mcore -> hf reproduces every tensor exactly."""
 
+import copy
+import json
 import os
 import subprocess
 import sys
@@ -34,33 +37,41 @@ LOGITS = textwrap.dedent(
     """
 )
 
-GRADS = textwrap.dedent(
+STEP = textwrap.dedent(
     """
-    import sys, torch
+    import json, sys, torch
     from pathlib import Path
     from megatron_ext.hf_convert import apply, mappings, shapes_of
     from megatron_ext.model import gpt_from_checkpoint
     from megatron_ext.parallel import init_distributed, shutdown
-    from megatron_ext.training import build_trainer, forward_backward
+    from megatron_ext.training import build_trainer, forward_backward, optimizer_step
     from viq_mllm.recipe import ModelSection, recipe_from_dict
 
-    ckpt, tokens_file, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    ckpt, tokens_file, train, out = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
     layout = init_distributed(1, 1, 0)
     gpt, meta = gpt_from_checkpoint(ckpt, layout)
     tokens = torch.load(tokens_file)
     b, s = tokens.shape[0], tokens.shape[1] - 1
     recipe = recipe_from_dict({"run": {"dir": "-"}, "model": meta["model"], "train": {
-        "steps": 1, "micro_batch_size": b, "global_batch_size": b}})
+        "steps": 1, "micro_batch_size": b, "global_batch_size": b, **train}})
     trainer = build_trainer(recipe, layout, gpt.train(), meta["vocab"])
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(b, s),
              "position_ids": torch.arange(s).expand(b, s)}
     forward_backward(trainer, iter([batch]))  # the DDP gradient buffer: mean loss over the supervised tokens
     grads = {name: p.main_grad.clone() for name, p in trainer.model.module.named_parameters()}
+    optimizer_step(trainer)
+    weights = {name: p.detach().clone() for name, p in trainer.model.module.named_parameters()}
     ctx = shapes_of(ModelSection(**meta["model"]), meta["vocab"]["text_size"])
-    torch.save(apply(mappings(ctx), grads, ctx, "to_hf"), out)
+    torch.save({"grads": apply(mappings(ctx), grads, ctx, "to_hf"),
+                "weights": apply(mappings(ctx), weights, ctx, "to_hf"),
+                "fused": [g["fused"] for g in trainer.optimizer.param_groups]}, out)
     shutdown()
     """
 )
+# One optimizer step whose update depends on the gradient's size: clipping active (the tiny model's gradient norm
+# is ~1), and eps near the clipped gradients' magnitude, so Adam's first step is not just lr * sign(g).
+STEP_TRAIN = {"lr": 1e-2, "min_lr": 1e-2, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-4,
+              "clip_grad": 0.05}
 
 CASES = {
     "llama-untied": ("llama", dict(tie_word_embeddings=False)),
@@ -115,28 +126,71 @@ def test_logits_equal_hf(converted, tp):
     assert rel < 1e-4, rel
 
 
-@pytest.mark.slow
-def test_training_step_gradients_equal_hf(converted):
-    """Every weight's gradient (SwiGLU, RoPE, fused QKV, tied or untied embeddings, biases) after our megatron
-    training step, read from the DDP buffer it accumulates into, equals HF's for the same mean loss."""
+@pytest.fixture(scope="module")
+def stepped(converted):
+    """One megatron training step (forward, backward, clipping, AdamW) of the converted model: its gradients and
+    updated weights in HF names, and the ``fused`` flag of each optimizer group."""
     root, model = converted
     tokens = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(2))
-    torch.save(tokens, root / "grad_tokens.pt")
-    (root / "grads.py").write_text(GRADS)
+    torch.save(tokens, root / "step_tokens.pt")
+    (root / "step.py").write_text(STEP)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                    str(root / "grads.py"), str(root / "mcore"), str(root / "grad_tokens.pt"), str(root / "grads.pt")],
+                    str(root / "step.py"), str(root / "mcore"), str(root / "step_tokens.pt"), json.dumps(STEP_TRAIN),
+                    str(root / "step.pt")],
                    check=True, cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    ours = torch.load(root / "grads.pt")
-    # megatron's softmax runs over the padded vocabulary: the converted model's zero rows give logit 0 there
-    model.zero_grad()
-    logits = model(tokens[:, :-1]).logits  # eval mode: no dropout in either model
-    padded = torch.cat([logits, logits.new_zeros(*logits.shape[:-1], padded_vocab_size(300) - 300)], dim=-1)
-    F.cross_entropy(padded.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    theirs = {name: p.grad for name, p in model.named_parameters()}
+    return model, tokens, torch.load(root / "step.pt")
+
+
+def hf_loss(model, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """HF's mean next-token loss with megatron's semantics: the softmax runs over the padded vocabulary, whose
+    output rows (``padding``, ``[padded - 300, h]``, zeros in a converted model) are trained parameters too."""
+    hidden = model.model(tokens[:, :-1]).last_hidden_state  # eval mode: no dropout in either model
+    logits = torch.cat([model.lm_head(hidden), hidden @ padding.t()], dim=-1)
+    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def padding_rows(model) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.zeros(padded_vocab_size(300) - 300, model.config.hidden_size))
+
+
+def assert_close_per_tensor(ours: dict, theirs: dict, tol: float) -> None:
     assert set(ours) == set(theirs)
-    for name, grad in theirs.items():
-        rel = (ours[name] - grad).abs().max() / grad.abs().max()
-        assert rel < 1e-4, (name, rel)
+    for name, expected in theirs.items():
+        rel = (ours[name] - expected).abs().max() / expected.abs().max()
+        assert rel < tol, (name, rel)
+
+
+@pytest.mark.slow
+def test_training_step_gradients_equal_hf(stepped):
+    """Every weight's gradient (SwiGLU, RoPE, fused QKV, tied or untied embeddings, biases) after our megatron
+    training step, read from the DDP buffer it accumulates into, equals HF's for the same mean loss."""
+    model, tokens, ours = stepped
+    model.zero_grad()
+    hf_loss(model, tokens, padding_rows(model)).backward()
+    assert_close_per_tensor(ours["grads"], {name: p.grad for name, p in model.named_parameters()}, 1e-4)
+
+
+@pytest.mark.slow
+def test_optimizer_step_equals_torch_reference_adamw(stepped):
+    """The weights after one step (megatron's clipping by the global norm, padded rows included; weight decay on
+    matrices only; the fused AdamW kernel cpu_compat selects) equal HF's model stepped by torch's single-tensor
+    AdamW with the same hyper-parameters."""
+    model, tokens, ours = stepped
+    assert ours["fused"] and all(ours["fused"])
+    hf, padding = copy.deepcopy(model), padding_rows(model)
+    hf.zero_grad(set_to_none=True)
+    params = [*hf.parameters(), padding]
+    reference = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() > 1], "weight_decay": STEP_TRAIN["weight_decay"]},
+         {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0}],
+        lr=STEP_TRAIN["lr"], betas=(STEP_TRAIN["adam_beta1"], STEP_TRAIN["adam_beta2"]), eps=STEP_TRAIN["adam_eps"],
+        foreach=False, fused=False)
+    hf_loss(hf, tokens, padding).backward()
+    assert torch.nn.utils.clip_grad_norm_(params, STEP_TRAIN["clip_grad"]) > 2 * STEP_TRAIN["clip_grad"]
+    reference.step()
+    before = dict(model.named_parameters())
+    updates = {name: ours["weights"][name] - before[name].detach() for name in ours["weights"]}
+    assert_close_per_tensor(updates, {name: (p - before[name]).detach() for name, p in hf.named_parameters()}, 1e-3)
 
 
 @pytest.mark.slow
