@@ -101,7 +101,16 @@ def _multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale) -> None:
 
 def _fused_adam(params, adam_w_mode: bool = True, **kwargs) -> torch.optim.Optimizer:
     """apex ``FusedAdam``'s constructor (``adam_w_mode``: decoupled weight decay) on torch's fused kernels."""
-    return (torch.optim.AdamW if adam_w_mode else torch.optim.Adam)(params, fused=True, **kwargs)
+    adam = (torch.optim.AdamW if adam_w_mode else torch.optim.Adam)(params, fused=True, **kwargs)
+    adam.register_load_state_dict_post_hook(_keep_fused)
+    return adam
+
+
+def _keep_fused(adam: torch.optim.Optimizer) -> None:
+    """Loading replaces the param groups with the checkpoint's: one saved by the per-parameter loop (an older run,
+    or a GPU run's groups) must not switch the fused kernel off, nor combine it with ``foreach``."""
+    for group in adam.param_groups:
+        group["fused"], group["foreach"] = True, None
 
 
 def install() -> bool:

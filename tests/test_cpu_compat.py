@@ -1,6 +1,8 @@
 """cpu_compat's stand-ins for apex's multi-tensor, gradient-accumulation and Adam kernels, against megatron's own
 CPU fallbacks, the plain formula and torch's per-parameter Adam."""
 
+import copy
+
 import torch
 from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
 
@@ -58,3 +60,24 @@ def test_fused_adam_steps_like_torchs_single_tensor_reference():
             ours.step(), reference.step()
         for mine, theirs in zip(ours_params, reference_params):
             torch.testing.assert_close(mine, theirs)
+
+
+def test_fused_adam_stays_fused_when_loading_a_per_parameter_loop_state():
+    """A checkpoint of torch's per-parameter AdamW (an older run) resumes on the fused kernel, continuing the same
+    trajectory."""
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    saved_params = [torch.nn.Parameter(t) for t in tensors(6)]
+    saved = torch.optim.AdamW(saved_params, foreach=False, **hyper)
+    for p, g in zip(saved_params, tensors(10)):
+        p.grad = g
+    saved.step()
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in saved_params]
+    resumed = cpu_compat._fused_adam(resumed_params, **hyper)
+    resumed.load_state_dict(copy.deepcopy(saved.state_dict()))  # as from a file: no shared moment tensors
+    assert all(group["fused"] and not group["foreach"] for group in resumed.param_groups)
+    for params in (saved_params, resumed_params):
+        for p, g in zip(params, tensors(11)):
+            p.grad = g
+    saved.step(), resumed.step()
+    for mine, theirs in zip(resumed_params, saved_params):
+        torch.testing.assert_close(mine, theirs)
