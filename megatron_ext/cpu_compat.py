@@ -23,7 +23,7 @@ What it changes, and who needs it:
    (``dst.copy_(src * scale)``), ~8% of a CPU optimizer step.
 8. megatron's Adam without TE or apex is torch's ``AdamW`` with its defaults, a Python loop of ~20 kernels per
    parameter on CPU; it becomes torch's fused CPU kernel (``fused=True``, what HF Trainer's default optimizer
-   ``adamw_torch_fused`` runs): a 20M-parameter optimizer step ~44 -> ~22 ms, same update (docs/benchmarks.md).
+   ``adamw_torch_fused`` runs): a 20M-parameter optimizer step ~45 -> ~20 ms, same update (docs/benchmarks.md).
 
 The mode costs ~2 us per torch call. Model code never names CUDA (checked over the test suite: every rewrite
 happens in construction, schedules, optimizers and checkpoints), so :func:`native` runs forward steps without it.

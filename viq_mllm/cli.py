@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     chain = sub.add_parser(
         "viq-chain", help="train a tiny ViQ tokenizer through all four stages (SmolLM2-135M, real offline data)",
         description="stage 1 (text-aligned, EfficientNet-Lite0 teacher) -> stage 2-1 (proximal) -> stage 2-2 (FSQ) "
-                    "-> decoder, through a frozen SmolLM2-135M; ~20 min on 2 CPU cores. Writes report.md, "
+                    "-> decoder, through a frozen SmolLM2-135M; ~27 min on 2 CPU cores. Writes report.md, "
                     "summary.json, loss_terms.png and the final tokenizer (OUT/decoder/tokenizer).")
     chain.add_argument("--out", default="runs/viq_chain", help="output directory (default: runs/viq_chain)")
     chain.set_defaults(func=_viq_chain)
