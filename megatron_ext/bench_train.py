@@ -62,7 +62,10 @@ def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
                                                    recipe.model, recipe.parallel, cfg["vocab"], layout, 0),
                          {"text_size": cfg["vocab"], "padded_size": cfg["vocab"], "text_fingerprint": "random"})
     hf = _hf_model(cfg)
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    decay = [p for p in hf.parameters() if p.dim() > 1]  # megatron (and HF Trainer) spare norms and biases
+    hf_opt = torch.optim.AdamW([{"params": decay}, {"params": [p for p in hf.parameters() if p.dim() == 1],
+                                                    "weight_decay": 0.0}],
+                               lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
     b, s = cfg["micro_batch"], cfg["seq_length"]
     tokens = torch.randint(0, cfg["vocab"], (b, s + 1), generator=torch.Generator().manual_seed(0))
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(b, s),

@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import torch
 
+from viq_mllm import rotary
+
 GOLDEN = math.pi * (math.sqrt(5.0) - 1.0) / 2.0
 
 
@@ -57,8 +59,5 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """:func:`apply_rope` with the angles' cos and sin computed once (shared by q, k and every block)."""
-    pairs = x.shape[-1] // 2
-    first, second = x[..., :pairs].float(), x[..., pairs:].float()
-    rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
-    return rotated.to(x.dtype)
+    """:func:`apply_rope` with the angles' cos and sin computed once (shared by q, k and every block), in fp32."""
+    return rotary.rotate(x.float(), cos, sin).to(x.dtype)
