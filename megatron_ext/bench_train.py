@@ -6,6 +6,10 @@ through megatron (``cpu_compat``), HF's as HF Trainer's default optimizer (``ada
 2.8). The two steps alternate round by round so machine noise hits both alike; the table reports the medians over
 rounds and the ratio ours / HF of each round (median and interquartile range). HF's step runs outside
 megatron_ext's CPU redirection mode, as it would in a process of its own.
+
+Each step is timed in two phases, to show where a difference lies: *gradients* (zeroing, forward with the loss,
+backward; ours also megatron's ``finalize_model_grads``) and *update* (clipping and the AdamW step; ours also the
+LR schedule).
 """
 
 from __future__ import annotations
@@ -71,39 +75,46 @@ def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(b, s),
              "position_ids": torch.arange(s).expand(b, s)}
 
-    def our_step():
-        forward_backward(ours, iter([batch]))
-        optimizer_step(ours)
-
-    @cpu_compat.native
-    def hf_step():
+    def hf_gradients():
         hf_opt.zero_grad(set_to_none=True)
         hf(input_ids=batch["tokens"], labels=tokens[:, :-1].clone()).loss.backward()  # HF shifts labels itself
+
+    def hf_update():
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hf_opt.step()
 
-    times = {"ours": [], "hf": []}
-    for _ in range(2):  # warm-up
-        our_step(), hf_step()
-    for _ in range(rounds):
-        for key, fn in (("ours", our_step), ("hf", hf_step)):
-            began = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - began)
-    ours_t, hf_t = statistics.median(times["ours"]), statistics.median(times["hf"])
-    low, ratio, high = statistics.quantiles([h / o for o, h in zip(times["ours"], times["hf"])], n=4)
+    sides = {"ours": (lambda: forward_backward(ours, iter([batch])), lambda: optimizer_step(ours)),
+             "hf": (cpu_compat.native(hf_gradients), cpu_compat.native(hf_update))}
+    times = {key: {"gradients": [], "update": []} for key in sides}
+    for round_ in range(rounds + 2):  # two warm-up rounds
+        for key, phases in sides.items():
+            for phase, fn in zip(("gradients", "update"), phases):
+                began = time.perf_counter()
+                fn()
+                if round_ >= 2:
+                    times[key][phase].append(time.perf_counter() - began)
+    step = {key: [g + u for g, u in zip(t["gradients"], t["update"])] for key, t in times.items()}
+    low, ratio, high = statistics.quantiles([h / o for o, h in zip(step["ours"], step["hf"])], n=4)
+    median_ms = {key: {phase: 1e3 * statistics.median(v) for phase, v in t.items()} for key, t in times.items()}
     params = sum(p.numel() for p in hf.parameters())
-    return {"config": name, "params": params, "tokens_per_step": b * s, "ours_tokens_per_s": b * s / ours_t,
-            "hf_tokens_per_s": b * s / hf_t, "ratio_ours_over_hf": ratio, "ratio_quartiles": [low, high],
-            "rounds": rounds, "threads": torch.get_num_threads()}
+    return {"config": name, "params": params, "tokens_per_step": b * s,
+            "ours_tokens_per_s": b * s / statistics.median(step["ours"]),
+            "hf_tokens_per_s": b * s / statistics.median(step["hf"]), "ratio_ours_over_hf": ratio,
+            "ratio_quartiles": [low, high], "phase_median_ms": median_ms, "rounds": rounds,
+            "threads": torch.get_num_threads()}
 
 
 def format_table(rows: list[dict]) -> str:
-    return markdown_table(
+    throughput = markdown_table(
         ["config", "params", "tokens/step", "ours tok/s", "HF tok/s", "ours / HF", "quartiles"],
         [[r["config"], f"{r['params'] / 1e6:.2f}M", str(r["tokens_per_step"]), f"{r['ours_tokens_per_s']:.0f}",
           f"{r['hf_tokens_per_s']:.0f}", f"{r['ratio_ours_over_hf']:.3f}x",
           "{:.3f}-{:.3f}".format(*r["ratio_quartiles"])] for r in rows])
+    phases = markdown_table(
+        ["config", "gradients ours (ms)", "gradients HF (ms)", "update ours (ms)", "update HF (ms)"],
+        [[r["config"]] + [f"{r['phase_median_ms'][side][phase]:.1f}" for phase in ("gradients", "update")
+                          for side in ("ours", "hf")] for r in rows])
+    return f"{throughput}\n\nMedian time per phase:\n\n{phases}"
 
 
 def main(argv: list[str] | None = None) -> int:
