@@ -1,9 +1,10 @@
 """``viq-mllm bench train``: tokens/s of our megatron-core training step vs HF transformers' LlamaForCausalLM.
 
 Same shapes (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings, same padded vocabulary), same batch, AdamW with the
-same hyper-parameters and gradient clipping, fp32, one process. Both sides run torch's fused AdamW kernel: ours
-through megatron (``cpu_compat``), HF's as HF Trainer's default optimizer (``adamw_torch_fused`` since torch
-2.8). The two steps alternate round by round so machine noise hits both alike; the table reports the medians over
+same hyper-parameters and gradient clipping, fp32, one process, on the GPU when there is one (both sides, timed
+between synchronizations), else the CPU. HF's optimizer is HF Trainer's default (torch's fused AdamW,
+``adamw_torch_fused`` since torch 2.8); megatron's is the same kernel on CPU (``cpu_compat``) and, on GPU, TE's
+or apex's FusedAdam where installed, torch's multi-tensor AdamW otherwise. The two steps alternate round by round so machine noise hits both alike; the table reports the medians over
 rounds and the ratio ours / HF of each round (median and interquartile range). HF's step runs outside
 megatron_ext's CPU redirection mode, as it would in a process of its own.
 
@@ -22,7 +23,7 @@ import torch
 
 from megatron_ext import cpu_compat
 from megatron_ext.model import build_gpt, transformer_config
-from megatron_ext.parallel import init_distributed, shutdown
+from megatron_ext.parallel import device, init_distributed, shutdown
 from megatron_ext.training import build_trainer, forward_backward, optimizer_step
 from viq_mllm.bench_report import markdown_table, publish
 from viq_mllm.recipe import recipe_from_dict
@@ -60,20 +61,27 @@ def _hf_model(cfg: dict):
     return LlamaForCausalLM(config)
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, so a phase's time is its own (nothing to wait for on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
     recipe = _recipe(cfg, steps=rounds + 10)
     ours = build_trainer(recipe, layout, build_gpt(transformer_config(recipe.model, recipe.parallel, recipe.train),
                                                    recipe.model, recipe.parallel, cfg["vocab"], layout, 0),
                          {"text_size": cfg["vocab"], "padded_size": cfg["vocab"], "text_fingerprint": "random"})
-    hf = _hf_model(cfg)
+    dev = device()
+    hf = _hf_model(cfg).to(dev)
     decay = [p for p in hf.parameters() if p.dim() > 1]  # megatron (and HF Trainer) spare norms and biases
     hf_opt = torch.optim.AdamW([{"params": decay}, {"params": [p for p in hf.parameters() if p.dim() == 1],
                                                     "weight_decay": 0.0}],
                                lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
     b, s = cfg["micro_batch"], cfg["seq_length"]
-    tokens = torch.randint(0, cfg["vocab"], (b, s + 1), generator=torch.Generator().manual_seed(0))
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(b, s),
-             "position_ids": torch.arange(s).expand(b, s)}
+    tokens = torch.randint(0, cfg["vocab"], (b, s + 1), generator=torch.Generator().manual_seed(0)).to(dev)
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(b, s, device=dev),
+             "position_ids": torch.arange(s, device=dev).expand(b, s)}
 
     def hf_gradients():
         hf_opt.zero_grad(set_to_none=True)
@@ -89,8 +97,10 @@ def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
     for round_ in range(rounds + 2):  # two warm-up rounds
         for key, phases in sides.items():
             for phase, fn in zip(("gradients", "update"), phases):
+                _synchronize()
                 began = time.perf_counter()
                 fn()
+                _synchronize()
                 if round_ >= 2:
                     times[key][phase].append(time.perf_counter() - began)
     step = {key: [g + u for g, u in zip(t["gradients"], t["update"])] for key, t in times.items()}
@@ -101,7 +111,7 @@ def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
             "ours_tokens_per_s": b * s / statistics.median(step["ours"]),
             "hf_tokens_per_s": b * s / statistics.median(step["hf"]), "ratio_ours_over_hf": ratio,
             "ratio_quartiles": [low, high], "phase_median_ms": median_ms, "rounds": rounds,
-            "threads": torch.get_num_threads()}
+            "device": str(dev), "threads": torch.get_num_threads()}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -6,7 +6,8 @@
 # 3. Transformer Engine layer spec with bf16 and FP8, only if transformer_engine imports (it usually cannot be
 #    installed on the lent machines: then it says so, and FP8 stays unverified);
 # 4. ViQ encode throughput, packed vs one-by-one, on CUDA;
-# 5. the speed-up benchmark at the real shapes (SigLIP2-g encoder vs Qwen2.5-0.5B/1.5B, 4K and 16K) with MFU
+# 5. our training step vs HF transformers' on CUDA (bench train, fp32, the tiny and 20M configs);
+# 6. the speed-up benchmark at the real shapes (SigLIP2-g encoder vs Qwen2.5-0.5B/1.5B, 4K and 16K) with MFU
 #    against the dense bf16 peak.
 set -uo pipefail
 OUT=${1:-${OUT:-runs/gpu_check}}
@@ -14,9 +15,10 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
 
-python -c "import megatron.core, pydantic, yaml, safetensors" 2>/dev/null \
-  || pip install --no-index --find-links tools/wheels megatron-core psutil pydantic pyyaml safetensors sentencepiece \
-       webdataset tqdm >> "$OUT/gpu_check.log" 2>&1
+python -c "import megatron.core, transformers, pytest, PIL, google.protobuf, pydantic, yaml, safetensors, webdataset" 2>/dev/null \
+  || pip install --no-index --find-links tools/wheels megatron-core transformers pytest pillow psutil pydantic pyyaml \
+       safetensors sentencepiece protobuf webdataset tqdm >> "$OUT/gpu_check.log" 2>&1 \
+  || log "offline install from tools/wheels failed (run tools/fetch_gpu_wheels.sh first; see the log above)"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$OUT/gpu_check.log"
 
 log "packed thd attention and the discrete VLM on CUDA"
@@ -28,7 +30,7 @@ if python -c "import transformer_engine.pytorch" 2>/dev/null; then
   for precision in bf16 fp8; do
     timeout 120 python -m viq_mllm train recipes/tiny_text_cpu.yaml run.dir="$OUT/te_$precision" train.steps=4 \
       train.warmup_steps=1 parallel.transformer_impl=transformer_engine train.precision=$precision \
-      log.wandb=disabled log.progress=false 2>&1 | tail -3 | tee -a "$OUT/gpu_check.log"
+      log.wandb=disabled log.tensorboard=false log.progress=false 2>&1 | tail -3 | tee -a "$OUT/gpu_check.log"
   done
 else
   log "transformer_engine does not import here: TE layer spec and FP8 are NOT verified on this machine"
@@ -38,7 +40,11 @@ log "ViQ encode on CUDA, packed vs one image at a time (issue 3's goal: packed >
 timeout 150 python -m viq_mllm bench encode --archs tiny so400m --sizes 256 512 --images 32 --out "$OUT/encode" 2>&1 \
   | grep -v Warning | tail -8 | tee -a "$OUT/gpu_check.log"
 
+log "training step, ours vs HF LlamaForCausalLM on CUDA (issue 2's goal: ours >= HF)"
+timeout 90 python -m viq_mllm bench train --rounds 20 --out "$OUT/train" 2>&1 | grep -v Warning | tail -9 \
+  | tee -a "$OUT/gpu_check.log"
+
 log "speed-up benchmark, real shapes"
 timeout 300 python -m viq_mllm bench speedup --preset gpu --rounds 2 --out "$OUT/speedup" 2>&1 \
-  | grep -v Warning | tail -12 | tee -a "$OUT/gpu_check.log"
+  | grep -v Warning | tail -30 | tee -a "$OUT/gpu_check.log"  # the table survives a plot failing without matplotlib
 log "done"
