@@ -4,18 +4,25 @@ Same shapes (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings, same padded vocabulary
 same hyper-parameters and gradient clipping, fp32, one process, on the GPU when there is one (both sides, timed
 between synchronizations), else the CPU. HF's optimizer is HF Trainer's default (torch's fused AdamW,
 ``adamw_torch_fused`` since torch 2.8); megatron's is the same kernel on CPU (``cpu_compat``) and, on GPU, TE's
-or apex's FusedAdam where installed, torch's multi-tensor AdamW otherwise. The two steps alternate round by round so machine noise hits both alike; the table reports the medians over
-rounds and the ratio ours / HF of each round (median and interquartile range). HF's step runs outside
-megatron_ext's CPU redirection mode, as it would in a process of its own.
+or apex's FusedAdam where installed, torch's multi-tensor AdamW otherwise. The two steps alternate round by round
+so machine noise hits both alike; the table reports the medians over rounds and the ratio ours / HF of each round
+(median and interquartile range). HF's step runs outside megatron_ext's CPU redirection mode, as it would in a
+process of its own.
 
 Each step is timed in two phases, to show where a difference lies: *gradients* (zeroing, forward with the loss,
 backward; ours also megatron's ``finalize_model_grads``) and *update* (clipping and the AdamW step; ours also the
 LR schedule).
+
+On CPU, glibc's allocator returns large freed blocks to the system and the next step page-faults them back in
+(~1 us per 4 KB). How often depends on each side's allocation pattern (HF's loss allocates three logits-sized
+buffers per step, megatron's works in place), so ``--keep-freed-memory`` reruns the comparison with freed memory
+kept in the process, where neither side faults: the control that separates allocator effects from compute.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
 
@@ -33,6 +40,10 @@ CONFIGS = {
                  vocab=1024, seq_length=256, micro_batch=8),
     "20M": dict(num_layers=6, hidden_size=512, ffn_hidden_size=1408, num_attention_heads=8, num_query_groups=4,
                 vocab=8192, seq_length=256, micro_batch=4),
+    # SmolLM2's vocabulary (the demo's LLM) and proportions: two thirds of the parameters in the tied embedding,
+    # the output layer and the loss a large share of the step, as in small LLMs with real tokenizers
+    "20M-V49k": dict(num_layers=10, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4, num_query_groups=2,
+                     vocab=49152, seq_length=256, micro_batch=4),
 }
 
 
@@ -127,18 +138,34 @@ def format_table(rows: list[dict]) -> str:
     return f"{throughput}\n\nMedian time per phase:\n\n{phases}"
 
 
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory in the process (no heap trimming, no mmap per large block); glibc only."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    if not (libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 1 << 30)):
+        raise OSError("glibc's mallopt refused the trim / mmap thresholds")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="viq-mllm bench train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per side (median reported)")
     parser.add_argument("--out", default="runs/bench_train", help="writes bench_train.json here")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="CPU control run: glibc keeps freed memory, so neither side pays page faults")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the ratio's quartiles need two rounds)")
+    if args.keep_freed_memory:
+        try:
+            keep_freed_memory()
+        except OSError as err:
+            parser.error(f"--keep-freed-memory needs glibc: {err}")
     layout = init_distributed(tp=1, pp=1, seed=0)
     try:
         rows = [bench_config(name, CONFIGS[name], args.rounds, layout) for name in args.configs]
     finally:
         shutdown()
-    publish(args.out, "bench_train.json", {"rows": rows}, format_table(rows))
+    publish(args.out, "bench_train.json", {"keep_freed_memory": args.keep_freed_memory, "rows": rows},
+            format_table(rows))
     return 0
