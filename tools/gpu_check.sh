@@ -41,7 +41,7 @@ timeout 150 python -m viq_mllm bench encode --archs tiny so400m --sizes 256 512 
   | grep -v Warning | tail -8 | tee -a "$OUT/gpu_check.log"
 
 log "training step, ours vs HF LlamaForCausalLM on CUDA (issue 2's goal: ours >= HF)"
-timeout 90 python -m viq_mllm bench train --rounds 20 --out "$OUT/train" 2>&1 | grep -v Warning | tail -9 \
+timeout 120 python -m viq_mllm bench train --rounds 20 --out "$OUT/train" 2>&1 | grep -v Warning | tail -16 \
   | tee -a "$OUT/gpu_check.log"
 
 log "speed-up benchmark, real shapes"
