@@ -6,7 +6,7 @@
 # 3. Transformer Engine layer spec with bf16 and FP8, only if transformer_engine imports (it usually cannot be
 #    installed on the lent machines: then it says so, and FP8 stays unverified);
 # 4. ViQ encode throughput, packed vs one-by-one, on CUDA;
-# 5. our training step vs HF transformers' on CUDA (bench train, fp32, the tiny and 20M configs);
+# 5. our training step vs HF transformers' on CUDA (bench train, fp32, its three configs);
 # 6. the speed-up benchmark at the real shapes (SigLIP2-g encoder vs Qwen2.5-0.5B/1.5B, 4K and 16K) with MFU
 #    against the dense bf16 peak.
 set -uo pipefail
