@@ -14,6 +14,21 @@ def tensors(seed: int, dtype=torch.float32) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=g).to(dtype) for shape in ((3, 4), (7,), (2, 2, 5))]
 
 
+def test_redirection_mode_puts_every_cuda_request_on_the_cpu():
+    """Inside the mode megatron's CUDA idioms land on the CPU, and calls with nothing to rewrite pass unchanged."""
+    t = torch.arange(3.0)
+    with cpu_compat._CudaToCpu():
+        for device in ("cuda", "cuda:0", torch.device("cuda", 0), 0):
+            assert torch.zeros(2, device=device).device.type == "cpu"
+        assert t.cuda() is t and t.pin_memory() is t
+        assert t.to("cuda").device.type == "cpu" and t.to(torch.device("cuda"), torch.float64).dtype == torch.float64
+        assert t.type() == "torch.cuda.FloatTensor"  # megatron's optimizers assert on the CUDA type name
+        assert t.type(torch.float64).dtype == torch.float64
+        assert not torch.empty(2, pin_memory=True).is_pinned()
+        torch.testing.assert_close(torch.add(t, t, alpha=2), torch.tensor([0.0, 3.0, 6.0]))
+        torch.testing.assert_close(torch.mul(t, t), torch.tensor([0.0, 1.0, 4.0]))
+
+
 def test_l2norm_equals_megatrons_fallback():
     lists = [tensors(0), tensors(1)]
     ours, per_tensor = cpu_compat._multi_tensor_l2norm(2048, None, lists, False)
