@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from megatron_ext.vlm import (
     continuous_batch,
     vlm_forward_step,
 )
-from viq_mllm.bench_report import markdown_table, publish
+from viq_mllm.bench_report import markdown_table, publish, timed
 from viq_mllm.data.layout import Document, SequenceBuilder
 from viq_mllm.data.packing import collate, pack
 from viq_mllm.recipe import VisualSection, recipe_from_dict
@@ -142,13 +141,10 @@ def bench_one(preset: Preset, llm_name: str, seq: int, rounds: int, trained_enco
     for r in range(rounds + 1):
         for name in names[r % 3 :] + names[: r % 3]:  # rotate: each variant follows each other one in turn
             trainer, batch = variants[name]
-            sync()
-            began = time.perf_counter()
-            forward_backward(trainer, iter([batch]), vlm_forward_step)
-            optimizer_step(trainer)
-            sync()
+            seconds = timed(lambda: (forward_backward(trainer, iter([batch]), vlm_forward_step),
+                                     optimizer_step(trainer)))
             if r:  # round 0 warms up
-                times[name].append(time.perf_counter() - began)
+                times[name].append(seconds)
     t = {name: statistics.median(v) for name, v in times.items()}
     flops = _flops(llm, vocab, enc_cfg, [len(d) for d in docs], px, len(pixels), trained_encoder)
     image_positions = sum(int(d.visual.sum()) + px // 32 + 2 for d in docs)
@@ -191,16 +187,8 @@ def peak_tflops() -> tuple[float, str]:
         return float("nan"), f"{name}: unknown peak"
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
-    began = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    rate = 5 * 2 * 2048**3 / (time.perf_counter() - began) / 1e12
+    rate = 5 * 2 * 2048**3 / timed(lambda: [a @ b for _ in range(5)]) / 1e12
     return rate, f"CPU ({torch.get_num_threads()} threads): measured fp32 2048^3 GEMM rate {rate * 1e3:.0f} GFLOP/s"
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def format_table(rows: list[dict]) -> str:

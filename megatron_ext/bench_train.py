@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
-import time
 
 import torch
 
@@ -32,7 +31,7 @@ from megatron_ext import cpu_compat
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import device, init_distributed, shutdown
 from megatron_ext.training import build_trainer, forward_backward, optimizer_step
-from viq_mllm.bench_report import markdown_table, publish
+from viq_mllm.bench_report import markdown_table, publish, timed
 from viq_mllm.recipe import recipe_from_dict
 
 CONFIGS = {
@@ -72,12 +71,6 @@ def _hf_model(cfg: dict):
     return LlamaForCausalLM(config)
 
 
-def _synchronize() -> None:
-    """Wait for queued GPU work, so a phase's time is its own (nothing to wait for on CPU)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
     recipe = _recipe(cfg, steps=rounds + 10)
     ours = build_trainer(recipe, layout, build_gpt(transformer_config(recipe.model, recipe.parallel, recipe.train),
@@ -108,12 +101,9 @@ def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
     for round_ in range(rounds + 2):  # two warm-up rounds
         for key, phases in sides.items():
             for phase, fn in zip(("gradients", "update"), phases):
-                _synchronize()
-                began = time.perf_counter()
-                fn()
-                _synchronize()
+                seconds = timed(fn)
                 if round_ >= 2:
-                    times[key][phase].append(time.perf_counter() - began)
+                    times[key][phase].append(seconds)
     step = {key: [g + u for g, u in zip(t["gradients"], t["update"])] for key, t in times.items()}
     low, ratio, high = statistics.quantiles([h / o for o, h in zip(step["ours"], step["hf"])], n=4)
     median_ms = {key: {phase: 1e3 * statistics.median(v) for phase, v in t.items()} for key, t in times.items()}

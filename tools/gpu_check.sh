@@ -15,7 +15,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
 
-python -c "import megatron.core, transformers, pytest, PIL, google.protobuf, pydantic, yaml, safetensors, webdataset" 2>/dev/null \
+python -c "import megatron.core, transformers, pytest, PIL, google.protobuf, pydantic, yaml, safetensors, webdataset" \
+    2>/dev/null \
   || pip install --no-index --find-links tools/wheels megatron-core transformers pytest pillow psutil pydantic pyyaml \
        safetensors sentencepiece protobuf webdataset tqdm >> "$OUT/gpu_check.log" 2>&1 \
   || log "offline install from tools/wheels failed (run tools/fetch_gpu_wheels.sh first; see the log above)"

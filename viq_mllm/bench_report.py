@@ -1,9 +1,25 @@
-"""What every benchmark does at the end: a markdown table on stdout and the numbers as JSON under ``--out``."""
+"""What the benchmarks share: timing a step on whatever device runs it, and at the end a markdown table on stdout
+and the numbers as JSON under ``--out``."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def timed(step: Callable[[], object]) -> float:
+    """Seconds ``step()`` takes, its queued GPU work included (the device is synchronised before and after)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - began
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
