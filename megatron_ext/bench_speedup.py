@@ -9,9 +9,11 @@ For each LLM size and sequence length, three models with the *same* GPT shape se
 - text only: the discrete model's LLM (extended vocabulary included) on the same number of positions, all
   text: the floor, so ``t_d / t_text`` is the cost of the visual embedding alone.
 
-Steps alternate round by round in a rotating order (medians), so noise and the after-effects of one variant's
-large allocations hit all three alike. Reported: speed-up ``1 - t_d / t_c``
-(the paper's ratio), its FLOP-model prediction (``flops.py``), and the discrete overhead ``t_d / t_text``.
+On CPU the steps alternate round by round in a rotating order, so noise and the after-effects of one variant's
+large allocations hit all three alike; on a GPU one variant at a time is resident (the three would not fit
+together at the real shapes). Reported, as medians: speed-up ``1 - t_d / t_c`` (the paper's ratio), its
+FLOP-model prediction (``flops.py``), and the discrete overhead ``t_d / t_text``. A cell that runs out of GPU
+memory is reported as not measured and the run goes on; ``speedup.json`` is rewritten after every cell.
 
 Presets keep the paper's proportions: ``cpu`` scales SigLIP2-g (1.1B) vs Qwen2.5-0.5B / 7B down to an encoder
 about 2x the small LLM and 0.2x the large one, at sequence lengths 512 / 2048 (the paper's 4K / 16K ratio);
@@ -23,6 +25,7 @@ attention and a fixed image size the speed-up would not depend on the sequence l
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +43,7 @@ from megatron_ext.vlm import (
     continuous_batch,
     vlm_forward_step,
 )
-from viq_mllm.bench_report import markdown_table, publish, timed
+from viq_mllm.bench_report import markdown_table, publish, timed, write_json
 from viq_mllm.data.layout import Document, SequenceBuilder
 from viq_mllm.data.packing import collate, pack
 from viq_mllm.recipe import VisualSection, recipe_from_dict
@@ -128,23 +131,15 @@ def bench_one(preset: Preset, llm_name: str, seq: int, rounds: int, trained_enco
     text_row = collate(pack([_text_document(d, preset.text_vocab) for d in docs], seq))
     hidden = llm["hidden_size"]
     section = VisualSection(embedding="table", group=16, viq="unused")
-    variants = {
-        "discrete": (_trainer(preset, llm, seq, vocab.size, lambda gpt: VisualEmbedding(
+    variants = {  # name -> (builds its trainer, its batch)
+        "discrete": (lambda: _trainer(preset, llm, seq, vocab.size, lambda gpt: VisualEmbedding(
             section, vocab, hidden, gpt.embedding.word_embeddings), layout), row),
-        "continuous": (_trainer(preset, llm, seq, vocab.code_offset, lambda gpt: ContinuousVisualEmbedding(
+        "continuous": (lambda: _trainer(preset, llm, seq, vocab.code_offset, lambda gpt: ContinuousVisualEmbedding(
             VisionTransformer(enc_cfg), enc_cfg.width, hidden, trained_encoder), layout),
             continuous_batch(row, vocab, pixels, grids)),
-        "text_only": (_trainer(preset, llm, seq, vocab.size, lambda gpt: None, layout), text_row),
+        "text_only": (lambda: _trainer(preset, llm, seq, vocab.size, lambda gpt: None, layout), text_row),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(rounds + 1):
-        for name in names[r % 3 :] + names[: r % 3]:  # rotate: each variant follows each other one in turn
-            trainer, batch = variants[name]
-            seconds = timed(lambda: (forward_backward(trainer, iter([batch]), vlm_forward_step),
-                                     optimizer_step(trainer)))
-            if r:  # round 0 warms up
-                times[name].append(seconds)
+    times = _one_at_a_time(variants, rounds) if torch.cuda.is_available() else _rotating(variants, rounds)
     t = {name: statistics.median(v) for name, v in times.items()}
     flops = _flops(llm, vocab, enc_cfg, [len(d) for d in docs], px, len(pixels), trained_encoder)
     image_positions = sum(int(d.visual.sum()) + px // 32 + 2 for d in docs)
@@ -154,6 +149,45 @@ def bench_one(preset: Preset, llm_name: str, seq: int, rounds: int, trained_enco
             "speedup": 1 - t["discrete"] / t["continuous"], "overhead_vs_text": t["discrete"] / t["text_only"],
             "predicted_ratio": predicted_speedup(flops["discrete"], flops["continuous"]), "flops": flops,
             "trained_encoder": trained_encoder, "rounds": rounds}
+
+
+def _step_seconds(trainer, batch) -> float:
+    return timed(lambda: (forward_backward(trainer, iter([batch]), vlm_forward_step), optimizer_step(trainer)))
+
+
+def _rotating(variants: dict, rounds: int) -> dict[str, list[float]]:
+    """CPU: every variant resident, steps in a rotating order (each follows each other one in turn), so machine
+    noise and the after-effects of one variant's large allocations hit all alike; round 0 warms up."""
+    built = {name: (build(), batch) for name, (build, batch) in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in built}
+    names = list(built)
+    for r in range(rounds + 1):
+        for name in names[r % 3 :] + names[: r % 3]:
+            seconds = _step_seconds(*built[name])
+            if r:
+                times[name].append(seconds)
+    return times
+
+
+def _one_at_a_time(variants: dict, rounds: int) -> dict[str, list[float]]:
+    """GPU: one variant resident at a time (built, one warm-up step, ``rounds`` timed steps, freed), so a cell
+    needs the memory of its largest variant, not of all three: at the real shapes three trainers (bf16 weights,
+    fp32 gradients, main weights and Adam moments: 18 bytes a parameter) would not fit beside the encoder's
+    activations. The caching allocator and the GPU's steadier clocks make the rotation unnecessary there."""
+    times = {}
+    for name, (build, batch) in variants.items():
+        trainer = build()
+        _step_seconds(trainer, batch)
+        times[name] = [_step_seconds(trainer, batch) for _ in range(rounds)]
+        del trainer
+        _release_memory()
+    return times
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _flops(llm: dict, vocab: Vocab, enc_cfg: ViQConfig, lengths: list[int], px: int, images: int,
@@ -228,27 +262,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant (medians)")
     parser.add_argument("--frozen-encoder", action="store_true", help="baseline encoder forward-only")
-    parser.add_argument("--out", default="runs/bench_speedup")
+    parser.add_argument("--llms", nargs="+", help="only these LLMs of the preset (default: all)")
+    parser.add_argument("--seq-lengths", nargs="+", type=int, help="only these sequence lengths of the preset")
+    parser.add_argument("--out", default="runs/bench_speedup",
+                        help="writes speedup.json here after every cell (a stopped run keeps what it measured)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    layout = init_distributed(tp=1, pp=1, seed=0)
-    rows = []
-    try:
-        for llm in preset.llms:
-            for seq in preset.seq_lengths:
-                rows.append(bench_one(preset, llm, seq, args.rounds, not args.frozen_encoder, layout))
-                print(f"  {llm} seq {seq}: speed-up {rows[-1]['speedup']:.0%} "
-                      f"(predicted {rows[-1]['predicted_ratio']:.0%})", flush=True)
-    finally:
-        shutdown()
+    llms = _chosen(parser, "--llms", args.llms, list(preset.llms))
+    seqs = _chosen(parser, "--seq-lengths", args.seq_lengths, list(preset.seq_lengths))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     peak, peak_note = peak_tflops()
-    for r in rows:
-        r["mfu"] = {k: r["flops"][k] / r[f"t_{k}"] / 1e12 / peak for k in ("discrete", "continuous", "text_only")}
+    rows, not_measured = [], []
+    payload = {"preset": args.preset, "device": device, "peak": peak_note, "rows": rows, "not_measured": not_measured}
+    layout = init_distributed(tp=1, pp=1, seed=0)
+    try:
+        for llm in llms:
+            for seq in seqs:
+                try:
+                    rows.append(_with_mfu(bench_one(preset, llm, seq, args.rounds, not args.frozen_encoder, layout),
+                                          peak))
+                    print(f"  {llm} seq {seq}: speed-up {rows[-1]['speedup']:.0%} "
+                          f"(predicted {rows[-1]['predicted_ratio']:.0%})", flush=True)
+                except torch.OutOfMemoryError as err:
+                    not_measured.append({"llm": llm, "seq_len": seq,
+                                         "reason": "out of memory: " + str(err).splitlines()[0]})
+                    print(f"  {llm} seq {seq}: {not_measured[-1]['reason']}", flush=True)
+                _release_memory()
+                write_json(args.out, "speedup.json", payload)
+    finally:
+        shutdown()
     mfu = f"MFU against {peak_note}: " + ", ".join(
         f"{r['llm']}@{r['seq_len']} discrete {r['mfu']['discrete']:.0%} / continuous {r['mfu']['continuous']:.0%}"
         for r in rows)
-    path = publish(args.out, "speedup.json", {"preset": args.preset, "device": device, "peak": peak_note,
-                                              "rows": rows}, format_table(rows) + "\n" + mfu)
-    plot(rows, path.with_suffix(".png"))
+    skipped = "".join(f"\nnot measured: {m['llm']}@{m['seq_len']} ({m['reason']})" for m in not_measured)
+    path = publish(args.out, "speedup.json", payload, format_table(rows) + "\n" + mfu + skipped)
+    if rows:
+        plot(rows, path.with_suffix(".png"))
     return 0
+
+
+def _chosen(parser: argparse.ArgumentParser, flag: str, asked: list | None, offered: list) -> list:
+    unknown = [x for x in asked or [] if x not in offered]
+    if unknown:
+        parser.error(f"{flag}: {unknown} not in the preset, which has {offered}")
+    return [x for x in offered if x in asked] if asked else offered
+
+
+def _with_mfu(row: dict, peak: float) -> dict:
+    row["mfu"] = {k: row["flops"][k] / row[f"t_{k}"] / 1e12 / peak for k in ("discrete", "continuous", "text_only")}
+    return row

@@ -31,7 +31,7 @@ from megatron_ext import cpu_compat
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import device, init_distributed, shutdown
 from megatron_ext.training import build_trainer, forward_backward, optimizer_step
-from viq_mllm.bench_report import markdown_table, publish, timed
+from viq_mllm.bench_report import markdown_table, publish, timed, write_json
 from viq_mllm.recipe import recipe_from_dict
 
 CONFIGS = {
@@ -151,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
             keep_freed_memory()
         except OSError as err:
             parser.error(f"--keep-freed-memory needs glibc: {err}")
+    rows = []
+    payload = {"keep_freed_memory": args.keep_freed_memory, "rows": rows}
     layout = init_distributed(tp=1, pp=1, seed=0)
     try:
-        rows = [bench_config(name, CONFIGS[name], args.rounds, layout) for name in args.configs]
+        for name in args.configs:
+            rows.append(bench_config(name, CONFIGS[name], args.rounds, layout))
+            write_json(args.out, "bench_train.json", payload)  # a run stopped part-way keeps what it measured
     finally:
         shutdown()
-    publish(args.out, "bench_train.json", {"keep_freed_memory": args.keep_freed_memory, "rows": rows},
-            format_table(rows))
+    publish(args.out, "bench_train.json", payload, format_table(rows))
     return 0

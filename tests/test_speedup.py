@@ -91,3 +91,58 @@ def test_speedup_benchmark_writes_the_table(tmp_path):
         # the discrete model is its own LLM on the same positions: the FLOP model charges the codes nothing
         assert r["flops"]["discrete"] == pytest.approx(r["flops"]["text_only"]) and 0 < r["image_share"] < 1
     assert (tmp_path / "speedup.png").stat().st_size > 0
+
+
+def _fake_cell(preset, llm, seq, rounds, trained_encoder, layout):
+    if (llm, seq) == ("large", 512):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB\nmore detail")
+    flops = {"discrete": 1e9, "continuous": 2e9, "text_only": 1e9}
+    return {"llm": llm, "seq_len": seq, "t_discrete": 1.0, "t_continuous": 2.0, "t_text_only": 1.0, "speedup": 0.5,
+            "predicted_ratio": 0.5, "overhead_vs_text": 1.0, "flops": flops}
+
+
+def test_speedup_cells_run_in_preset_order_and_one_out_of_memory_does_not_end_the_run(tmp_path, monkeypatch, capsys):
+    from megatron_ext import bench_speedup
+
+    monkeypatch.setattr(bench_speedup, "bench_one", _fake_cell)
+    bench_speedup.main(["--preset", "tiny", "--llms", "large", "--seq-lengths", "512", "256", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "speedup.json").read_text())
+    assert [(r["llm"], r["seq_len"]) for r in result["rows"]] == [("large", 256)]
+    assert result["not_measured"] == [{"llm": "large", "seq_len": 512,
+                                       "reason": "out of memory: CUDA out of memory. Tried to allocate 40.00 GiB"}]
+    assert "not measured: large@512 (out of memory" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_speedup.main(["--preset", "tiny", "--llms", "huge", "--out", str(tmp_path)])
+    assert "--llms: ['huge'] not in the preset, which has ['small', 'large']" in capsys.readouterr().err
+
+
+def test_on_a_gpu_one_variant_at_a_time_is_resident(monkeypatch):
+    """At the real shapes three trainers do not fit on one GPU beside the encoder's activations: each variant's
+    trainer (model, optimizer) must be freed before the next is built, with megatron holding no reference."""
+    import gc
+    import weakref
+
+    from megatron_ext import bench_speedup
+    from megatron_ext.parallel import init_distributed, shutdown
+
+    built = []
+
+    def tracked(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        gc.collect()
+        alive_before = [r() for r in built if r() is not None]
+        built.extend([weakref.ref(trainer.model), weakref.ref(trainer.optimizer)])
+        assert alive_before == [], "a previous variant's trainer is still resident"
+        return trainer
+
+    build = bench_speedup._trainer
+    monkeypatch.setattr(bench_speedup, "_trainer", tracked)
+    monkeypatch.setattr(bench_speedup, "_rotating", bench_speedup._one_at_a_time)  # the GPU path, on this CPU
+    layout = init_distributed(tp=1, pp=1, seed=0)
+    try:
+        row = bench_speedup.bench_one(bench_speedup.PRESETS["tiny"], "small", 256, 1, True, layout)
+    finally:
+        shutdown()
+    gc.collect()
+    assert len(built) == 6 and all(r() is None for r in built)
+    assert min(row["t_discrete"], row["t_continuous"], row["t_text_only"]) > 0

@@ -28,11 +28,18 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def publish(out: str | Path, filename: str, payload: dict, table: str) -> Path:
+def write_json(out: str | Path, filename: str, payload: dict) -> Path:
+    """``out/filename`` holds ``payload``; benchmarks with long cells call it after each one, so a run stopped
+    part-way (a time limit, a crash) keeps what it measured."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / filename
     path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def publish(out: str | Path, filename: str, payload: dict, table: str) -> Path:
+    path = write_json(out, filename, payload)
     print(table)
     print(f"wrote {path}")
     return path
