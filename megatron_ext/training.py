@@ -61,8 +61,15 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab_
     ``vocab_meta`` describes the embedding rows (``text_size``, ``padded_size``, ``text_fingerprint`` and, for
     multimodal models, ``vocab_fingerprint``); it goes into every checkpoint's ``model.json``. ``packed``: each
     micro-batch is one thd sequence of ``micro_batch_size`` rows (the schedule then sees batch 1).
+
+    bf16 / fp8 runs hold every parameter in bf16, as Megatron-LM's ``Float16Module`` does: megatron's local-spec
+    norms and the plain-torch visual modules are built in fp32, and megatron's optimizer cannot checkpoint a model
+    that mixes the two (its state would not line up with the parameters). Each module casts its own float inputs
+    (pixels) to its weights' dtype; rotary angles, FSQ and the losses compute in fp32 whatever the weights.
     """
     t, p = recipe.train, recipe.parallel
+    if t.precision in ("bf16", "fp8"):
+        model.bfloat16()
     config = model.config
     ddp = DistributedDataParallel(
         config,

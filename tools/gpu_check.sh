@@ -10,7 +10,8 @@
 #
 # 0. megatron-core & co from tools/wheels (tools/fetch_gpu_wheels.sh; carry tools/wheels) if the image lacks them;
 # 1. our training step vs HF transformers' on CUDA (bench train, fp32, three configs: issue 2's ours >= HF);
-# 2. correctness on CUDA: packed thd attention == per-document (SDPA core attention), bf16 VLM steps;
+# 2. correctness on CUDA: packed thd attention == per-document (SDPA core attention); bf16 runs checkpoint,
+#    resume exactly and follow fp32 (tests/test_bf16.py);
 # 3. the speed-up at the real shapes (SigLIP2-g-sized encoder vs Qwen2.5-0.5B/1.5B), 4K, encoder trained;
 # 4. ViQ encode throughput, packed vs one image at a time (issue 3's goal: packed >= 2x);
 # 5. the speed-up at 16K with the encoder forward-only (trained, its activations alone exceed one GPU);
@@ -50,8 +51,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$OUT/gpu_check.l
 
 step 100 40 16 "1. training step, ours vs HF LlamaForCausalLM on CUDA (issue 2: ours >= HF)" -- \
   $PY -m viq_mllm bench train --rounds 20 --out "$OUT/train"
-step 150 60 5 "2. packed thd attention and the discrete VLM on CUDA" -- \
-  $PY -m pytest -q -x -p no:cacheprovider tests/test_vlm.py -k "packed_row"
+step 150 60 5 "2. packed thd attention, bf16 runs on CUDA" -- \
+  $PY -m pytest -q -p no:cacheprovider tests/test_vlm.py::test_document_logits_inside_a_packed_row_equal_alone \
+  tests/test_bf16.py
 step 200 90 12 "3. speed-up, real shapes, 4K, encoder trained" -- \
   $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 4096 --rounds 2 --out "$OUT/speedup_4k"
 step 90 45 8 "4. ViQ encode on CUDA, packed vs one image at a time (issue 3: packed >= 2x)" -- \

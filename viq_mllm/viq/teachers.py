@@ -77,7 +77,8 @@ class EfficientNetTeacher(Frozen):
     @torch.no_grad()
     def forward(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """-> ``[n, 1280]``."""
-        return self.net.extract_features(resize_square(pixels, self.resolution)).mean(dim=(2, 3))
+        squares = resize_square(pixels, self.resolution).to(next(self.net.parameters()).dtype)
+        return self.net.extract_features(squares).mean(dim=(2, 3))
 
 
 def build_teacher(kind: str, vit: VisionTransformer, resolution: int) -> nn.Module:

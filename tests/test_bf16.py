@@ -1,0 +1,61 @@
+"""bf16, the precision of every GPU recipe, run on CPU: every parameter in bf16, checkpoints that resume exactly,
+losses that follow the fp32 run within bf16's precision."""
+
+import dataclasses
+
+import pytest
+import torch
+
+COMMON = ["train.steps=6", "train.decay_steps=6", "train.warmup_steps=2"]
+BF16 = [*COMMON, "train.precision=bf16"]
+
+
+@pytest.mark.slow
+def test_a_bf16_run_checkpoints_resumes_exactly_and_follows_fp32(tiny):
+    straight = tiny("straight", *BF16)
+    tiny("stopped", *BF16, "train.steps=3", "checkpoint.every=3")
+    resumed = tiny("stopped", *BF16, "checkpoint.every=3")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-6)
+    fp32 = tiny("fp32", *COMMON)
+    relative = [abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(straight, fp32)]
+    assert 1e-5 < max(relative) < 1e-2, relative  # bf16 really ran, and trained along the fp32 run
+    assert straight[-1]["loss"] < straight[0]["loss"] - 0.3
+
+
+def test_a_bf16_vlm_holds_every_parameter_in_bf16_and_takes_fp32_pixels(monkeypatch):
+    """megatron's local-spec norms and the plain-torch encoder are built in fp32; a bf16 run must not mix the two
+    (megatron's optimizer could not checkpoint it, and the encoder would run at fp32 speed on a GPU)."""
+    from megatron_ext import bench_speedup
+    from megatron_ext.parallel import init_distributed, shutdown
+
+    dtypes = set()
+
+    def recorded(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        dtypes.update(p.dtype for p in trainer.model.parameters())
+        return trainer
+
+    build = bench_speedup._trainer
+    monkeypatch.setattr(bench_speedup, "_trainer", recorded)
+    preset = dataclasses.replace(bench_speedup.PRESETS["tiny"], precision="bf16")
+    layout = init_distributed(tp=1, pp=1, seed=0)
+    try:
+        row = bench_speedup.bench_one(preset, "small", 256, 1, True, layout)
+    finally:
+        shutdown()
+    assert dtypes == {torch.bfloat16}
+    assert min(row["t_discrete"], row["t_continuous"], row["t_text_only"]) > 0
+
+
+def test_a_bf16_teacher_takes_fp32_pixels():
+    """The tokenizer stages' teachers sit inside the trained model, so a bf16 run casts them too; pixels stay fp32
+    (they are also the reconstruction target)."""
+    from viq_mllm.viq.teachers import EfficientNetTeacher
+
+    teacher = EfficientNetTeacher(resolution=64)
+    pixels = [torch.rand(3, 48, 80) * 2 - 1, torch.rand(3, 64, 64) * 2 - 1]
+    reference = teacher(pixels)
+    features = teacher.bfloat16()(pixels)
+    assert features.dtype == torch.bfloat16 and features.shape == (2, 1280)
+    assert torch.nn.functional.cosine_similarity(features.float(), reference, dim=-1).min() > 0.99
