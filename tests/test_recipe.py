@@ -24,6 +24,7 @@ from viq_mllm.recipe import RecipeError, load_recipe
         (["train.global_batch_size=6"], 4, "train.global_batch_size=6 is not divisible by train.micro_batch_size=2"),
         (["train.steps=3"], 1, "train.warmup_steps=5 must be smaller than the decay length 3"),
         (["run"], 1, "override 'run' is not of the form key=value"),
+        (["data.tokenizer=/models/qwen"], 1, "data.tokenizer: String should match pattern '^(bytes|hf:.+|sentencep"),
     ],
 )
 def test_bad_recipe_names_the_field(overrides, world, message):

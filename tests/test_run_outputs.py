@@ -31,6 +31,23 @@ def test_run_dir_contents(tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
+    _generate_checks_the_tokenizer(run_dir / "checkpoints" / "step_00000003", tmp_path)
+
+
+def _generate_checks_the_tokenizer(checkpoint, tmp_path):
+    """``generate`` takes the run's own tokenizer spec and refuses another one, naming both fingerprints."""
+    from viq_mllm.vocab.text_tokenizers import train_sentencepiece
+
+    ids = tmp_path / "ids.txt"
+    viq_mllm("generate", "--checkpoint", str(checkpoint), "--tokenizer", "bytes", "--prompt", "def f",
+             "--max-new-tokens", "3", "--output-ids", str(ids))
+    assert all(0 <= int(i) < 257 for i in ids.read_text().split())
+    other = train_sentencepiece(["a few words to learn a small vocabulary from"] * 40, tmp_path / "other.model", 300)
+    refused = viq_mllm("generate", "--checkpoint", str(checkpoint), "--tokenizer", str(other), check=False)
+    assert refused.returncode != 0
+    assert "is text-" in refused.stderr and "trained with bytes-utf8-v1" in refused.stderr
+    missing = viq_mllm("generate", "--checkpoint", str(checkpoint), "--tokenizer", str(tmp_path / "nope"), check=False)
+    assert missing.returncode != 0 and "no such file or folder" in missing.stderr
 
 
 SCRIPT = textwrap.dedent(

@@ -111,10 +111,21 @@ def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
     from megatron_ext.vlm_eval import greedy_text, load_text_model
     from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
 
+    from megatron_ext.checkpoint import read_meta
+
     if not args.tokenizer:
-        raise SystemExit("viq-mllm generate: a text model needs --tokenizer (HF folder or SentencePiece .model)")
+        raise SystemExit("viq-mllm generate: a text model needs --tokenizer (HF folder, SentencePiece .model or "
+                         "bytes)")
     path = Path(args.tokenizer)
-    tokenizer = load_text_tokenizer(f"{'sentencepiece' if path.suffix == '.model' else 'hf'}:{path}")
+    if args.tokenizer != "bytes" and not path.exists():
+        raise SystemExit(f"viq-mllm generate: --tokenizer {path}: no such file or folder")
+    spec = "bytes" if args.tokenizer == "bytes" else f"{'sentencepiece' if path.suffix == '.model' else 'hf'}:{path}"
+    tokenizer = load_text_tokenizer(spec)
+    trained_with = read_meta(args.checkpoint)["vocab"].get("text_fingerprint")
+    if trained_with is not None and tokenizer.fingerprint != trained_with:
+        raise SystemExit(f"viq-mllm generate: --tokenizer {args.tokenizer} is {tokenizer.fingerprint}, the checkpoint "
+                         f"was trained with {trained_with}; pass the tokenizer of its run (its recipe.yaml: "
+                         "data.tokenizer)")
     gpt, meta = load_text_model(args.checkpoint)
     ids = greedy_text(gpt, tokenizer.encode(args.prompt), args.max_new_tokens, tokenizer.eod,
                       meta["vocab"]["text_size"])
@@ -224,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "tokenized with --tokenizer.")
     gen.add_argument("--checkpoint", required=True, help="checkpoints/step_XXXXXXXX, or a converted checkpoint")
     gen.add_argument("--image", default=None, help="image for a VLM checkpoint")
-    gen.add_argument("--tokenizer", default=None, help="text models: HF tokenizer folder or SentencePiece .model")
+    gen.add_argument("--tokenizer", default=None, help="text models: HF tokenizer folder, SentencePiece .model, "
+                     "or bytes (checked against the checkpoint's tokenizer fingerprint)")
     gen.add_argument("--prompt", default="", help="text to continue, or the question for chat VLMs")
     gen.add_argument("--max-new-tokens", type=int, default=24)
     gen.add_argument("--output-ids", default=None, help="also write the generated ids to this file")

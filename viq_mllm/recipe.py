@@ -15,10 +15,10 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from viq_mllm.vocab import MAX_TP
 
@@ -92,6 +92,11 @@ class ModelSection(_Section):
         return self.num_query_groups or self.num_attention_heads
 
 
+#: ``bytes``, ``hf:DIR`` or ``sentencepiece:FILE`` (the path is checked where it is opened: GPU recipes name paths
+#: of the cluster they run on)
+TokenizerSpec = Annotated[str, StringConstraints(pattern=r"^(bytes|hf:.+|sentencepiece:.+)$")]
+
+
 class DataSection(_Section):
     """Text for language-model runs.
 
@@ -102,7 +107,7 @@ class DataSection(_Section):
 
     kind: Literal["text"] = "text"
     text_files: list[str] = Field(default_factory=list)
-    tokenizer: str = "bytes"
+    tokenizer: TokenizerSpec = "bytes"
 
 
 class CodeSource(_Section):
@@ -129,7 +134,7 @@ class ImagesDataSection(_Section):
 
     kind: Literal["images"]
     sources: list[CodeSource] = Field(min_length=1)
-    tokenizer: str = "bytes"
+    tokenizer: TokenizerSpec = "bytes"
 
 
 class InitSection(_Section):
@@ -272,7 +277,10 @@ def recipe_from_dict(raw: dict) -> Recipe:
 
 
 def _describe(error: dict) -> str:
-    field = ".".join(str(p) for p in error["loc"])
+    loc = error["loc"]
+    if loc[:1] == ("data",) and len(loc) > 2:  # pydantic puts the data section's kind (its union tag) in the path
+        loc = loc[:1] + loc[2:]
+    field = ".".join(str(p) for p in loc)
     if error["type"] == "extra_forbidden":
         hint = _did_you_mean(error["loc"])
         return f"  {field}: unknown key{hint}"

@@ -79,11 +79,11 @@ def load_text_tokenizer(spec: str) -> TextTokenizer:
     if spec == "bytes":
         return ByteTokenizer()
     kind, sep, path = spec.partition(":")
-    if sep and kind == "hf":
-        return HFTextTokenizer(path)
-    if sep and kind == "sentencepiece":
-        return SentencePieceTokenizer(path)
-    raise ValueError(f"data.tokenizer={spec!r}: expected 'bytes', 'hf:DIR' or 'sentencepiece:FILE'")
+    if not sep or kind not in ("hf", "sentencepiece"):
+        raise ValueError(f"data.tokenizer={spec!r}: expected 'bytes', 'hf:DIR' or 'sentencepiece:FILE'")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"data.tokenizer={spec}: no such {'folder' if kind == 'hf' else 'file'}")
+    return HFTextTokenizer(path) if kind == "hf" else SentencePieceTokenizer(path)
 
 
 #: The files of an HF folder that define its tokenizer (not the weights or the model config beside them).
