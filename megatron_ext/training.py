@@ -30,7 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_ext import checkpoint, cpu_compat
 from megatron_ext.parallel import Layout, device
 from viq_mllm.metrics import MetricsLog
-from viq_mllm.recipe import Recipe, dump_recipe
+from viq_mllm.recipe import ModelSection, Recipe, dump_recipe
 
 
 class NonFiniteLossError(RuntimeError):
@@ -194,6 +194,27 @@ def check_same_vocab(found: dict, expected: dict, where: Path) -> None:
                 f"{where}: checkpoint {key} is {found.get(key)!r}, this run expects {expected.get(key)!r}; "
                 "point run.dir / init.checkpoint at a checkpoint of the same vocabulary (or resize-vocab it)"
             )
+
+
+def check_same_model(model: ModelSection, found: dict, where: Path) -> None:
+    """Refuse ``init.checkpoint`` when its ``model.json`` describes another network than the recipe's model
+    section, naming the field (dropout and sequence length may change between runs)."""
+    ours = model.model_dump(mode="json")
+    for key, value in found.items():
+        if key in ("visual", "seq_length", "hidden_dropout", "attention_dropout") or key not in ours:
+            continue
+        same = math.isclose(ours[key], value, rel_tol=1e-6) if isinstance(value, float) else ours[key] == value
+        if not same:
+            raise CheckpointMismatch(f"model.{key}={ours[key]!r} but init.checkpoint={where} has {value!r}")
+
+
+def initialize_from(path: Path, model: torch.nn.Module, recipe_model: ModelSection, vocab_meta: dict) -> None:
+    """Load ``init.checkpoint``'s weights into a freshly built model, after checking it is the same network and
+    vocabulary (both fingerprints shown otherwise)."""
+    meta = checkpoint.read_meta(path)
+    check_same_vocab(meta["vocab"], vocab_meta, path)
+    check_same_model(recipe_model, meta["model"], path)
+    checkpoint.load_model(path, model)
 
 
 def run_training(

@@ -14,7 +14,6 @@ The decoder stage has no language model and runs :func:`viq_mllm.viq.decoder_sta
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +23,7 @@ import torch
 from megatron_ext import checkpoint, vlm_eval
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import Layout, device, init_distributed
-from megatron_ext.training import build_trainer, masked_loss, run_training
+from megatron_ext.training import build_trainer, check_same_model, masked_loss, run_training
 from megatron_ext.vlm import ContinuousVisualEmbedding, VisionLanguageModel, packed_params
 from viq_mllm.data.captioned import CaptionedImages, images_for_step, load_captioned
 from viq_mllm.data.layout import projected_caption_document
@@ -46,14 +45,7 @@ class LanguageModelMismatch(ValueError):
 
 def check_language_model(recipe: Recipe, meta: dict, text_fingerprint: str) -> None:
     """The recipe's model section and text tokenizer must be those of ``init.checkpoint``."""
-    ours = recipe.model.model_dump(mode="json")
-    for key, value in meta["model"].items():
-        if key in ("visual", "seq_length", "hidden_dropout", "attention_dropout") or key not in ours:
-            continue
-        same = math.isclose(ours[key], value, rel_tol=1e-6) if isinstance(value, float) else ours[key] == value
-        if not same:
-            raise LanguageModelMismatch(f"model.{key}={ours[key]!r} but init.checkpoint={recipe.init.checkpoint} "
-                                        f"has {value!r}")
+    check_same_model(recipe.model, meta["model"], recipe.init.checkpoint)
     found = meta["vocab"].get("text_fingerprint")
     if found is not None and found != text_fingerprint:
         raise LanguageModelMismatch(f"data.tokenizer={recipe.data.tokenizer} is {text_fingerprint}, "

@@ -14,7 +14,7 @@ import torch
 from megatron_ext import checkpoint
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import Layout, device, init_distributed
-from megatron_ext.training import build_trainer, check_same_vocab, run_training
+from megatron_ext.training import build_trainer, initialize_from, run_training
 from megatron_ext.vlm import (
     ContinuousVisualEmbedding,
     VisionLanguageModel,
@@ -92,12 +92,6 @@ class PixelSource:
         return continuous_batch(batch, self.vocab, [p for p, _ in loaded], [g for _, g in loaded])
 
 
-def initialize_from(path: Path, vlm: VisionLanguageModel, expected: dict) -> None:
-    meta = checkpoint.read_meta(path)
-    check_same_vocab(meta["vocab"], expected, path)
-    checkpoint.load_model(path, vlm if meta["model"].get("visual") else vlm.gpt)
-
-
 def train_vlm(recipe: Recipe) -> list[dict]:
     p, t, m = recipe.parallel, recipe.train, recipe.model
     layout = init_distributed(p.tp, p.pp, t.seed)
@@ -112,7 +106,8 @@ def train_vlm(recipe: Recipe) -> list[dict]:
     vlm = build_vlm(recipe, tokenizer, layout)
     meta = vocab_meta(recipe, tokenizer)
     if recipe.init.checkpoint and checkpoint.latest(Path(recipe.run.dir) / "checkpoints") is None:
-        initialize_from(Path(recipe.init.checkpoint), vlm, meta)
+        path = Path(recipe.init.checkpoint)  # a VLM checkpoint, or a GPT one (resize-vocab's output)
+        initialize_from(path, vlm if checkpoint.read_meta(path)["model"].get("visual") else vlm.gpt, m, meta)
     trainer = build_trainer(recipe, layout, vlm, meta, packed=True)
     if layout.rank == 0:
         padding = [round(s.padding_fraction, 4) for s in dataset.sources]

@@ -15,11 +15,17 @@ from viq_mllm.metrics import read_metrics
 REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens", "step_time_s", "tokens_per_s"}
 
 
-@pytest.mark.slow
-def test_run_dir_contents(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("three") / "run"
     viq_mllm("train", TINY, f"run.dir={run_dir}", "train.steps=3", "train.warmup_steps=1", "checkpoint.every=3",
              "log.progress=false")
+    return run_dir
+
+
+@pytest.mark.slow
+def test_run_dir_contents(three_steps):
+    run_dir = three_steps
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert saved["train"]["steps"] == 3 and saved["run"]["dir"] == str(run_dir)
     rows = read_metrics(run_dir)
@@ -31,13 +37,14 @@ def test_run_dir_contents(tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
-    _generate_checks_the_tokenizer(run_dir / "checkpoints" / "step_00000003", tmp_path)
 
 
-def _generate_checks_the_tokenizer(checkpoint, tmp_path):
+@pytest.mark.slow
+def test_generate_checks_the_tokenizer(three_steps, tmp_path):
     """``generate`` takes the run's own tokenizer spec and refuses another one, naming both fingerprints."""
     from viq_mllm.vocab.text_tokenizers import train_sentencepiece
 
+    checkpoint = three_steps / "checkpoints" / "step_00000003"
     ids = tmp_path / "ids.txt"
     viq_mllm("generate", "--checkpoint", str(checkpoint), "--tokenizer", "bytes", "--prompt", "def f",
              "--max-new-tokens", "3", "--output-ids", str(ids))
@@ -48,6 +55,20 @@ def _generate_checks_the_tokenizer(checkpoint, tmp_path):
     assert "is text-" in refused.stderr and "trained with bytes-utf8-v1" in refused.stderr
     missing = viq_mllm("generate", "--checkpoint", str(checkpoint), "--tokenizer", str(tmp_path / "nope"), check=False)
     assert missing.returncode != 0 and "no such file or folder" in missing.stderr
+
+
+@pytest.mark.slow
+def test_a_text_run_starts_from_init_checkpoint_and_refuses_another_network(three_steps, tmp_path):
+    """Same seed, same first batch: from the 3-step weights the first loss is lower than from a fresh init (which
+    is the first run's first loss, exactly)."""
+    checkpoint = three_steps / "checkpoints" / "step_00000003"
+    fresh = read_metrics(three_steps)[0]["loss"]
+    viq_mllm("train", TINY, f"run.dir={tmp_path / 'init'}", f"init.checkpoint={checkpoint}", "train.steps=1",
+             "train.warmup_steps=0", *QUIET)
+    assert read_metrics(tmp_path / "init")[0]["loss"] < fresh - 0.2
+    other = viq_mllm("train", TINY, f"run.dir={tmp_path / 'other'}", f"init.checkpoint={checkpoint}",
+                     "model.num_layers=2", "train.steps=1", "train.warmup_steps=0", *QUIET, check=False)
+    assert other.returncode != 0 and f"model.num_layers=2 but init.checkpoint={checkpoint} has 4" in other.stderr
 
 
 SCRIPT = textwrap.dedent(
