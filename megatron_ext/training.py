@@ -198,10 +198,10 @@ def check_same_vocab(found: dict, expected: dict, where: Path) -> None:
 
 def check_same_model(model: ModelSection, found: dict, where: Path) -> None:
     """Refuse ``init.checkpoint`` when its ``model.json`` describes another network than the recipe's model
-    section, naming the field (dropout and sequence length may change between runs)."""
+    section, naming the field (dropout, sequence length and the init scale may change between runs)."""
     ours = model.model_dump(mode="json")
     for key, value in found.items():
-        if key in ("visual", "seq_length", "hidden_dropout", "attention_dropout") or key not in ours:
+        if key in ("visual", "seq_length", "hidden_dropout", "attention_dropout", "init_std") or key not in ours:
             continue
         same = math.isclose(ours[key], value, rel_tol=1e-6) if isinstance(value, float) else ours[key] == value
         if not same:
