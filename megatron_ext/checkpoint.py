@@ -143,19 +143,39 @@ def remove_incomplete(ckpt_root: Path) -> None:
     dist.barrier()
 
 
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam step count, the one its group was saved with.
+
+    megatron's distributed optimizer over torch's Adam (no apex / TE: the CPU, and GPUs without them) keeps the
+    step in its param groups; loading leaves all parameters sharing one step tensor, and one holding the loading
+    template's value (1), so torch's Adam bias-corrected with the wrong step and advanced the shared count once per
+    parameter: a resumed run drifted from the uninterrupted one from its first update on."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            if "step" not in group:  # torch's own layout (the non-distributed optimizers): already per parameter
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                if "step" in state:
+                    state["step"] = torch.full_like(state["step"], float(group["step"]))
+
+
 def load(path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
     """Restore everything saved by :func:`save` into freshly built objects; returns (step, counters)."""
     common = dist_checkpointing.load_common_state_dict(str(path))
-    if hasattr(optimizer, "_init_optimizer_states_with_dummy_values"):
-        optimizer._init_optimizer_states_with_dummy_values()
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):  # megatron returns a ChainedOptimizer
+        if hasattr(part, "_init_optimizer_states_with_dummy_values"):  # the distributed optimizer's state is
+            part._init_optimizer_states_with_dummy_values()  # allocated lazily; loading fills it in place
     sharded = _sharded_state(model, optimizer, scheduler, 0, {}, is_loading=True)
     same_world = common["world_size"] == dist.get_world_size()
     if not same_world:
         sharded.pop("rng")
-    with torch.no_grad():
+    with torch.no_grad():  # the distributed optimizer copies into views of the (fp32) parameters
         state = dist_checkpointing.load(sharded, str(path))
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    _restore_adam_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     if same_world:
         _set_rng_state(state["rng"])

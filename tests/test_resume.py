@@ -14,8 +14,8 @@ import pytest
 from conftest import QUIET, ROOT, TINY
 from viq_mllm.metrics import read_metrics
 
-COMMON = ["train.steps=6", "train.decay_steps=6", "train.warmup_steps=2", "model.hidden_dropout=0.1",
-          "model.attention_dropout=0.1"]
+SCHEDULE = ["train.steps=6", "train.decay_steps=6", "train.warmup_steps=2"]
+COMMON = [*SCHEDULE, "model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,15 @@ def test_sigkill_mid_run_then_resume(tiny, tmp_path, uninterrupted):
     assert len(read_metrics(run_dir)) < 6
     resumed = tiny("killed", *COMMON, "checkpoint.every=1")
     _assert_same(resumed, uninterrupted)
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_resumes_exactly_on_another_data_parallel_size(tiny):
+    """The GPU recipes' setting (bf16, distributed optimizer): stopped on 2 ranks, resumed on 1. The optimizer
+    state is resharded over the data-parallel ranks and Adam's step counts come back (no dropout: the RNG streams
+    belong to the ranks, and this run has a different number of them)."""
+    common = [*SCHEDULE, "train.precision=bf16", "parallel.distributed_optimizer=true"]
+    straight = tiny("straight", *common, nproc=2)
+    tiny("resharded", *common, "train.steps=3", "checkpoint.every=3", nproc=2)
+    resumed = tiny("resharded", *common, "checkpoint.every=3")
+    _assert_same(resumed, straight)
