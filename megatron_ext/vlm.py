@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import sharded_state_dict_default
@@ -136,8 +137,11 @@ class VisionLanguageModel(MegatronModule):
         """GPT tensors under their plain GPTModel storage keys; structure keys match ``state_dict()``."""
         gpt = self.gpt.sharded_state_dict(prefix, sharded_offsets, metadata)
         state = {f"module.{k}": v for k, v in gpt.items()}
-        if self.visual is not None:
-            state.update(sharded_state_dict_default(self.visual, f"{prefix}visual.", sharded_offsets, metadata))
+        if self.visual is not None:  # replicated over TP ranks: the TP group must be named (megatron's default
+            # leaves it out once the metadata names the data-parallel group, and every TP rank then claims the
+            # main replica, which dist_checkpointing refuses)
+            state.update(sharded_state_dict_default(self.visual, f"{prefix}visual.", sharded_offsets, metadata,
+                                                    tp_group=parallel_state.get_tensor_model_parallel_group()))
         return state
 
 

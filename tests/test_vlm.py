@@ -70,6 +70,19 @@ def test_stop_and_resume_is_exact(vlm_assets, single, tmp_path):
 
 
 @pytest.mark.slow
+def test_tensor_parallel_bf16_checkpoint_resumes_exactly(vlm_assets, tmp_path):
+    """The GPU VLM recipes' layout (TP=2, distributed optimizer, bf16): the visual module, replicated over the TP
+    ranks, must checkpoint with one main replica, and the resumed run equal the uninterrupted one."""
+    common = ["train.decay_steps=6", "train.warmup_steps=2", "parallel.tp=2", "parallel.distributed_optimizer=true",
+              "train.precision=bf16"]
+    straight = train_vlm_cli(tmp_path / "straight", vlm_assets, *common, "train.steps=6", nproc=2)
+    train_vlm_cli(tmp_path / "run", vlm_assets, *common, "train.steps=3", "checkpoint.every=3", nproc=2)
+    resumed = train_vlm_cli(tmp_path / "run", vlm_assets, *common, "train.steps=6", "checkpoint.every=3", nproc=2)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [["model.visual.group=1", "model.seq_length=1024"],
                                   ["model.visual.group=4", "model.seq_length=512"],
                                   ["model.visual.embedding=embedder"], ["model.visual.embedding=continuous"],
