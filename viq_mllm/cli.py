@@ -108,10 +108,9 @@ def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:
 
 
 def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
+    from megatron_ext.checkpoint import read_meta
     from megatron_ext.vlm_eval import greedy_text, load_text_model
     from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
-
-    from megatron_ext.checkpoint import read_meta
 
     if not args.tokenizer:
         raise SystemExit("viq-mllm generate: a text model needs --tokenizer (HF folder, SentencePiece .model or "
