@@ -147,6 +147,22 @@ def model_section(config: dict) -> ModelSection:
     )
 
 
+def hf_config(model: ModelSection, vocab: int) -> dict:
+    """The HF config of a GPT trained here (the inverse of :func:`model_section`): Qwen2 when the query / key /
+    value projections have biases, Llama otherwise; ``vocab``: the text rows (padding rows are not exported)."""
+    qwen2 = model.qkv_bias
+    return {
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
+        "vocab_size": vocab, "hidden_size": model.hidden_size, "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.query_groups, "max_position_embeddings": model.seq_length,
+        "rms_norm_eps": model.norm_eps, "tie_word_embeddings": model.tie_embeddings, "hidden_act": "silu",
+        "rope_theta": model.rope_theta,  # transformers < 5; 5 reads rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta}, "torch_dtype": "float32",
+    }
+
+
 def shapes_of(model: ModelSection, vocab: int) -> Shapes:
     return Shapes(model.num_layers, model.num_attention_heads, model.query_groups,
                   model.hidden_size // model.num_attention_heads, vocab, padded_vocab_size(vocab), model.qkv_bias,
@@ -217,9 +233,11 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -
 def mcore_to_hf(ckpt: str | Path, out: str | Path) -> dict:
     ckpt, out = Path(ckpt), Path(out)
     meta = checkpoint.read_meta(ckpt)
-    if "hf_config" not in meta:
-        raise ConversionError(f"{ckpt}: no hf_config in model.json (not converted from HF)")
-    ctx = shapes_of(ModelSection(**meta["model"]), meta["vocab"]["text_size"])
+    if meta["model"].get("visual") is not None:
+        raise ConversionError(f"{ckpt}: a VLM checkpoint; its vocabulary holds ViQ codes, which no HF text model has")
+    model = ModelSection(**meta["model"])
+    ctx = shapes_of(model, meta["vocab"]["text_size"])
+    config = meta.get("hf_config") or hf_config(model, ctx.vocab)  # trained here, or converted from HF
     try:
         gpt, _ = gpt_from_checkpoint(ckpt, init_distributed(1, 1, 0))
         state = {k: v.detach().clone() for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
@@ -230,5 +248,5 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in hf.items()}, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(meta["hf_config"], indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     return meta

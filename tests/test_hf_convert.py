@@ -98,6 +98,17 @@ def tiny_hf(kind: str, extra: dict, path):
     return model
 
 
+def our_logits(ckpt, tp: int, tokens: torch.Tensor, work) -> torch.Tensor:
+    """The text-vocabulary logits of a megatron checkpoint, computed at ``tp`` (torchrun) in a fresh process."""
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(tokens, work / "tokens.pt")
+    (work / "logits.py").write_text(LOGITS)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
+                    str(work / "logits.py"), str(ckpt), str(tp), str(work / "tokens.pt"), str(work / "logits.pt")],
+                   check=True, cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return torch.load(work / "logits.pt")
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def converted(request, tmp_path_factory):
     kind, extra = CASES[request.param]
@@ -112,13 +123,7 @@ def converted(request, tmp_path_factory):
 def test_logits_equal_hf(converted, tp):
     root, model = converted
     tokens = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
-    torch.save(tokens, root / "tokens.pt")
-    (root / "logits.py").write_text(LOGITS)
-    out = root / f"logits{tp}.pt"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
-                    str(root / "logits.py"), str(root / "mcore"), str(tp), str(root / "tokens.pt"), str(out)],
-                   check=True, cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    ours = torch.load(out)
+    ours = our_logits(root / "mcore", tp, tokens, root / f"tp{tp}")
     with torch.no_grad():
         theirs = model(tokens).logits
     assert ours.shape == theirs.shape
@@ -245,3 +250,34 @@ def test_real_smollm2_greedy_generation_matches_hf(tmp_path):
         if tokenizer.eos_token_id in theirs:
             theirs = theirs[: theirs.index(tokenizer.eos_token_id)]
         assert ours == theirs, (prompt, tokenizer.decode(ours), tokenizer.decode(theirs))
+
+
+@pytest.mark.slow
+def test_a_model_trained_here_exports_to_hf_with_equal_logits(tmp_path):
+    """No hf_config in a checkpoint trained from scratch: the exported config is rebuilt from model.json (the tiny
+    recipe has qkv biases: Qwen2) and HF's own implementation must give our logits."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import train_tiny
+
+    train_tiny(tmp_path / "run", "train.steps=2", "train.warmup_steps=1", "checkpoint.every=2")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    viq_mllm("convert", "mcore-to-hf", "--input", str(ckpt), "--output", str(tmp_path / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.vocab_size == 257
+    tokens = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(2))
+    ours = our_logits(ckpt, 1, tokens, tmp_path / "ours")
+    with torch.no_grad():
+        theirs = model(tokens).logits
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() / theirs.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("qkv_bias, tied", [(True, True), (False, False)])
+def test_rebuilt_hf_config_reads_back_as_the_same_model(qkv_bias, tied):
+    from megatron_ext.hf_convert import hf_config, model_section
+    from viq_mllm.recipe import ModelSection
+
+    model = ModelSection(num_layers=3, hidden_size=96, ffn_hidden_size=256, num_attention_heads=6, num_query_groups=2,
+                         seq_length=512, rope_theta=500000.0, norm_eps=1e-5, qkv_bias=qkv_bias, tie_embeddings=tied)
+    assert model_section(hf_config(model, 1000)) == model

@@ -218,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="HF <-> megatron-core checkpoints (Llama, Qwen2)",
                           description="hf-to-mcore: an HF model folder -> a megatron checkpoint (model.json + "
-                          "dist_checkpointing, any TP/PP). mcore-to-hf: back, from a checkpoint made by hf-to-mcore "
-                          "or trained from one. Strict: every tensor must map.")
+                          "dist_checkpointing, any TP/PP). mcore-to-hf: back, from any text GPT checkpoint (converted, "
+                          "or trained here: the HF config is then rebuilt from model.json, Qwen2 with qkv biases, "
+                          "Llama without). Strict: every tensor must map.")
     conv.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
     conv.add_argument("--input", required=True)
     conv.add_argument("--output", required=True)
