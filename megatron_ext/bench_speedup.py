@@ -162,7 +162,7 @@ def _rotating(variants: dict, rounds: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in built}
     names = list(built)
     for r in range(rounds + 1):
-        for name in names[r % 3 :] + names[: r % 3]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             seconds = _step_seconds(*built[name])
             if r:
                 times[name].append(seconds)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from megatron_ext import checkpoint
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import init_distributed
 from megatron_ext.training import build_trainer, initialize_from, run_training
@@ -24,8 +21,7 @@ def train_text_lm(recipe: Recipe) -> list[dict]:
     model = build_gpt(config, m, p, padded_vocab_size(tokenizer.vocab_size), layout, t.seed)
     vocab_meta = {"text_size": tokenizer.vocab_size, "padded_size": padded_vocab_size(tokenizer.vocab_size),
                   "text_fingerprint": tokenizer.fingerprint, "vocab_fingerprint": None}
-    if recipe.init.checkpoint and checkpoint.latest(Path(recipe.run.dir) / "checkpoints") is None:
-        initialize_from(Path(recipe.init.checkpoint), model, m, vocab_meta)  # e.g. a converted HF checkpoint
+    initialize_from(recipe, vocab_meta, lambda meta: model)  # e.g. a converted HF checkpoint
     trainer = build_trainer(recipe, layout, model, vocab_meta)
 
     def batches(step: int):

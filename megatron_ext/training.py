@@ -208,13 +208,17 @@ def check_same_model(model: ModelSection, found: dict, where: Path) -> None:
             raise CheckpointMismatch(f"model.{key}={ours[key]!r} but init.checkpoint={where} has {value!r}")
 
 
-def initialize_from(path: Path, model: torch.nn.Module, recipe_model: ModelSection, vocab_meta: dict) -> None:
-    """Load ``init.checkpoint``'s weights into a freshly built model, after checking it is the same network and
-    vocabulary (both fingerprints shown otherwise)."""
+def initialize_from(recipe: Recipe, vocab_meta: dict, target: Callable[[dict], torch.nn.Module]) -> None:
+    """Load ``init.checkpoint``'s weights into ``target(its model.json)`` (a freshly built model, or the part of it
+    the checkpoint holds), after checking it is the same vocabulary (both fingerprints shown otherwise) and network.
+    Nothing to do without ``init.checkpoint``, or when ``run.dir`` has a checkpoint to resume from."""
+    if not recipe.init.checkpoint or checkpoint.latest(Path(recipe.run.dir) / "checkpoints") is not None:
+        return
+    path = Path(recipe.init.checkpoint)
     meta = checkpoint.read_meta(path)
     check_same_vocab(meta["vocab"], vocab_meta, path)
-    check_same_model(recipe_model, meta["model"], path)
-    checkpoint.load_model(path, model)
+    check_same_model(recipe.model, meta["model"], path)
+    checkpoint.load_model(path, target(meta))
 
 
 def run_training(

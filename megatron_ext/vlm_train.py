@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext import checkpoint
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import Layout, device, init_distributed
 from megatron_ext.training import build_trainer, initialize_from, run_training
@@ -105,9 +104,8 @@ def train_vlm(recipe: Recipe) -> list[dict]:
     dataset = load_data(recipe, tokenizer, expected_viq)
     vlm = build_vlm(recipe, tokenizer, layout)
     meta = vocab_meta(recipe, tokenizer)
-    if recipe.init.checkpoint and checkpoint.latest(Path(recipe.run.dir) / "checkpoints") is None:
-        path = Path(recipe.init.checkpoint)  # a VLM checkpoint, or a GPT one (resize-vocab's output)
-        initialize_from(path, vlm if checkpoint.read_meta(path)["model"].get("visual") else vlm.gpt, m, meta)
+    # a VLM checkpoint, or a GPT one (resize-vocab's output)
+    initialize_from(recipe, meta, lambda found: vlm if found["model"].get("visual") else vlm.gpt)
     trainer = build_trainer(recipe, layout, vlm, meta, packed=True)
     if layout.rank == 0:
         padding = [round(s.padding_fraction, 4) for s in dataset.sources]
