@@ -13,6 +13,11 @@ Shapes (per tensor-parallel rank, ``np`` query heads, ``ng`` key/value groups, `
 Example: ``cu_seqlens = [0, 3, 5]`` packs documents of 3 and 2 tokens; token 3 (first of document 2)
 attends only to itself, never to tokens 0-2.
 
+On CUDA in bf16/fp16 without attention dropout, packed rows go through torch's flash ``varlen_attn`` instead:
+the dense ``[t, t]`` mask would cost ``t^2`` FLOPs and memory (SDPA's fused kernels take no mask with GQA, so at
+16K positions the step would fall back to the math kernel), where per-document attention costs
+``sum(len_i^2)``: the cost the paper's packed training pays, and the one the FLOP model predicts.
+
 With ``rope_theta`` set (the local spec builds the GPT with ``position_embedding_type="none"``), it also applies
 the rotary embedding to query and key: the same rotation as megatron's ``apply_rotary_pos_emb`` (non-interleaved
 halves, positions restarting at every document of a packed row), with one cos/sin table per sequence layout
@@ -22,6 +27,8 @@ broadcast ``[s, 1, 1, d]`` frequencies, ``rotate_half`` and concatenations (5x s
 
 from __future__ import annotations
 
+import inspect
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -69,6 +76,48 @@ def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return same_doc & causal
 
 
+@lru_cache(maxsize=1)
+def _flash_varlen():
+    """torch's flash ``varlen_attn`` and the keywords this torch names causality and GQA with (2.10 took
+    ``is_causal``, later versions ``window_size``; ``enable_gqa`` came later still); None where it is absent."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    names = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in names else {"is_causal": True}
+    return varlen_attn, causal, "enable_gqa" in names
+
+
+def packed_uses_flash(query: torch.Tensor, dropout: float) -> bool:
+    """Whether a packed row takes the flash varlen kernel (CUDA, half precision, no dropout, a head size flash
+    attention takes) or the dense mask."""
+    half = query.dtype in (torch.bfloat16, torch.float16)
+    head = query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
+    return query.is_cuda and half and head and dropout == 0 and bool(_flash_varlen())
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            scale: Optional[float]) -> torch.Tensor:
+    """Causal attention within each document of a packed row with flash ``varlen_attn`` (CUDA, bf16/fp16).
+
+    ``q [t, np, hn]``, ``k``/``v [t, ng, hn]`` -> ``[t, np * hn]``. Row padding past ``cu_seqlens[-1]`` is one more
+    document, as in :func:`block_causal_mask`.
+    """
+    varlen_attn, causal, takes_gqa = _flash_varlen()
+    total = q.shape[0]
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    if int(cu[-1]) < total:
+        cu = torch.cat([cu, cu.new_tensor([total])])
+    longest = int((cu[1:] - cu[:-1]).max())
+    groups = {"enable_gqa": True} if takes_gqa else {}
+    if not takes_gqa and k.shape[1] != q.shape[1]:
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, **causal, **groups)
+    return out.reshape(total, -1)
+
+
 class SDPACoreAttention(DotProductAttention):
     """``DotProductAttention`` with the same constructor (plus ``rope_theta``), computing attention with SDPA."""
 
@@ -108,6 +157,8 @@ class SDPACoreAttention(DotProductAttention):
             cu = packed_seq_params.cu_seqlens_q if cu is None else cu
             total = query.shape[0]
             query, key = self._rotary(query, key, cu)
+            if packed_uses_flash(query, dropout):
+                return varlen_causal_attention(query, key, value, cu, self.softmax_scale)
             mask = block_causal_mask(cu, total)
             q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, hn]
             out = F.scaled_dot_product_attention(

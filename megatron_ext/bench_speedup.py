@@ -34,7 +34,7 @@ import torch
 
 from megatron_ext.flops import EncoderShape, GPTShape, encoder_step_flops, llm_step_flops, predicted_speedup
 from megatron_ext.model import build_gpt, transformer_config
-from megatron_ext.parallel import init_distributed, shutdown
+from megatron_ext.parallel import device, init_distributed, shutdown
 from megatron_ext.training import build_trainer, forward_backward, optimizer_step
 from megatron_ext.vlm import (
     ContinuousVisualEmbedding,
@@ -113,7 +113,9 @@ def _trainer(preset: Preset, llm: dict, seq: int, vocab_size: int, visual_factor
     })
     config = transformer_config(recipe.model, recipe.parallel, recipe.train)
     gpt = build_gpt(config, recipe.model, recipe.parallel, padded_vocab_size(vocab_size), layout, 0)
-    model = VisionLanguageModel(gpt, visual_factory(gpt))
+    with torch.device(device()):  # the 1.1B encoder of the gpu preset is initialised where it runs
+        visual = visual_factory(gpt)
+    model = VisionLanguageModel(gpt, visual)
     if torch.cuda.is_available():
         model.cuda()
     meta = {"text_size": vocab_size, "padded_size": padded_vocab_size(vocab_size), "text_fingerprint": "bench"}

@@ -38,7 +38,7 @@ def reference_attention(q, k, v):
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
-    causal = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool).tril()
+    causal = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool, device=q.device).tril()
     probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
     return torch.einsum("hqk,khd->qhd", probs, v).reshape(q.shape[0], -1)
 
@@ -79,3 +79,57 @@ def test_document_logits_in_packed_row_equal_alone(megatron_single):
         naive = gpt(tokens, torch.arange(24)[None], None)[0]
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
     assert (naive[9:] - alone[9:]).abs().max() > 1e-2, "without isolation the later documents would differ"
+
+
+def per_document(q, k, v, cu, total):
+    """The reference per document of a packed row, row padding past ``cu[-1]`` being one more document."""
+    bounds = cu.tolist() + ([total] if cu[-1] < total else [])
+    return torch.cat([reference_attention(q[a:b], k[a:b], v[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def test_flash_varlen_glue_pads_and_repeats_groups(monkeypatch):
+    """CPU check of what varlen_causal_attention hands the kernel: row padding as one more document, key/value
+    groups repeated where this torch's kernel takes no GQA flag, the longest document as max length."""
+    import megatron_ext.attention as attention
+
+    seen = {}
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal):
+        seen.update(cu=cu_q.tolist(), longest=max_q, kv_heads=k.shape[1])
+        assert is_causal and torch.equal(cu_q, cu_k) and max_q == max_k
+        return per_document(q, k, v, cu_q, q.shape[0]).view_as(q)
+
+    monkeypatch.setattr(attention, "_flash_varlen", lambda: (kernel, {"is_causal": True}, False))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(12, 4, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8)
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32)
+    out = attention.varlen_causal_attention(q, k, v, cu, None)
+    assert seen == {"cu": [0, 3, 9, 12], "longest": 6, "kv_heads": 4}
+    torch.testing.assert_close(out, per_document(q, k, v, cu, 12))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash varlen attention is a CUDA kernel")
+def test_flash_varlen_core_attention_equals_per_document_on_cuda(megatron_single):
+    """On CUDA in bf16 a packed row takes the flash varlen kernel: outputs and gradients match the fp32
+    per-document reference on the same bf16 inputs, row padding included."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron_ext.attention import SDPACoreAttention, packed_uses_flash
+    from megatron_ext.model import transformer_config
+
+    r = load_recipe(TINY)
+    attn = SDPACoreAttention(transformer_config(r.model, r.parallel, r.train), 1, AttnMaskType.causal, "self")
+    cu = torch.tensor([0, 37, 40, 130], dtype=torch.int32, device="cuda")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(136, h, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
+    assert packed_uses_flash(q, 0.0)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=90, max_seqlen_kv=90)
+    packed = attn(q, k, v, None, packed_seq_params=params)
+    ref_inputs = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    expected = per_document(*ref_inputs, cu.cpu(), 136)
+    torch.testing.assert_close(packed.float(), expected, rtol=2e-2, atol=2e-2)
+    weights = torch.randn_like(expected)
+    grads = torch.autograd.grad((packed.float() * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), ref_inputs)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)

