@@ -116,8 +116,6 @@ def _trainer(preset: Preset, llm: dict, seq: int, vocab_size: int, visual_factor
     with torch.device(device()):  # the 1.1B encoder of the gpu preset is initialised where it runs
         visual = visual_factory(gpt)
     model = VisionLanguageModel(gpt, visual)
-    if torch.cuda.is_available():
-        model.cuda()
     meta = {"text_size": vocab_size, "padded_size": padded_vocab_size(vocab_size), "text_fingerprint": "bench"}
     return build_trainer(recipe, layout, model, meta, packed=True)
 

@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext import init
 from megatron_ext.attention import SDPACoreAttention
-from megatron_ext.parallel import Layout
+from megatron_ext.parallel import Layout, device
 from megatron_ext.swiglu import SwiGLUMLP
 from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
 
@@ -98,7 +98,8 @@ def build_gpt(
     seed: int,
 ) -> GPTModel:
     """``vocab_size`` is the padded size (divisible by 128 x MAX_TP). Weights depend on ``seed`` only, not on
-    the parallel layout (:mod:`megatron_ext.init`)."""
+    the parallel layout (:mod:`megatron_ext.init`). The model comes back on the device it runs on: megatron puts
+    its own layers there, but the local spec's torch norms are built on the CPU."""
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, parallel),
@@ -111,7 +112,7 @@ def build_gpt(
         rotary_base=int(model.rope_theta),
     )
     init.initialize(gpt, seed, model.init_std, model.num_layers, model.tie_embeddings)
-    return gpt
+    return gpt.to(device())
 
 
 def gpt_from_checkpoint(path, layout: Layout, seed: int = 0) -> tuple[GPTModel, dict]:

@@ -68,15 +68,16 @@ def test_document_logits_in_packed_row_equal_alone(megatron_single):
     gpt = build_gpt(transformer_config(r.model, r.parallel, r.train), r.model, r.parallel, 1024, megatron_single, 0)
     gpt.eval()
     torch.manual_seed(1)
-    docs = [torch.randint(0, 256, (n,)) for n in (9, 4, 11)]
-    cu = torch.tensor([0, 9, 13, 24], dtype=torch.int32)
+    dev = gpt.embedding.word_embeddings.weight.device
+    docs = [torch.randint(0, 256, (n,)).to(dev) for n in (9, 4, 11)]
+    cu = torch.tensor([0, 9, 13, 24], dtype=torch.int32, device=dev)
     tokens = torch.cat(docs)[None]
-    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    positions = torch.cat([torch.arange(len(d), device=dev) for d in docs])[None]
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=11, max_seqlen_kv=11)
     with torch.no_grad():
         packed = gpt(tokens, positions, None, packed_seq_params=params)[0]
-        alone = torch.cat([gpt(d[None], torch.arange(len(d))[None], None)[0] for d in docs])
-        naive = gpt(tokens, torch.arange(24)[None], None)[0]
+        alone = torch.cat([gpt(d[None], torch.arange(len(d), device=dev)[None], None)[0] for d in docs])
+        naive = gpt(tokens, torch.arange(24, device=dev)[None], None)[0]
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
     assert (naive[9:] - alone[9:]).abs().max() > 1e-2, "without isolation the later documents would differ"
 
@@ -117,7 +118,7 @@ def test_flash_varlen_core_attention_equals_per_document_on_cuda(megatron_single
     from megatron_ext.attention import SDPACoreAttention, packed_uses_flash
     from megatron_ext.model import transformer_config
 
-    r = load_recipe(TINY)
+    r = load_recipe(TINY, ["model.hidden_size=256"])  # 4 heads of 64: the head size the tensors below have
     attn = SDPACoreAttention(transformer_config(r.model, r.parallel, r.train), 1, AttnMaskType.causal, "self")
     cu = torch.tensor([0, 37, 40, 130], dtype=torch.int32, device="cuda")
     torch.manual_seed(0)
