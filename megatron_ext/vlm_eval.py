@@ -14,7 +14,7 @@ import torch
 
 from megatron_ext import checkpoint
 from megatron_ext.model import gpt_from_checkpoint
-from megatron_ext.parallel import Layout, init_distributed
+from megatron_ext.parallel import Layout, device, init_distributed
 from megatron_ext.vlm import VisionLanguageModel, packed_params
 from megatron_ext.vlm_train import build_vlm
 from viq_mllm.data.layout import Document, SequenceBuilder
@@ -104,6 +104,7 @@ def load_text_model(ckpt: str | Path):
 
 def greedy_text(gpt, prompt_ids: list[int], max_new_tokens: int, stop_id: int, vocab: int) -> list[int]:
     def next_logits(tokens: torch.Tensor) -> torch.Tensor:
-        return gpt(tokens[None], torch.arange(len(tokens))[None], None)[0, -1]
+        on = tokens.to(device())
+        return gpt(on[None], torch.arange(len(on), device=on.device)[None], None)[0, -1]
 
     return greedy_ids(next_logits, torch.tensor(prompt_ids), max_new_tokens, stop_id, vocab)
