@@ -113,7 +113,7 @@ def _trainer(preset: Preset, llm: dict, seq: int, vocab_size: int, visual_factor
     })
     config = transformer_config(recipe.model, recipe.parallel, recipe.train)
     gpt = build_gpt(config, recipe.model, recipe.parallel, padded_vocab_size(vocab_size), layout, 0)
-    with torch.device(device()):  # the 1.1B encoder of the gpu preset is initialised where it runs
+    with torch.device(device()):  # the 1.2B encoder of the gpu preset is initialised where it runs
         visual = visual_factory(gpt)
     model = VisionLanguageModel(gpt, visual)
     meta = {"text_size": vocab_size, "padded_size": padded_vocab_size(vocab_size), "text_fingerprint": "bench"}
