@@ -6,8 +6,9 @@
 #   each gets the time it may need or what is left, and a step that no longer fits is skipped (logged). Every
 #   result is written to OUT as soon as it exists: gpu_check.log, steps.log and at most 6 JSON / PNG files.
 #   GPU_CHECK_STEPS="2 4" runs only those of steps 1-5 (a second call after a fix).
-# Prefer nvidia-h200: the Qwen2.5-1.5B cells of the speed-up need more than an H100's 80 GB (they are then reported
-# as "not measured: out of memory", and the run goes on).
+# Prefer nvidia-h200: by estimate (docs/decisions.md) the Qwen2.5-1.5B cells of the speed-up need more than an
+# H100's 80 GB (they would be reported as "not measured: out of memory", and the run goes on). On an H200 every
+# step ran (2026-11-28): two calls, 310 s and 303 s of script (docs/benchmarks.md has the results).
 #
 # 0. megatron-core, pydantic, webdataset and the teacher from tools/wheels (tools/fetch_gpu_wheels.sh; carry
 #    tools/wheels), installed with --no-deps into /tmp/site where the image lacks them;
