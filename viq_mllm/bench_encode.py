@@ -93,7 +93,8 @@ def measure(arch: str, size: int, count: int, rounds: int) -> list[dict]:
     params = sum(p.numel() for p in tok.parameters()) / 1e6
     return [{"arch": arch, "size": size, "mode": mode, "images": count, "patches": patches,
              "images_per_s": count / statistics.median(times[mode]), "rounds": rounds,
-             "peak_rss_mb": peaks[mode] / 2**20, "peak_gpu_mb": gpu_peaks[mode] / 2**20, "params_m": params, "threads": torch.get_num_threads(),
+             "peak_rss_mb": peaks[mode] / 2**20, "peak_gpu_mb": gpu_peaks[mode] / 2**20, "params_m": params,
+             "threads": torch.get_num_threads(),
              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
             for mode in modes]
 
@@ -107,16 +108,16 @@ def _run_worker(arch: str, size: int, count: int, rounds: int) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     by_key = {(r["arch"], r["size"], r["mode"]): r for r in rows}
+    peaks = ["peak_rss_mb"] + (["peak_gpu_mb"] if any(r["peak_gpu_mb"] for r in rows) else [])
     table = []
     for arch, size in dict.fromkeys((r["arch"], r["size"]) for r in rows):
         p, o = by_key[(arch, size, "packed")], by_key[(arch, size, "single")]
         table.append([arch, f"{p['params_m']:.0f}M", str(size), str(p["images"]), f"{p['images_per_s']:.2f}",
-                      f"{o['images_per_s']:.2f}", f"{p['images_per_s'] / o['images_per_s']:.2f}x",
-                      f"{p['peak_rss_mb']:.0f}", f"{o['peak_rss_mb']:.0f}"]
-                     + ([f"{p['peak_gpu_mb']:.0f}", f"{o['peak_gpu_mb']:.0f}"] if p["peak_gpu_mb"] else []))
-    gpu = ["peak GPU MB packed", "peak GPU MB one"] if any(r["peak_gpu_mb"] for r in rows) else []
-    return markdown_table(["arch", "params", "px", "images", "packed img/s", "one-by-one img/s", "packed / one",
-                           "peak RSS MB packed", "peak RSS MB one", *gpu], table)
+                      f"{o['images_per_s']:.2f}", f"{p['images_per_s'] / o['images_per_s']:.2f}x"]
+                     + [f"{r[key]:.0f}" for key in peaks for r in (p, o)])
+    names = {"peak_rss_mb": "peak RSS MB", "peak_gpu_mb": "peak GPU MB"}
+    return markdown_table(["arch", "params", "px", "images", "packed img/s", "one-by-one img/s", "packed / one"]
+                          + [f"{names[key]} {mode}" for key in peaks for mode in ("packed", "one")], table)
 
 
 def main(argv: list[str] | None = None) -> int:
