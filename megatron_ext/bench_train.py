@@ -3,8 +3,8 @@
 Same shapes (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings, same padded vocabulary), same batch, AdamW with the
 same hyper-parameters and gradient clipping, fp32, one process, on the GPU when there is one (both sides, timed
 between synchronizations), else the CPU. HF's optimizer is HF Trainer's default (torch's fused AdamW,
-``adamw_torch_fused`` since torch 2.8); megatron's is the same kernel on CPU (``cpu_compat``) and, on GPU, TE's
-or apex's FusedAdam where installed, torch's multi-tensor AdamW otherwise. The two steps alternate round by round
+``adamw_torch_fused`` since torch 2.8); megatron's is TE's or apex's FusedAdam where installed, the same torch
+kernel otherwise (``megatron_ext.apex_free``). The two steps alternate round by round
 so machine noise hits both alike; the table reports the medians over rounds and the ratio ours / HF of each round
 (median and interquartile range). HF's step runs outside megatron_ext's CPU redirection mode, as it would in a
 process of its own.

@@ -1,4 +1,5 @@
-"""Run megatron-core on a machine without CUDA. The only place in the project that patches megatron or torch.
+"""Run megatron-core on a machine without CUDA. The only place in the project that patches megatron or torch for
+the CPU (:mod:`megatron_ext.apex_free` swaps megatron's fallback optimizer kernels, on any device).
 
 megatron-core assumes CUDA at ~570 call sites (``torch.cuda.current_device()``, ``device="cuda"``, ``.cuda()``,
 asserts on ``'torch.cuda.FloatTensor'``); no config flag avoids them (``reference/MEGATRON_ON_CPU.md``).
@@ -18,12 +19,9 @@ What it changes, and who needs it:
 6. ``fused_weight_gradient_mlp_cuda`` (apex's CUDA extension behind ``gradient_accumulation_fusion``): an
    ``addmm_`` that GEMM-accumulates a linear layer's weight gradient straight into DDP's ``main_grad`` buffer, as
    on GPU, instead of allocating the gradient and adding it to the buffer afterwards (~1% of a CPU step).
-7. apex's ``multi_tensor_l2norm`` / ``multi_tensor_scale`` (gradient clipping, main-parameter copies) as torch
-   ``_foreach`` kernels: megatron's own fallbacks build a Python list of 0-d norms and scale out of place
-   (``dst.copy_(src * scale)``), ~8% of a CPU optimizer step.
-8. megatron's Adam without TE or apex is torch's ``AdamW`` with its defaults, a Python loop of ~20 kernels per
-   parameter on CPU; it becomes torch's fused CPU kernel (``fused=True``, what HF Trainer's default optimizer
-   ``adamw_torch_fused`` runs): a 20M-parameter optimizer step ~45 -> ~20 ms, same update (docs/benchmarks.md).
+
+The optimizer kernels megatron lacks without apex or TE (gradient norm, scaling, fused Adam) are not a CPU matter:
+:mod:`megatron_ext.apex_free` replaces them on CPU and GPU alike.
 
 The mode costs ~1-2 us per torch call (the dispatch alone ~1 us). Model code and torch's optimizers never name
 CUDA (checked over the test suite: every rewrite happens in construction, schedules, megatron's optimizer wrapper
@@ -89,36 +87,6 @@ def _wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main
     main_grad.addmm_(grad_output.t().to(main_grad.dtype), total_input.to(main_grad.dtype))
 
 
-def _multi_tensor_l2norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
-    """The L2 norm over every tensor of every list, as a 1-element tensor; apex's contract (no per-tensor norms)."""
-    norms = torch._foreach_norm([t for tensors in tensor_lists for t in tensors])
-    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
-
-
-def _multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale) -> None:
-    """``dst = src * scale`` for each pair of ``tensor_lists = [sources, destinations]``, in place when they alias."""
-    sources, destinations = tensor_lists
-    if all(src is dst for src, dst in zip(sources, destinations)):
-        torch._foreach_mul_(destinations, scale)
-    else:
-        torch._foreach_copy_(destinations, torch._foreach_mul(sources, scale))
-
-
-def _fused_adam(params, adam_w_mode: bool = True, **kwargs) -> torch.optim.Optimizer:
-    """apex ``FusedAdam``'s constructor (``adam_w_mode``: decoupled weight decay) on torch's fused kernels."""
-    adam = (torch.optim.AdamW if adam_w_mode else torch.optim.Adam)(params, fused=True, **kwargs)
-    adam.register_load_state_dict_post_hook(_keep_fused)
-    adam.step = native(adam.step)  # torch's optimizer never names CUDA: no redirection toll on its ~130 calls
-    return adam
-
-
-def _keep_fused(adam: torch.optim.Optimizer) -> None:
-    """Loading replaces the param groups with the checkpoint's: one saved by the per-parameter loop (an older run,
-    or a GPU run's groups) must not switch the fused kernel off, nor combine it with ``foreach``."""
-    for group in adam.param_groups:
-        group["fused"], group["foreach"] = True, None
-
-
 def install() -> bool:
     """Apply the CPU redirections if CUDA is absent. Idempotent. Returns True when active."""
     global _mode
@@ -135,9 +103,7 @@ def install() -> bool:
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
-    import megatron.core.optimizer as optimizer_package
     from megatron.core.fusions import fused_softmax
-    from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.tensor_parallel import layers
     from megatron.core.tensor_parallel import random as tp_random
 
@@ -147,9 +113,6 @@ def install() -> bool:
     layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
         wgrad_gemm_accum_fp32=_wgrad_gemm_accum, wgrad_gemm_accum_fp16=_wgrad_gemm_accum)
     layers._grad_accum_fusion_available = True
-    clip_grads.l2_norm_impl = _multi_tensor_l2norm
-    clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = _multi_tensor_scale
-    optimizer_package.Adam, optimizer_package.USING_PYTORCH_OPTIMIZER = _fused_adam, False
 
     # Entered for the life of the process: autograd on CPU runs backward in the calling thread.
     _mode = _CudaToCpu()

@@ -178,7 +178,7 @@ def test_training_step_gradients_equal_hf(stepped):
 @pytest.mark.slow
 def test_optimizer_step_equals_torch_reference_adamw(stepped):
     """The weights after one step (megatron's clipping by the global norm, padded rows included; weight decay on
-    matrices only; the fused AdamW kernel cpu_compat selects) equal HF's model stepped by torch's single-tensor
+    matrices only; the fused AdamW kernel apex_free selects) equal HF's model stepped by torch's single-tensor
     AdamW with the same hyper-parameters."""
     model, tokens, ours = stepped
     assert ours["fused"] and all(ours["fused"])
