@@ -21,15 +21,17 @@ the dense ``[t, t]`` mask would cost ``t^2`` FLOPs and memory (SDPA's fused kern
 With ``rope_theta`` set (the local spec builds the GPT with ``position_embedding_type="none"``), it also applies
 the rotary embedding to query and key: the same rotation as megatron's ``apply_rotary_pos_emb`` (non-interleaved
 halves, positions restarting at every document of a packed row), with one cos/sin table per sequence layout
-shared by all layers of a step, and half-width tables instead of megatron's per-call ``cos``/``sin`` of
-broadcast ``[s, 1, 1, d]`` frequencies, ``rotate_half`` and concatenations (5x slower per call on CPU).
+(for a packed row shared by all layers of the step, as is its mask: :class:`LayoutMemo`), and half-width tables
+instead of megatron's per-call ``cos``/``sin`` of broadcast ``[s, 1, 1, d]`` frequencies, ``rotate_half`` and
+concatenations (5x slower per call on CPU).
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 from functools import lru_cache
-from typing import Optional
+from typing import Any, Callable, Hashable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,19 +51,54 @@ def positions_of(cu_seqlens: Optional[torch.Tensor], total: int, device) -> torc
     return positions - cu_seqlens.to(positions.dtype)[doc.clamp_max(cu_seqlens.numel() - 1)]
 
 
+class LayoutMemo:
+    """Values derived from one packed layout, computed once per ``cu_seqlens`` tensor and shared by all layers.
+
+    megatron hands every layer of a micro-batch the same ``PackedSeqParams``, hence the same ``cu_seqlens`` tensor,
+    so the tensor's identity (held weakly: a freed tensor never matches a new one at its address) and its version
+    counter (bumped by any in-place edit) stand for its contents. Comparing contents instead would read them back
+    from the device, one host synchronisation per layer on a GPU; computing per layer would rebuild the rotary
+    tables and the ``[t, t]`` block mask in every layer.
+
+    Example: ``memo.get(cu, "mask", lambda: block_causal_mask(cu, t))`` builds the mask in the first layer and
+    returns the same tensor to the others; the next micro-batch's ``cu`` starts afresh.
+    """
+
+    def __init__(self):
+        self._ref, self._version, self._values = None, None, {}
+
+    def get(self, cu_seqlens: torch.Tensor, name: Hashable, compute: Callable[[], Any]) -> Any:
+        if self._ref is None or self._ref() is not cu_seqlens or self._version != cu_seqlens._version:
+            self._ref, self._version, self._values = weakref.ref(cu_seqlens), cu_seqlens._version, {}
+        if name not in self._values:
+            self._values[name] = compute()
+        return self._values[name]
+
+
+_LAYOUTS = LayoutMemo()
+
+
 class RopeTables:
-    """``(cos, sin)`` of ``positions x inv_freq`` (``[t, d/2]``, fp32 angles), cached for the last layout seen."""
+    """``(cos, sin)`` of ``positions x inv_freq`` (``[t, d/2]``, fp32 angles): per packed layout, shared by all
+    layers (:class:`LayoutMemo`); for unpacked sequences, kept for the last length seen."""
 
     def __init__(self, dim: int, theta: float):
+        self.dim, self.theta = dim, theta
         self.inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
         self._key, self._tables = None, None
 
     def __call__(self, cu_seqlens: Optional[torch.Tensor], total: int, dtype: torch.dtype, device) -> tuple:
-        key = (total, dtype, str(device), None if cu_seqlens is None else tuple(cu_seqlens.tolist()))
+        if cu_seqlens is not None:
+            return _LAYOUTS.get(cu_seqlens, ("rope", self.dim, self.theta, total, dtype, str(device)),
+                                lambda: self._compute(cu_seqlens, total, dtype, device))
+        key = (total, dtype, str(device))
         if key != self._key:
-            angles = positions_of(cu_seqlens, total, device).float()[:, None] * self.inv_freq.to(device)
-            self._key, self._tables = key, (angles.cos().to(dtype), angles.sin().to(dtype))
+            self._key, self._tables = key, self._compute(None, total, dtype, device)
         return self._tables
+
+    def _compute(self, cu_seqlens: Optional[torch.Tensor], total: int, dtype: torch.dtype, device) -> tuple:
+        angles = positions_of(cu_seqlens, total, device).float()[:, None] * self.inv_freq.to(device)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -97,6 +134,15 @@ def packed_uses_flash(query: torch.Tensor, dropout: float) -> bool:
     return query.is_cuda and half and head and dropout == 0 and bool(_flash_varlen())
 
 
+def _varlen_bounds(cu_seqlens: torch.Tensor, total: int, device) -> tuple[torch.Tensor, int]:
+    """The kernel's int32 document bounds, row padding past ``cu_seqlens[-1]`` as one more document, and the longest
+    document (two host synchronisations, once per layout)."""
+    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    if int(cu[-1]) < total:
+        cu = torch.cat([cu, cu.new_tensor([total])])
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                             scale: Optional[float]) -> torch.Tensor:
     """Causal attention within each document of a packed row with flash ``varlen_attn`` (CUDA, bf16/fp16).
@@ -106,10 +152,8 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     """
     varlen_attn, causal, takes_gqa = _flash_varlen()
     total = q.shape[0]
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    if int(cu[-1]) < total:
-        cu = torch.cat([cu, cu.new_tensor([total])])
-    longest = int((cu[1:] - cu[:-1]).max())
+    cu, longest = _LAYOUTS.get(cu_seqlens, ("varlen", total, str(q.device)),
+                               lambda: _varlen_bounds(cu_seqlens, total, q.device))
     groups = {"enable_gqa": True} if takes_gqa else {}
     if not takes_gqa and k.shape[1] != q.shape[1]:
         k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
@@ -159,7 +203,7 @@ class SDPACoreAttention(DotProductAttention):
             query, key = self._rotary(query, key, cu)
             if packed_uses_flash(query, dropout):
                 return varlen_causal_attention(query, key, value, cu, self.softmax_scale)
-            mask = block_causal_mask(cu, total)
+            mask = _LAYOUTS.get(cu, ("mask", total), lambda: block_causal_mask(cu, total))
             q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, hn]
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale, enable_gqa=True

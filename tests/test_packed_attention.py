@@ -60,15 +60,39 @@ def core_attention(*overrides):
 
 
 def test_thd_core_attention_equals_per_document(megatron_single):
+    """Layout after layout, as in training: the mask cached for one ``cu_seqlens`` tensor never serves another,
+    nor the same tensor edited in place."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     attn = core_attention()
     cu = torch.tensor([0, 5, 7, 14], dtype=torch.int32)
     torch.manual_seed(0)
     q, k, v = torch.randn(14, 4, 16), torch.randn(14, 2, 16), torch.randn(14, 2, 16)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
-    packed = attn(q, k, v, None, packed_seq_params=params)
-    torch.testing.assert_close(packed, per_document(q, k, v, cu, 14), rtol=1e-5, atol=1e-6)
+    for step in ("first", "edited in place", "new tensor"):
+        if step == "edited in place":
+            cu.copy_(torch.tensor([0, 2, 11, 14]))
+        if step == "new tensor":
+            cu = torch.tensor([0, 9, 14], dtype=torch.int32)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        packed = attn(q, k, v, None, packed_seq_params=params)
+        torch.testing.assert_close(packed, per_document(q, k, v, cu, 14), rtol=1e-5, atol=1e-6)
+
+
+def test_layout_memo_computes_once_per_cu_seqlens_tensor():
+    from megatron_ext.attention import LayoutMemo
+
+    memo, calls = LayoutMemo(), []
+
+    def compute():
+        calls.append(None)
+        return len(calls)
+
+    cu = torch.tensor([0, 3, 8])
+    assert memo.get(cu, "x", compute) == memo.get(cu, "x", compute) == 1  # every layer of a step: one computation
+    assert memo.get(cu, "y", compute) == 2
+    cu[1] = 4
+    assert memo.get(cu, "x", compute) == 3  # the same tensor edited in place
+    assert memo.get(cu.clone(), "x", compute) == 4  # equal contents, another tensor
 
 
 def test_document_logits_in_packed_row_equal_alone(megatron_single):
