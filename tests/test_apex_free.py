@@ -1,6 +1,8 @@
 """apex_free's stand-ins for apex's multi-tensor and Adam kernels, against megatron's own fallbacks, the plain
-formula and torch's per-parameter Adam; and which of megatron's kernels it replaces."""
+formula and torch's per-parameter Adam; and which of megatron's kernels it replaces. On the GPU where there is
+one (tools/gpu_check.sh runs this file there), else the CPU."""
 
+import contextlib
 import copy
 
 import megatron.core.optimizer as optimizer_package
@@ -12,15 +14,18 @@ from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_s
 from megatron_ext import apex_free, cpu_compat
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def tensors(seed: int, dtype=torch.float32) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g).to(dtype) for shape in ((3, 4), (7,), (2, 2, 5))]
+    return [torch.randn(shape, generator=g).to(DEVICE, dtype) for shape in ((3, 4), (7,), (2, 2, 5))]
 
 
 def test_l2norm_equals_megatrons_fallback():
     lists = [tensors(0), tensors(1)]
     ours, per_tensor = apex_free.multi_tensor_l2norm(2048, None, lists, False)
-    with cpu_compat._CudaToCpu():  # megatron's fallback allocates its result on "cuda"
+    with cpu_compat._CudaToCpu() if DEVICE == "cpu" else contextlib.nullcontext():  # it allocates on "cuda"
         theirs, _ = local_multi_tensor_l2_norm(2048, None, lists, False)
     assert per_tensor is None and ours.shape == (1,)
     torch.testing.assert_close(ours, theirs)
@@ -40,8 +45,8 @@ def test_scale_in_place_and_into_other_dtypes_equals_megatrons_fallback():
 
 
 def test_fused_adam_steps_like_torchs_single_tensor_reference():
-    """megatron's Adam without apex or TE (apex FusedAdam's constructor, both weight-decay modes) runs torch's fused kernel and
-    takes the steps of torch's per-parameter implementation."""
+    """megatron's Adam without apex or TE (apex FusedAdam's constructor, both weight-decay modes) runs torch's
+    fused kernel and takes the steps of torch's per-parameter implementation."""
     for adam_w_mode, reference_class in ((True, torch.optim.AdamW), (False, torch.optim.Adam)):
         ours_params, reference_params = ([torch.nn.Parameter(t) for t in tensors(6)] for _ in range(2))
         hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

@@ -14,7 +14,8 @@
 #    tools/wheels), installed with --no-deps into /tmp/site where the image lacks them;
 # 1. ViQ encode on CUDA, packed vs one image at a time (issue 3's goal: packed >= 2x);
 # 2. correctness on CUDA: the flash varlen kernel of packed rows == per-document attention (outputs and
-#    gradients), packed VLM rows == documents alone, bf16 runs checkpoint, resume exactly and follow fp32;
+#    gradients), packed VLM rows == documents alone, apex_free's kernels == megatron's fallbacks and torch's
+#    reference Adam, bf16 runs (fused AdamW) checkpoint, resume exactly and follow fp32;
 # 3. the speed-up at the real shapes (SigLIP2-g-sized encoder vs Qwen2.5-0.5B/1.5B), 4K, encoder trained;
 # 4. our training step vs HF transformers' on CUDA (bench train, fp32, three configs: issue 2's ours >= HF);
 # 5. the speed-up at 4K and 16K with the encoder forward-only (trained, its activations at 16K alone exceed one
@@ -63,8 +64,8 @@ $PY -c "import torch, transformers, megatron.core as m; print('torch', torch.__v
 
 step 80 30 8 "1. ViQ encode on CUDA, packed vs one image at a time (issue 3: packed >= 2x)" -- \
   $PY -m viq_mllm bench encode --archs tiny so400m --sizes 256 512 --images 32 --rounds 3 --out "$OUT/encode"
-step 150 60 12 "2. packed attention (flash varlen, packed VLM rows), bf16 runs on CUDA" -- \
-  $PY -m pytest -q -rs -p no:cacheprovider tests/test_packed_attention.py \
+step 150 60 12 "2. packed attention (flash varlen, packed VLM rows), apex-free kernels, bf16 runs on CUDA" -- \
+  $PY -m pytest -q -rs -p no:cacheprovider tests/test_packed_attention.py tests/test_apex_free.py \
   tests/test_vlm.py::test_document_logits_inside_a_packed_row_equal_alone tests/test_bf16.py
 step 130 60 12 "3. speed-up, real shapes, 4K, encoder trained" -- \
   $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 4096 --rounds 5 --out "$OUT/speedup_4k"
