@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext import init
 from megatron_ext.attention import SDPACoreAttention
+from megatron_ext.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ext.parallel import Layout, device
 from megatron_ext.swiglu import SwiGLUMLP
 from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
@@ -89,6 +90,16 @@ def layer_spec(model: ModelSection, parallel: ParallelSection) -> ModuleSpec:
     return spec
 
 
+class GPT(GPTModel):
+    """megatron's ``GPTModel`` with the loss of :mod:`megatron_ext.cross_entropy` (bit-identical to megatron's
+    unfused vocab-parallel cross-entropy, without its index-computing max and single-rank collectives)."""
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.config.cross_entropy_loss_fusion:
+            return super().compute_language_model_loss(labels, logits)
+        return vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+
+
 def build_gpt(
     config: TransformerConfig,
     model: ModelSection,
@@ -100,7 +111,7 @@ def build_gpt(
     """``vocab_size`` is the padded size (divisible by 128 x MAX_TP). Weights depend on ``seed`` only, not on
     the parallel layout (:mod:`megatron_ext.init`). The model comes back on the device it runs on: megatron puts
     its own layers there, but the local spec's torch norms are built on the CPU."""
-    gpt = GPTModel(
+    gpt = GPT(
         config=config,
         transformer_layer_spec=layer_spec(model, parallel),
         vocab_size=vocab_size,
