@@ -4,7 +4,7 @@ CPU: the local layer spec with :class:`SDPACoreAttention`, which also applies Ro
 ``position_embedding_type="none"``), and :class:`SwiGLUMLP` (the same ``linear_fc1`` parameter, computed as two
 GEMMs). Both keep megatron's parameter names and shapes, so checkpoints move freely between specs. GPU: the
 Transformer Engine spec, megatron's RoPE, when the recipe asks for ``parallel.transformer_impl:
-transformer_engine`` (imported lazily; FP8 needs it).
+transformer_engine`` (imported lazily; FP8 needs it). Either way the loss is :mod:`megatron_ext.cross_entropy`'s.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ class GPT(GPTModel):
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.config.cross_entropy_loss_fusion:
             return super().compute_language_model_loss(labels, logits)
-        return vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())  # logits are [s, b, V/tp]
+        return loss.transpose(0, 1).contiguous()  # [b, s], as megatron's
 
 
 def build_gpt(
