@@ -139,7 +139,8 @@ def bench_one(preset: Preset, llm_name: str, seq: int, rounds: int, trained_enco
             continuous_batch(row, vocab, pixels, grids)),
         "text_only": (lambda: _trainer(preset, llm, seq, vocab.size, lambda gpt: None, layout), text_row),
     }
-    times = _one_at_a_time(variants, rounds) if torch.cuda.is_available() else _rotating(variants, rounds)
+    on_gpu = torch.cuda.is_available()
+    times, peaks = _one_at_a_time(variants, rounds) if on_gpu else (_rotating(variants, rounds), None)
     t = {name: statistics.median(v) for name, v in times.items()}
     flops = _flops(llm, vocab, enc_cfg, [len(d) for d in docs], px, len(pixels), trained_encoder)
     image_positions = sum(int(d.visual.sum()) + px // 32 + 2 for d in docs)
@@ -148,7 +149,7 @@ def bench_one(preset: Preset, llm_name: str, seq: int, rounds: int, trained_enco
             "t_discrete": t["discrete"], "t_continuous": t["continuous"], "t_text_only": t["text_only"],
             "speedup": 1 - t["discrete"] / t["continuous"], "overhead_vs_text": t["discrete"] / t["text_only"],
             "predicted_ratio": predicted_speedup(flops["discrete"], flops["continuous"]), "flops": flops,
-            "trained_encoder": trained_encoder, "rounds": rounds}
+            "trained_encoder": trained_encoder, "rounds": rounds, "peak_gpu_gib": peaks}
 
 
 def _step_seconds(trainer, batch) -> float:
@@ -169,19 +170,22 @@ def _rotating(variants: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-def _one_at_a_time(variants: dict, rounds: int) -> dict[str, list[float]]:
+def _one_at_a_time(variants: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, float]]:
     """GPU: one variant resident at a time (built, one warm-up step, ``rounds`` timed steps, freed), so a cell
     needs the memory of its largest variant, not of all three: at the real shapes three trainers (bf16 weights,
     fp32 gradients, main weights and Adam moments: 18 bytes a parameter) would not fit beside the encoder's
-    activations. The caching allocator and the GPU's steadier clocks make the rotation unnecessary there."""
-    times = {}
+    activations. The caching allocator and the GPU's steadier clocks make the rotation unnecessary there.
+    Also returns each variant's peak of allocated GPU memory (GiB): whether a cell fits a smaller GPU."""
+    times, peaks = {}, {}
     for name, (build, batch) in variants.items():
+        torch.cuda.reset_peak_memory_stats()
         trainer = build()
         _step_seconds(trainer, batch)
         times[name] = [_step_seconds(trainer, batch) for _ in range(rounds)]
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**30
         del trainer
         _release_memory()
-    return times
+    return times, peaks
 
 
 def _release_memory() -> None:
@@ -294,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     mfu = f"MFU against {peak_note}: " + ", ".join(
         f"{r['llm']}@{r['seq_len']} discrete {r['mfu']['discrete']:.0%} / continuous {r['mfu']['continuous']:.0%}"
         for r in rows)
+    memory = "".join(f"\npeak GPU memory allocated, {r['llm']}@{r['seq_len']}: " + ", ".join(
+        f"{name} {gib:.1f} GiB" for name, gib in r["peak_gpu_gib"].items()) for r in rows if r["peak_gpu_gib"])
     skipped = "".join(f"\nnot measured: {m['llm']}@{m['seq_len']} ({m['reason']})" for m in not_measured)
-    path = publish(args.out, "speedup.json", payload, format_table(rows) + "\n" + mfu + skipped)
+    path = publish(args.out, "speedup.json", payload, format_table(rows) + "\n" + mfu + memory + skipped)
     if rows:
         plot(rows, path.with_suffix(".png"))
     return 0
