@@ -139,8 +139,7 @@ def bench_one(preset: Preset, llm_name: str, seq: int, rounds: int, trained_enco
             continuous_batch(row, vocab, pixels, grids)),
         "text_only": (lambda: _trainer(preset, llm, seq, vocab.size, lambda gpt: None, layout), text_row),
     }
-    on_gpu = torch.cuda.is_available()
-    times, peaks = _one_at_a_time(variants, rounds) if on_gpu else (_rotating(variants, rounds), None)
+    times, peaks = (_one_at_a_time if torch.cuda.is_available() else _rotating)(variants, rounds)
     t = {name: statistics.median(v) for name, v in times.items()}
     flops = _flops(llm, vocab, enc_cfg, [len(d) for d in docs], px, len(pixels), trained_encoder)
     image_positions = sum(int(d.visual.sum()) + px // 32 + 2 for d in docs)
@@ -156,9 +155,10 @@ def _step_seconds(trainer, batch) -> float:
     return timed(lambda: (forward_backward(trainer, iter([batch]), vlm_forward_step), optimizer_step(trainer)))
 
 
-def _rotating(variants: dict, rounds: int) -> dict[str, list[float]]:
+def _rotating(variants: dict, rounds: int) -> tuple[dict[str, list[float]], None]:
     """CPU: every variant resident, steps in a rotating order (each follows each other one in turn), so machine
-    noise and the after-effects of one variant's large allocations hit all alike; round 0 warms up."""
+    noise and the after-effects of one variant's large allocations hit all alike; round 0 warms up. No GPU
+    memory to report (None)."""
     built = {name: (build(), batch) for name, (build, batch) in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in built}
     names = list(built)
@@ -167,7 +167,7 @@ def _rotating(variants: dict, rounds: int) -> dict[str, list[float]]:
             seconds = _step_seconds(*built[name])
             if r:
                 times[name].append(seconds)
-    return times
+    return times, None
 
 
 def _one_at_a_time(variants: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, float]]:
@@ -175,14 +175,17 @@ def _one_at_a_time(variants: dict, rounds: int) -> tuple[dict[str, list[float]],
     needs the memory of its largest variant, not of all three: at the real shapes three trainers (bf16 weights,
     fp32 gradients, main weights and Adam moments: 18 bytes a parameter) would not fit beside the encoder's
     activations. The caching allocator and the GPU's steadier clocks make the rotation unnecessary there.
-    Also returns each variant's peak of allocated GPU memory (GiB): whether a cell fits a smaller GPU."""
-    times, peaks = {}, {}
+    Also returns each variant's peak of allocated GPU memory (GiB; none where run on a CPU, as by the tests):
+    whether a cell fits a smaller GPU."""
+    times, peaks, on_gpu = {}, {}, torch.cuda.is_available()
     for name, (build, batch) in variants.items():
-        torch.cuda.reset_peak_memory_stats()
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         trainer = build()
         _step_seconds(trainer, batch)
         times[name] = [_step_seconds(trainer, batch) for _ in range(rounds)]
-        peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+        if on_gpu:
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**30
         del trainer
         _release_memory()
     return times, peaks

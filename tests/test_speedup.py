@@ -98,7 +98,8 @@ def _fake_cell(preset, llm, seq, rounds, trained_encoder, layout):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB\nmore detail")
     flops = {"discrete": 1e9, "continuous": 2e9, "text_only": 1e9}
     return {"llm": llm, "seq_len": seq, "t_discrete": 1.0, "t_continuous": 2.0, "t_text_only": 1.0, "speedup": 0.5,
-            "predicted_ratio": 0.5, "overhead_vs_text": 1.0, "flops": flops}
+            "predicted_ratio": 0.5, "overhead_vs_text": 1.0, "flops": flops,
+            "peak_gpu_gib": {"discrete": 30.0, "continuous": 71.5, "text_only": 29.0}}
 
 
 def test_speedup_cells_run_in_preset_order_and_one_out_of_memory_does_not_end_the_run(tmp_path, monkeypatch, capsys):
@@ -110,7 +111,9 @@ def test_speedup_cells_run_in_preset_order_and_one_out_of_memory_does_not_end_th
     assert [(r["llm"], r["seq_len"]) for r in result["rows"]] == [("large", 256)]
     assert result["not_measured"] == [{"llm": "large", "seq_len": 512,
                                        "reason": "out of memory: CUDA out of memory. Tried to allocate 40.00 GiB"}]
-    assert "not measured: large@512 (out of memory" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "not measured: large@512 (out of memory" in printed
+    assert "peak GPU memory allocated, large@256: discrete 30.0 GiB, continuous 71.5 GiB, text_only 29.0 GiB" in printed
     with pytest.raises(SystemExit):
         bench_speedup.main(["--preset", "tiny", "--llms", "huge", "--out", str(tmp_path)])
     assert "--llms: ['huge'] not in the preset, which has ['small', 'large']" in capsys.readouterr().err
