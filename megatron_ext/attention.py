@@ -187,11 +187,15 @@ class SDPACoreAttention(DotProductAttention):
                 return self._attend(query, key, value, attention_mask, packed_seq_params, dropout)
         return self._attend(query, key, value, attention_mask, packed_seq_params, dropout)
 
-    def _rotary(self, query, key, cu):
+    def _rotary(self, query, key, cu, position_dim: int):
+        """Rotate query and key, whose positions run along ``position_dim``: 0 for thd ``[t, heads, hn]``, 2 for
+        ``[b, heads, s, hn]``. The rotation writes a fresh contiguous tensor, so the latter reaches SDPA with each
+        head's rows in order rather than megatron's ``[s, b, heads, hn]`` seen through a permute (the tiny bench
+        step 1.6% faster, one-process A/B; no measurable change at 20M)."""
         if self.rope is None:
             return query, key
-        cos, sin = self.rope(cu, query.shape[0], query.dtype, query.device)
-        shape = (cos.shape[0],) + (1,) * (query.dim() - 2) + (cos.shape[1],)  # [t, 1, d/2] or [s, 1, 1, d/2]
+        cos, sin = self.rope(cu, query.shape[position_dim], query.dtype, query.device)
+        shape = cos.shape[:1] + (1,) * (query.dim() - position_dim - 2) + cos.shape[1:]  # [t, 1, d/2] or [s, d/2]
         cos, sin = cos.view(shape), sin.view(shape)
         return rotate(query, cos, sin), rotate(key, cos, sin)
 
@@ -200,7 +204,7 @@ class SDPACoreAttention(DotProductAttention):
             cu = packed_seq_params.cu_seqlens_q_padded
             cu = packed_seq_params.cu_seqlens_q if cu is None else cu
             total = query.shape[0]
-            query, key = self._rotary(query, key, cu)
+            query, key = self._rotary(query, key, cu, 0)
             if packed_uses_flash(query, dropout):
                 return varlen_causal_attention(query, key, value, cu, self.softmax_scale)
             mask = _LAYOUTS.get(cu, ("mask", total), lambda: block_causal_mask(cu, total))
@@ -210,8 +214,8 @@ class SDPACoreAttention(DotProductAttention):
             )
             return out[0].permute(1, 0, 2).reshape(total, -1)
         seq, batch = query.shape[:2]
-        query, key = self._rotary(query, key, None)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, hn]
+        q, k = self._rotary(q, k, None, 2)
         if attention_mask is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=dropout, scale=self.softmax_scale, enable_gqa=True
