@@ -58,3 +58,12 @@ def train_vlm_cli(run_dir: Path, assets: dict, *overrides: str, nproc: int = 0) 
     launch = ["--nproc", str(nproc)] if nproc else []
     viq_mllm("train", VLM, *launch, f"run.dir={run_dir}", *QUIET, *vlm_overrides(assets), *overrides)
     return read_metrics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def megatron_single():
+    """One process's megatron groups (TP = PP = 1) for a test module that builds models in-process."""
+    from megatron_ext.parallel import init_distributed, shutdown
+
+    yield init_distributed(tp=1, pp=1, seed=0)
+    shutdown()

@@ -7,14 +7,6 @@ import torch
 import torch.nn.functional as F
 
 
-@pytest.fixture(scope="module")
-def megatron_single():
-    from megatron_ext.parallel import init_distributed, shutdown
-
-    yield init_distributed(tp=1, pp=1, seed=0)
-    shutdown()
-
-
 def loss_and_grad(function, logits, target, weights):
     logits = logits.clone().requires_grad_()
     loss = function(logits * 1.0, target)  # a non-leaf input, as the output layer's GEMM gives it

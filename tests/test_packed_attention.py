@@ -9,14 +9,6 @@ from viq_mllm.recipe import load_recipe
 from conftest import TINY
 
 
-@pytest.fixture(scope="module")
-def megatron_single():
-    from megatron_ext.parallel import init_distributed, shutdown
-
-    yield init_distributed(tp=1, pp=1, seed=0)
-    shutdown()
-
-
 def naive_block_causal(lengths, total):
     doc = []
     for i, n in enumerate(lengths):

@@ -8,14 +8,6 @@ from conftest import VLM, train_vlm_cli, viq_mllm, vlm_overrides
 STEPS = ["train.steps=6", "train.warmup_steps=2", "checkpoint.every=0"]
 
 
-@pytest.fixture(scope="module")
-def megatron_single():
-    from megatron_ext.parallel import init_distributed, shutdown
-
-    yield init_distributed(tp=1, pp=1, seed=0)
-    shutdown()
-
-
 def test_document_logits_inside_a_packed_row_equal_alone(vlm_assets, megatron_single):
     from megatron_ext.vlm import packed_params
     from megatron_ext.vlm_train import build_vlm
