@@ -17,12 +17,14 @@ On CPU, glibc's allocator returns large freed blocks to the system and the next 
 (~1 us per 4 KB). How often depends on each side's allocation pattern (HF's loss allocates three logits-sized
 buffers per step, megatron's works in place), so ``--keep-freed-memory`` reruns the comparison with freed memory
 kept in the process, where neither side faults: the control that separates allocator effects from compute.
+The phase table counts each side's minor page faults per step, so a run shows which side paid them.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import resource
 import statistics
 
 import torch
@@ -98,12 +100,15 @@ def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
     sides = {"ours": (lambda: forward_backward(ours, iter([batch])), lambda: optimizer_step(ours)),
              "hf": (cpu_compat.native(hf_gradients), cpu_compat.native(hf_update))}
     times = {key: {"gradients": [], "update": []} for key in sides}
+    faults = {key: [] for key in sides}  # minor page faults per step: memory the allocator had given back
     for round_ in range(rounds + 2):  # two warm-up rounds
         for key, phases in sides.items():
-            for phase, fn in zip(("gradients", "update"), phases):
-                seconds = timed(fn)
-                if round_ >= 2:
-                    times[key][phase].append(seconds)
+            before = _minor_faults()
+            seconds = [timed(fn) for fn in phases]
+            if round_ >= 2:
+                faults[key].append(_minor_faults() - before)
+                for phase, value in zip(("gradients", "update"), seconds):
+                    times[key][phase].append(value)
     step = {key: [g + u for g, u in zip(t["gradients"], t["update"])] for key, t in times.items()}
     low, ratio, high = statistics.quantiles([h / o for o, h in zip(step["ours"], step["hf"])], n=4)
     median_ms = {key: {phase: 1e3 * statistics.median(v) for phase, v in t.items()} for key, t in times.items()}
@@ -112,7 +117,12 @@ def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
             "ours_tokens_per_s": b * s / statistics.median(step["ours"]),
             "hf_tokens_per_s": b * s / statistics.median(step["hf"]), "ratio_ours_over_hf": ratio,
             "ratio_quartiles": [low, high], "phase_median_ms": median_ms, "rounds": rounds,
+            "median_page_faults_per_step": {key: statistics.median(v) for key, v in faults.items()},
             "device": str(dev), "threads": torch.get_num_threads()}
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def format_table(rows: list[dict]) -> str:
@@ -122,10 +132,12 @@ def format_table(rows: list[dict]) -> str:
           f"{r['hf_tokens_per_s']:.0f}", f"{r['ratio_ours_over_hf']:.3f}x",
           "{:.3f}-{:.3f}".format(*r["ratio_quartiles"])] for r in rows])
     phases = markdown_table(
-        ["config", "gradients ours (ms)", "gradients HF (ms)", "update ours (ms)", "update HF (ms)"],
+        ["config", "gradients ours (ms)", "gradients HF (ms)", "update ours (ms)", "update HF (ms)",
+         "page faults ours", "page faults HF"],
         [[r["config"]] + [f"{r['phase_median_ms'][side][phase]:.1f}" for phase in ("gradients", "update")
-                          for side in ("ours", "hf")] for r in rows])
-    return f"{throughput}\n\nMedian time per phase:\n\n{phases}"
+                          for side in ("ours", "hf")]
+         + [f"{r['median_page_faults_per_step'][side]:.0f}" for side in ("ours", "hf")] for r in rows])
+    return f"{throughput}\n\nMedian time per phase and minor page faults per step:\n\n{phases}"
 
 
 def keep_freed_memory() -> None:
