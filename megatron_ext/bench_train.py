@@ -1,8 +1,8 @@
 """``viq-mllm bench train``: tokens/s of our megatron-core training step vs HF transformers' LlamaForCausalLM.
 
 Same shapes (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings, same padded vocabulary), same batch, AdamW with the
-same hyper-parameters and gradient clipping, fp32, one process, on the GPU when there is one (both sides, timed
-between synchronizations), else the CPU. HF's optimizer is HF Trainer's default (torch's fused AdamW,
+same hyper-parameters and gradient clipping, fp32, one process (or, with ``--separate-processes``, each side in a
+process of its own), on the GPU when there is one (both sides, timed between synchronizations), else the CPU. HF's optimizer is HF Trainer's default (torch's fused AdamW,
 ``adamw_torch_fused`` since torch 2.8); megatron's is TE's or apex's FusedAdam where installed, the same torch
 kernel otherwise (``megatron_ext.apex_free``). The two steps alternate round by round
 so machine noise hits both alike; the table reports the medians over rounds and the ratio ours / HF of each round
@@ -10,22 +10,28 @@ so machine noise hits both alike; the table reports the medians over rounds and 
 process of its own.
 
 Each step is timed in two phases, to show where a difference lies: *gradients* (zeroing, forward with the loss,
-backward; ours also megatron's ``finalize_model_grads``) and *update* (clipping and the AdamW step; ours also the
+backward; ours also its gradient finalisation, see ``training.finalize_alone``) and *update* (clipping and the AdamW step; ours also the
 LR schedule).
 
 On CPU, glibc's allocator returns large freed blocks to the system and the next step page-faults them back in
 (~1 us per 4 KB). How often depends on each side's allocation pattern (HF's loss allocates three logits-sized
 buffers per step, megatron's works in place), so ``--keep-freed-memory`` reruns the comparison with freed memory
 kept in the process, where neither side faults: the control that separates allocator effects from compute.
-The phase table counts each side's minor page faults per step, so a run shows which side paid them.
+The phase table counts each side's minor page faults per step, so a run shows which side paid them. Sharing one
+heap also couples the two sides (one side's allocations decide when glibc trims the other's freed memory), so
+``--separate-processes`` builds each side in a spawned process, as two users' runs would be, and still
+alternates their steps; ``--keep-freed-memory`` then applies in both processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import multiprocessing
 import resource
 import statistics
+from functools import partial
+from typing import Callable
 
 import torch
 
@@ -35,6 +41,8 @@ from megatron_ext.parallel import device, init_distributed, shutdown
 from megatron_ext.training import build_trainer, forward_backward, optimizer_step
 from viq_mllm.bench_report import markdown_table, publish, timed, write_json
 from viq_mllm.recipe import recipe_from_dict
+
+Phases = tuple[Callable[[], object], Callable[[], object]]  # (gradients, update) of one training step
 
 CONFIGS = {
     "tiny": dict(num_layers=4, hidden_size=64, ffn_hidden_size=172, num_attention_heads=4, num_query_groups=2,
@@ -73,56 +81,117 @@ def _hf_model(cfg: dict):
     return LlamaForCausalLM(config)
 
 
-def bench_config(name: str, cfg: dict, rounds: int, layout) -> dict:
+def _batch(cfg: dict) -> dict:
+    dev = device()
+    b, s = cfg["micro_batch"], cfg["seq_length"]
+    tokens = torch.randint(0, cfg["vocab"], (b, s + 1), generator=torch.Generator().manual_seed(0)).to(dev)
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(b, s, device=dev),
+            "position_ids": torch.arange(s, device=dev).expand(b, s)}
+
+
+def _our_side(cfg: dict, rounds: int, layout) -> Phases:
     recipe = _recipe(cfg, steps=rounds + 10)
     ours = build_trainer(recipe, layout, build_gpt(transformer_config(recipe.model, recipe.parallel, recipe.train),
                                                    recipe.model, recipe.parallel, cfg["vocab"], layout, 0),
                          {"text_size": cfg["vocab"], "padded_size": cfg["vocab"], "text_fingerprint": "random"})
-    dev = device()
-    hf = _hf_model(cfg).to(dev)
+    batch = _batch(cfg)
+    return lambda: forward_backward(ours, iter([batch])), lambda: optimizer_step(ours)
+
+
+def _hf_side(cfg: dict) -> Phases:
+    hf = _hf_model(cfg).to(device())
     decay = [p for p in hf.parameters() if p.dim() > 1]  # megatron (and HF Trainer) spare norms and biases
     hf_opt = torch.optim.AdamW([{"params": decay}, {"params": [p for p in hf.parameters() if p.dim() == 1],
                                                     "weight_decay": 0.0}],
                                lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
-    b, s = cfg["micro_batch"], cfg["seq_length"]
-    tokens = torch.randint(0, cfg["vocab"], (b, s + 1), generator=torch.Generator().manual_seed(0)).to(dev)
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(b, s, device=dev),
-             "position_ids": torch.arange(s, device=dev).expand(b, s)}
+    batch = _batch(cfg)
 
-    def hf_gradients():
+    def gradients():
         hf_opt.zero_grad(set_to_none=True)
-        hf(input_ids=batch["tokens"], labels=tokens[:, :-1].clone()).loss.backward()  # HF shifts labels itself
+        hf(input_ids=batch["tokens"], labels=batch["tokens"].clone()).loss.backward()  # HF shifts labels itself
 
-    def hf_update():
+    def update():
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hf_opt.step()
 
-    sides = {"ours": (lambda: forward_backward(ours, iter([batch])), lambda: optimizer_step(ours)),
-             "hf": (cpu_compat.native(hf_gradients), cpu_compat.native(hf_update))}
+    return cpu_compat.native(gradients), cpu_compat.native(update)
+
+
+def _measured_step(phases: Phases) -> tuple[float, float, int]:
+    """(gradients s, update s, minor page faults: memory the allocator had given back and touched again)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    gradients, update = (timed(fn) for fn in phases)
+    return gradients, update, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def _serve(conn, side: str, cfg: dict, rounds: int, keep_freed: bool) -> None:
+    """A side in a process of its own: built once, then one measured step per request."""
+    if keep_freed:
+        keep_freed_memory()
+    layout = init_distributed(tp=1, pp=1, seed=0) if side == "ours" else None
+    try:
+        phases = _our_side(cfg, rounds, layout) if side == "ours" else _hf_side(cfg)
+        conn.send("ready")
+        while conn.recv() == "step":
+            conn.send(_measured_step(phases))
+    finally:
+        if layout is not None:
+            shutdown()
+
+
+class _Remote:
+    """Steps a side built in a spawned process (its own heap and allocator state, as a user's run has)."""
+
+    def __init__(self, side: str, cfg: dict, rounds: int, keep_freed: bool):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, side, cfg, rounds, keep_freed), daemon=True)
+        self.process.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError(f"the {side} benchmark process failed to start")
+
+    def __call__(self) -> tuple[float, float, int]:
+        self.conn.send("step")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send("stop")
+        self.process.join(timeout=60)
+
+
+def bench_config(name: str, cfg: dict, rounds: int, layout=None, keep_freed: bool = False) -> dict:
+    """Both sides' steps, alternating round by round: in this process (``layout`` given), or each side in a
+    process of its own (``layout`` None)."""
+    if layout is not None:
+        sides = {"ours": partial(_measured_step, _our_side(cfg, rounds, layout)),
+                 "hf": partial(_measured_step, _hf_side(cfg))}
+    else:
+        sides = {key: _Remote(key, cfg, rounds, keep_freed) for key in ("ours", "hf")}
     times = {key: {"gradients": [], "update": []} for key in sides}
-    faults = {key: [] for key in sides}  # minor page faults per step: memory the allocator had given back
-    for round_ in range(rounds + 2):  # two warm-up rounds
-        for key, phases in sides.items():
-            before = _minor_faults()
-            seconds = [timed(fn) for fn in phases]
-            if round_ >= 2:
-                faults[key].append(_minor_faults() - before)
-                for phase, value in zip(("gradients", "update"), seconds):
-                    times[key][phase].append(value)
+    faults = {key: [] for key in sides}
+    try:
+        for round_ in range(rounds + 2):  # two warm-up rounds
+            for key, step_once in sides.items():
+                gradients, update, faulted = step_once()
+                if round_ >= 2:
+                    times[key]["gradients"].append(gradients)
+                    times[key]["update"].append(update)
+                    faults[key].append(faulted)
+    finally:
+        for side in sides.values():
+            if isinstance(side, _Remote):
+                side.close()
     step = {key: [g + u for g, u in zip(t["gradients"], t["update"])] for key, t in times.items()}
     low, ratio, high = statistics.quantiles([h / o for o, h in zip(step["ours"], step["hf"])], n=4)
     median_ms = {key: {phase: 1e3 * statistics.median(v) for phase, v in t.items()} for key, t in times.items()}
-    params = sum(p.numel() for p in hf.parameters())
-    return {"config": name, "params": params, "tokens_per_step": b * s,
-            "ours_tokens_per_s": b * s / statistics.median(step["ours"]),
-            "hf_tokens_per_s": b * s / statistics.median(step["hf"]), "ratio_ours_over_hf": ratio,
+    tokens = cfg["micro_batch"] * cfg["seq_length"]
+    return {"config": name, "params": sum(p.numel() for p in _hf_model(cfg).parameters()), "tokens_per_step": tokens,
+            "ours_tokens_per_s": tokens / statistics.median(step["ours"]),
+            "hf_tokens_per_s": tokens / statistics.median(step["hf"]), "ratio_ours_over_hf": ratio,
             "ratio_quartiles": [low, high], "phase_median_ms": median_ms, "rounds": rounds,
             "median_page_faults_per_step": {key: statistics.median(v) for key, v in faults.items()},
-            "device": str(dev), "threads": torch.get_num_threads()}
-
-
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            "processes": "one" if layout is not None else "separate",
+            "device": str(device()), "threads": torch.get_num_threads()}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -155,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench_train", help="writes bench_train.json here")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="CPU control run: glibc keeps freed memory, so neither side pays page faults")
+    parser.add_argument("--separate-processes", action="store_true",
+                        help="build and step each side in a process of its own (still alternating step by step), "
+                             "so neither side's allocations shape the other's page faults")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the ratio's quartiles need two rounds)")
@@ -164,13 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as err:
             parser.error(f"--keep-freed-memory needs glibc: {err}")
     rows = []
-    payload = {"keep_freed_memory": args.keep_freed_memory, "rows": rows}
-    layout = init_distributed(tp=1, pp=1, seed=0)
+    payload = {"keep_freed_memory": args.keep_freed_memory, "separate_processes": args.separate_processes,
+               "rows": rows}
+    layout = None if args.separate_processes else init_distributed(tp=1, pp=1, seed=0)
     try:
         for name in args.configs:
-            rows.append(bench_config(name, CONFIGS[name], args.rounds, layout))
+            rows.append(bench_config(name, CONFIGS[name], args.rounds, layout, args.keep_freed_memory))
             write_json(args.out, "bench_train.json", payload)  # a run stopped part-way keeps what it measured
     finally:
-        shutdown()
+        if layout is not None:
+            shutdown()
     publish(args.out, "bench_train.json", payload, format_table(rows))
     return 0
