@@ -131,7 +131,7 @@ def _serve(conn, side: str, cfg: dict, rounds: int, keep_freed: bool) -> None:
     layout = init_distributed(tp=1, pp=1, seed=0) if side == "ours" else None
     try:
         phases = _our_side(cfg, rounds, layout) if side == "ours" else _hf_side(cfg)
-        conn.send("ready")
+        conn.send("built")
         while conn.recv() == "step":
             conn.send(_measured_step(phases))
     finally:
@@ -147,29 +147,40 @@ class _Remote:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, side, cfg, rounds, keep_freed), daemon=True)
         self.process.start()
-        if self.conn.recv() != "ready":
-            raise RuntimeError(f"the {side} benchmark process failed to start")
+        self.side = side
+        self._receive()
+
+    def _receive(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join(timeout=60)
+            raise RuntimeError(f"the {self.side} side's benchmark process exited (code {self.process.exitcode}); "
+                               "its traceback is printed above") from None
 
     def __call__(self) -> tuple[float, float, int]:
         self.conn.send("step")
-        return self.conn.recv()
+        return self._receive()
 
     def close(self) -> None:
-        self.conn.send("stop")
+        if self.process.is_alive():
+            self.conn.send("stop")
         self.process.join(timeout=60)
 
 
 def bench_config(name: str, cfg: dict, rounds: int, layout=None, keep_freed: bool = False) -> dict:
     """Both sides' steps, alternating round by round: in this process (``layout`` given), or each side in a
     process of its own (``layout`` None)."""
-    if layout is not None:
-        sides = {"ours": partial(_measured_step, _our_side(cfg, rounds, layout)),
-                 "hf": partial(_measured_step, _hf_side(cfg))}
-    else:
-        sides = {key: _Remote(key, cfg, rounds, keep_freed) for key in ("ours", "hf")}
-    times = {key: {"gradients": [], "update": []} for key in sides}
-    faults = {key: [] for key in sides}
+    sides = {}
+    times = {key: {"gradients": [], "update": []} for key in ("ours", "hf")}
+    faults = {key: [] for key in ("ours", "hf")}
     try:
+        if layout is not None:
+            sides = {"ours": partial(_measured_step, _our_side(cfg, rounds, layout)),
+                     "hf": partial(_measured_step, _hf_side(cfg))}
+        else:
+            for key in ("ours", "hf"):
+                sides[key] = _Remote(key, cfg, rounds, keep_freed)
         for round_ in range(rounds + 2):  # two warm-up rounds
             for key, step_once in sides.items():
                 gradients, update, faulted = step_once()
