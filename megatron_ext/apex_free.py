@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ext import cpu_compat
-
 
 def multi_tensor_l2norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """The L2 norm over every tensor of every list, as a 1-element tensor on their device; apex's contract (no
@@ -46,7 +44,6 @@ def fused_adam(params, adam_w_mode: bool = True, **kwargs) -> torch.optim.Optimi
     """apex ``FusedAdam``'s constructor (``adam_w_mode``: decoupled weight decay) on torch's fused kernel."""
     adam = (torch.optim.AdamW if adam_w_mode else torch.optim.Adam)(params, fused=True, **kwargs)
     adam.register_load_state_dict_post_hook(_keep_fused)
-    adam.step = cpu_compat.native(adam.step)  # never names CUDA: on CPU, no redirection toll on its ~130 calls
     return adam
 
 

@@ -190,7 +190,7 @@ def forward_backward(trainer: Trainer, batches: Iterator[dict], forward_step: Ca
 
 def optimizer_step(trainer: Trainer) -> float:
     """Clip, update, advance the LR schedule; returns the gradient norm before clipping."""
-    _, grad_norm, _ = trainer.optimizer.step()
+    _, grad_norm, _ = cpu_compat.native(trainer.optimizer.step)()  # only clip_grads needs the mode (cpu_compat)
     trainer.scheduler.step(increment=1)
     return float(grad_norm) if grad_norm is not None else float("nan")
 

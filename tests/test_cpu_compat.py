@@ -1,5 +1,6 @@
 """cpu_compat's redirection of megatron's CUDA idioms and its stand-in for apex's gradient-accumulation kernel."""
 
+import pytest
 import torch
 
 from megatron_ext import cpu_compat
@@ -26,3 +27,26 @@ def test_wgrad_accumulation_adds_the_weight_gradient():
     expected = main_grad + grad_output.t() @ total_input
     cpu_compat._wgrad_gemm_accum(total_input, grad_output, main_grad)
     torch.testing.assert_close(main_grad, expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the redirection exists only without CUDA")
+def test_native_and_redirected_nest():
+    """The optimizer step runs native and megatron's clip_grads inside it redirected: each wrapper switches the
+    mode only when it is in the other state, and restores that state on return."""
+    cpu_compat.install()
+
+    def cuda_zeros_device() -> str:
+        return torch.zeros(1, device="cuda").device.type
+
+    def inside_native() -> None:
+        with pytest.raises((AssertionError, RuntimeError)):  # no redirection: this torch has no CUDA
+            cuda_zeros_device()
+        assert cpu_compat.redirected(cuda_zeros_device)() == "cpu"
+        with pytest.raises((AssertionError, RuntimeError)):
+            cuda_zeros_device()
+        assert cpu_compat.native(lambda: 7)() == 7  # already native: nothing to leave
+
+    assert cuda_zeros_device() == "cpu"  # installed: on for the process
+    cpu_compat.native(inside_native)()
+    assert cpu_compat.redirected(cuda_zeros_device)() == "cpu"  # already on: nothing to enter
+    assert cuda_zeros_device() == "cpu"
