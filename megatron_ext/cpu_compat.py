@@ -19,6 +19,8 @@ What it changes, and who needs it:
 6. ``fused_weight_gradient_mlp_cuda`` (apex's CUDA extension behind ``gradient_accumulation_fusion``): an
    ``addmm_`` that GEMM-accumulates a linear layer's weight gradient straight into DDP's ``main_grad`` buffer, as
    on GPU, instead of allocating the gradient and adding it to the buffer afterwards (~1% of a CPU step).
+7. ``clip_grads``' functions run inside the mode when called from native code (see below): the only CUDA sites
+   of megatron's optimizer step.
 
 The optimizer kernels megatron lacks without apex or TE (gradient norm, scaling, fused Adam) are not a CPU matter:
 :mod:`megatron_ext.apex_free` replaces them on CPU and GPU alike.
@@ -127,12 +129,13 @@ def install() -> bool:
 
 def _redirect_clip_grads() -> None:
     """Run ``clip_grads``' functions in the mode wherever megatron's optimizers call them (imported by name)."""
-    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer import clip_grads, layer_wise_optimizer, optimizer
 
     for name in ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32", "count_zeros_fp32"):
         wrapped = redirected(getattr(clip_grads, name))
-        for module in (clip_grads, optimizer):
-            setattr(module, name, wrapped)
+        for module in (clip_grads, optimizer, layer_wise_optimizer):
+            if hasattr(module, name):
+                setattr(module, name, wrapped)
 
 
 def _set_active(on: bool) -> None:
