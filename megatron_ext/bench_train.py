@@ -2,16 +2,16 @@
 
 Same shapes (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings, same padded vocabulary), same batch, AdamW with the
 same hyper-parameters and gradient clipping, fp32, one process (or, with ``--separate-processes``, each side in a
-process of its own), on the GPU when there is one (both sides, timed between synchronizations), else the CPU. HF's optimizer is HF Trainer's default (torch's fused AdamW,
-``adamw_torch_fused`` since torch 2.8); megatron's is TE's or apex's FusedAdam where installed, the same torch
-kernel otherwise (``megatron_ext.apex_free``). The two steps alternate round by round
+process of its own), on the GPU when there is one (both sides, timed between synchronizations), else the CPU.
+HF's optimizer is HF Trainer's default (torch's fused AdamW, ``adamw_torch_fused`` since torch 2.8); megatron's is
+TE's or apex's FusedAdam where installed, the same torch kernel otherwise (``megatron_ext.apex_free``). The two steps alternate round by round
 so machine noise hits both alike; the table reports the medians over rounds and the ratio ours / HF of each round
 (median and interquartile range). HF's step runs outside megatron_ext's CPU redirection mode, as it would in a
 process of its own.
 
 Each step is timed in two phases, to show where a difference lies: *gradients* (zeroing, forward with the loss,
-backward; ours also its gradient finalisation, see ``training.finalize_alone``) and *update* (clipping and the AdamW step; ours also the
-LR schedule).
+backward; ours also its gradient finalisation, see ``training.finalize_alone``) and *update* (clipping and the
+AdamW step; ours also the LR schedule).
 
 On CPU, glibc's allocator returns large freed blocks to the system and the next step page-faults them back in
 (~1 us per 4 KB). How often depends on each side's allocation pattern (HF's loss allocates three logits-sized
@@ -196,7 +196,9 @@ def bench_config(name: str, cfg: dict, rounds: int, layout=None, keep_freed: boo
     low, ratio, high = statistics.quantiles([h / o for o, h in zip(step["ours"], step["hf"])], n=4)
     median_ms = {key: {phase: 1e3 * statistics.median(v) for phase, v in t.items()} for key, t in times.items()}
     tokens = cfg["micro_batch"] * cfg["seq_length"]
-    return {"config": name, "params": sum(p.numel() for p in _hf_model(cfg).parameters()), "tokens_per_step": tokens,
+    with torch.device("meta"):  # shapes only: the sides may live in other processes
+        params = sum(p.numel() for p in _hf_model(cfg).parameters())
+    return {"config": name, "params": params, "tokens_per_step": tokens,
             "ours_tokens_per_s": tokens / statistics.median(step["ours"]),
             "hf_tokens_per_s": tokens / statistics.median(step["hf"]), "ratio_ours_over_hf": ratio,
             "ratio_quartiles": [low, high], "phase_median_ms": median_ms, "rounds": rounds,

@@ -28,7 +28,8 @@ def micro_batches(seed: int) -> list[dict]:
     batches = []
     for _ in range(3):  # three micro-batches, with different supervised token counts
         tokens = torch.randint(0, 128, (2, 17), generator=g)
-        batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "position_ids": torch.arange(16).expand(2, 16),
+        batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                        "position_ids": torch.arange(16).expand(2, 16),
                         "loss_mask": (torch.rand(2, 16, generator=g) > 0.3).float()})
     return batches
 
