@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from viq_mllm.data.synthetic import make_vlm_assets
 
@@ -67,3 +68,33 @@ def megatron_single():
 
     yield init_distributed(tp=1, pp=1, seed=0)
     shutdown()
+
+
+def tiny_trainer(layout, distributed_optimizer: bool = False):
+    """A 2-layer GPT's trainer, built in this process (vocabulary 128, 3 micro-batches of 2 x 16 tokens)."""
+    from megatron_ext.model import build_gpt, transformer_config
+    from megatron_ext.training import build_trainer
+    from viq_mllm.recipe import recipe_from_dict
+
+    model = {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
+             "num_query_groups": 2, "seq_length": 16}
+    recipe = recipe_from_dict({
+        "run": {"dir": "-"}, "model": model,
+        "train": {"steps": 1, "micro_batch_size": 2, "global_batch_size": 6},
+        "parallel": {"distributed_optimizer": distributed_optimizer},
+    })
+    config = transformer_config(recipe.model, recipe.parallel, recipe.train)
+    gpt = build_gpt(config, recipe.model, recipe.parallel, 128, layout, 0)
+    return build_trainer(recipe, layout, gpt, {"text_size": 128, "padded_size": 128, "text_fingerprint": "-"})
+
+
+def micro_batches(seed: int) -> list[dict]:
+    """Three micro-batches for :func:`tiny_trainer`, with different supervised token counts."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(3):
+        tokens = torch.randint(0, 128, (2, 17), generator=g)
+        batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                        "position_ids": torch.arange(16).expand(2, 16),
+                        "loss_mask": (torch.rand(2, 16, generator=g) > 0.3).float()})
+    return batches

@@ -5,33 +5,7 @@ processes keep megatron's (tests/test_parallel_equivalence.py compares them with
 import pytest
 import torch
 
-
-def tiny_trainer(layout, distributed_optimizer: bool):
-    from megatron_ext.model import build_gpt, transformer_config
-    from megatron_ext.training import build_trainer
-    from viq_mllm.recipe import recipe_from_dict
-
-    model = {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
-             "num_query_groups": 2, "seq_length": 16}
-    recipe = recipe_from_dict({
-        "run": {"dir": "-"}, "model": model,
-        "train": {"steps": 1, "micro_batch_size": 2, "global_batch_size": 6},
-        "parallel": {"distributed_optimizer": distributed_optimizer},
-    })
-    config = transformer_config(recipe.model, recipe.parallel, recipe.train)
-    gpt = build_gpt(config, recipe.model, recipe.parallel, 128, layout, 0)
-    return build_trainer(recipe, layout, gpt, {"text_size": 128, "padded_size": 128, "text_fingerprint": "-"})
-
-
-def micro_batches(seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(3):  # three micro-batches, with different supervised token counts
-        tokens = torch.randint(0, 128, (2, 17), generator=g)
-        batches.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                        "position_ids": torch.arange(16).expand(2, 16),
-                        "loss_mask": (torch.rand(2, 16, generator=g) > 0.3).float()})
-    return batches
+from conftest import micro_batches, tiny_trainer
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
