@@ -1,0 +1,44 @@
+"""Over a one-rank tensor-parallel group, megatron's region functions are skipped (``megatron_ext.one_rank_regions``):
+no region's autograd node is left in the graph, and the loss and gradients are those of megatron's own functions,
+bit for bit. Over two ranks the regions stay megatron's (tests/test_parallel_equivalence.py)."""
+
+import torch
+
+from conftest import micro_batches, tiny_trainer
+
+
+def region_nodes(output: torch.Tensor) -> list[str]:
+    """Names of the tensor-parallel region nodes in ``output``'s autograd graph."""
+    seen, stack, found = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "ModelParallelRegion" in node.name():
+            found.append(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def test_one_rank_regions_are_skipped_with_identical_gradients(megatron_single, monkeypatch):
+    from megatron.core.tensor_parallel import layers, mappings
+    from megatron_ext.one_rank_regions import REGIONS
+    from megatron_ext.training import forward_backward, lm_forward_step
+
+    trainer = tiny_trainer(megatron_single)
+    results = {}
+    for name in ("skipped", "megatron"):
+        if name == "megatron":
+            for region in REGIONS:
+                monkeypatch.setattr(layers, region, getattr(mappings, region))
+        output, _ = lm_forward_step(iter(micro_batches(seed=2)), trainer.model)
+        loss_sum, _, _, _ = forward_backward(trainer, iter(micro_batches(seed=2)))
+        results[name] = (region_nodes(output), loss_sum, [b.grad_data.clone() for b in trainer.model.buffers])
+    nodes, loss_sum, grads = results["skipped"]
+    megatron_nodes, megatron_loss_sum, megatron_grads = results["megatron"]
+    assert nodes == []
+    assert len(megatron_nodes) == 2 * 3 + 2  # per layer: QKV in, projection and MLP out; embedding, output layer
+    assert loss_sum == megatron_loss_sum
+    for ours, theirs in zip(grads, megatron_grads, strict=True):
+        assert torch.equal(ours, theirs)
