@@ -39,7 +39,7 @@ from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-from viq_mllm.rotary import rotate
+from viq_mllm.rotary import rotate_pair
 
 
 def positions_of(cu_seqlens: Optional[torch.Tensor], total: int, device) -> torch.Tensor:
@@ -197,7 +197,7 @@ class SDPACoreAttention(DotProductAttention):
         cos, sin = self.rope(cu, query.shape[position_dim], query.dtype, query.device)
         shape = cos.shape[:1] + (1,) * (query.dim() - position_dim - 2) + cos.shape[1:]  # [t, 1, d/2] or [s, d/2]
         cos, sin = cos.view(shape), sin.view(shape)
-        return rotate(query, cos, sin), rotate(key, cos, sin)
+        return rotate_pair(query, key, cos, sin)
 
     def _attend(self, query, key, value, attention_mask, packed_seq_params, dropout):
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
