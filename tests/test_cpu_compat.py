@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import micro_batches, tiny_trainer
 from megatron_ext import cpu_compat
 
 
@@ -50,3 +51,29 @@ def test_native_and_redirected_nest():
     cpu_compat.native(inside_native)()
     assert cpu_compat.redirected(cuda_zeros_device)() == "cpu"  # already on: nothing to enter
     assert cuda_zeros_device() == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the redirection exists only without CUDA")
+def test_forward_and_backward_of_a_training_step_run_outside_the_mode(megatron_single):
+    """megatron's schedule runs inside the mode, the forward step outside it (``training.forward_backward``), and
+    so does the backward of model code: autograd runs each node in the thread-local state of the forward that
+    built it, torch-function modes included. Model code thus pays no toll per torch call. Probed where model code
+    runs: a layer's forward and the gradient of its output."""
+    from megatron_ext.training import forward_backward
+
+    def redirects() -> bool:
+        try:
+            return torch.zeros(1, device="cuda").device.type == "cpu"
+        except (AssertionError, RuntimeError):  # this torch has no CUDA
+            return False
+
+    seen = {"forward": [], "backward": []}
+
+    def probe(module, args, output):
+        seen["forward"].append(redirects())
+        output[0].register_hook(lambda grad: seen["backward"].append(redirects()))
+
+    trainer = tiny_trainer(megatron_single)
+    trainer.unwrapped.decoder.layers[0].mlp.register_forward_hook(probe)
+    forward_backward(trainer, iter(micro_batches(seed=3)))
+    assert seen == {"forward": [False] * 3, "backward": [False] * 3}
