@@ -77,3 +77,26 @@ def test_forward_and_backward_of_a_training_step_run_outside_the_mode(megatron_s
     trainer.unwrapped.decoder.layers[0].mlp.register_forward_hook(probe)
     forward_backward(trainer, iter(micro_batches(seed=3)))
     assert seen == {"forward": [False] * 3, "backward": [False] * 3}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the redirection exists only without CUDA")
+def test_megatrons_gradient_clipping_as_installed_equals_torchs(megatron_single):
+    """clip_grads' functions as cpu_compat leaves them (in the mode, plain tensors skipping ``to_local``'s
+    ``no_grad``) clip like ``torch.nn.utils.clip_grad_norm_``."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import clip_grads
+
+    g = torch.Generator().manual_seed(4)
+    ours = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((5, 3), (7,), (2, 2, 2))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(a.shape, generator=g)
+        b.grad = a.grad.clone()
+    assert clip_grads.to_local_if_dtensor(ours[0].grad) is ours[0].grad
+    group = parallel_state.get_model_parallel_group()
+    norm = cpu_compat.native(clip_grads.get_grad_norm_fp32)([p.grad for p in ours], 2, group)
+    cpu_compat.native(clip_grads.clip_grad_by_total_norm_fp32)(ours, 1.0, norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert norm == pytest.approx(float(expected), rel=1e-6) and norm > 1.0  # the clipping branch ran
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad)
