@@ -1,12 +1,14 @@
 """``viq-mllm bench train``: tokens/s of our megatron-core training step vs HF transformers' LlamaForCausalLM.
 
-Same shapes (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings, same padded vocabulary), same batch, AdamW with the
-same hyper-parameters and gradient clipping, fp32, one process (or, with ``--separate-processes``, each side in a
-process of its own), on the GPU when there is one (both sides, timed between synchronizations), else the CPU.
-HF's optimizer is HF Trainer's default (torch's fused AdamW, ``adamw_torch_fused`` since torch 2.8); megatron's is
-TE's or apex's FusedAdam where installed, the same torch kernel otherwise (``megatron_ext.apex_free``). The two steps alternate round by round
-so machine noise hits both alike; the table reports the medians over rounds and the ratio ours / HF of each round
-(median and interquartile range). HF's step runs outside megatron_ext's CPU redirection mode, as it would in a
+Same shapes (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings, same padded vocabulary), same batch, AdamW with the same
+hyper-parameters and gradient clipping, fp32, one process (or, with ``--separate-processes``, each side in a process
+of its own), on the GPU when there is one (both sides, timed between synchronizations), else the CPU. HF's optimizer
+is HF Trainer's default (torch's fused AdamW, ``adamw_torch_fused`` since torch 2.8); megatron's is TE's or apex's
+FusedAdam where installed, the same torch kernel otherwise (``megatron_ext.apex_free``). The two steps alternate
+round by round so machine noise hits both alike; the table reports the medians over rounds and the ratio ours / HF
+of each round: its median, interquartile range, and a distribution-free 95% confidence interval of the median
+(``bench_report.median_interval``) with what it says: ours faster (the interval above 1), slower (below 1), or no
+difference this run can resolve. HF's step runs outside megatron_ext's CPU redirection mode, as it would in a
 process of its own.
 
 Each step is timed in two phases, to show where a difference lies: *gradients* (zeroing, forward with the loss,
@@ -39,7 +41,7 @@ from megatron_ext import cpu_compat
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import device, init_distributed, shutdown
 from megatron_ext.training import build_trainer, forward_backward, optimizer_step
-from viq_mllm.bench_report import markdown_table, publish, timed, write_json
+from viq_mllm.bench_report import markdown_table, median_interval, publish, timed, write_json
 from viq_mllm.recipe import recipe_from_dict
 
 Phases = tuple[Callable[[], object], Callable[[], object]]  # (gradients, update) of one training step
@@ -193,7 +195,8 @@ def bench_config(name: str, cfg: dict, rounds: int, layout=None, keep_freed: boo
             if isinstance(side, _Remote):
                 side.close()
     step = {key: [g + u for g, u in zip(t["gradients"], t["update"])] for key, t in times.items()}
-    low, ratio, high = statistics.quantiles([h / o for o, h in zip(step["ours"], step["hf"])], n=4)
+    ratios = [h / o for o, h in zip(step["ours"], step["hf"])]
+    low, ratio, high = statistics.quantiles(ratios, n=4)
     median_ms = {key: {phase: 1e3 * statistics.median(v) for phase, v in t.items()} for key, t in times.items()}
     tokens = cfg["micro_batch"] * cfg["seq_length"]
     with torch.device("meta"):  # shapes only: the sides may live in other processes
@@ -201,18 +204,30 @@ def bench_config(name: str, cfg: dict, rounds: int, layout=None, keep_freed: boo
     return {"config": name, "params": params, "tokens_per_step": tokens,
             "ours_tokens_per_s": tokens / statistics.median(step["ours"]),
             "hf_tokens_per_s": tokens / statistics.median(step["hf"]), "ratio_ours_over_hf": ratio,
-            "ratio_quartiles": [low, high], "phase_median_ms": median_ms, "rounds": rounds,
+            "ratio_quartiles": [low, high], "ratio_median_ci95": list(median_interval(ratios)),
+            "phase_median_ms": median_ms, "rounds": rounds,
             "median_page_faults_per_step": {key: statistics.median(v) for key, v in faults.items()},
             "processes": "one" if layout is not None else "separate",
             "device": str(device()), "threads": torch.get_num_threads()}
 
 
+def verdict(low: float, high: float) -> str:
+    """What a confidence interval of the ratio ours / HF says."""
+    if low > 1:
+        return "faster"
+    if high < 1:
+        return "slower"
+    return "not resolved"
+
+
 def format_table(rows: list[dict]) -> str:
     throughput = markdown_table(
-        ["config", "params", "tokens/step", "ours tok/s", "HF tok/s", "ours / HF", "quartiles"],
+        ["config", "params", "tokens/step", "ours tok/s", "HF tok/s", "ours / HF", "quartiles", "95% CI",
+         "ours vs HF"],
         [[r["config"], f"{r['params'] / 1e6:.2f}M", str(r["tokens_per_step"]), f"{r['ours_tokens_per_s']:.0f}",
           f"{r['hf_tokens_per_s']:.0f}", f"{r['ratio_ours_over_hf']:.3f}x",
-          "{:.3f}-{:.3f}".format(*r["ratio_quartiles"])] for r in rows])
+          "{:.3f}-{:.3f}".format(*r["ratio_quartiles"]), "{:.3f}-{:.3f}".format(*r["ratio_median_ci95"]),
+          verdict(*r["ratio_median_ci95"])] for r in rows])
     phases = markdown_table(
         ["config", "gradients ours (ms)", "gradients HF (ms)", "update ours (ms)", "update HF (ms)",
          "page faults ours", "page faults HF"],
