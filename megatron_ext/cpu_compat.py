@@ -25,12 +25,14 @@ What it changes, and who needs it:
 The optimizer kernels megatron lacks without apex or TE (gradient norm, scaling, fused Adam) are not a CPU matter:
 :mod:`megatron_ext.apex_free` replaces them on CPU and GPU alike.
 
-The mode costs ~1-2 us per torch call (the dispatch alone ~1 us). Model code and torch's optimizers never name
-CUDA (checked over the test suite: every rewrite happens in construction, schedules, megatron's optimizer wrapper
-and checkpoints), so :func:`native` runs forward steps and the optimizer step without it. Within megatron's
-optimizer step only ``clip_grads`` names CUDA (a ``device="cuda"`` buffer, a ``torch.cuda.FloatTensor`` assertion
-per gradient; measured with fp32, bf16 and the distributed optimizer, clipping or not): :func:`install` wraps its
-functions in :func:`redirected`, so a step pays the toll on ~100 calls instead of ~430.
+The mode costs ~1-2 us per torch call (the dispatch alone ~1 us). Model code and torch's optimizers never name CUDA
+(checked over the test suite: every rewrite happens in construction, schedules, megatron's optimizer wrapper and
+checkpoints), so :func:`native` runs without it forward steps (and with them the backward of model code: autograd
+runs each node in the thread-local state of the forward that built it, torch-function modes included), the
+optimizer's ``zero_grad`` and its step. Within megatron's optimizer step only ``clip_grads`` names CUDA (a
+``device="cuda"`` buffer, a ``torch.cuda.FloatTensor`` assertion per gradient; measured with fp32, bf16 and the
+distributed optimizer, clipping or not): :func:`install` wraps its functions in :func:`redirected`, so a step pays
+the toll on ~100 calls instead of ~430.
 """
 
 from __future__ import annotations
@@ -133,7 +135,6 @@ def _redirect_clip_grads() -> None:
     They call megatron's ``to_local_if_dtensor`` once or twice per gradient, which enters and leaves ``no_grad``
     even for a plain tensor: four intercepted calls per gradient in the mode, most of its toll on these
     functions (0.3 of 1.4 ms per step of the tiny bench model). Plain tensors skip it here."""
-    from megatron.core import utils
     from megatron.core.optimizer import clip_grads, layer_wise_optimizer, optimizer
 
     for name in ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32", "count_zeros_fp32"):
@@ -141,8 +142,14 @@ def _redirect_clip_grads() -> None:
         for module in (clip_grads, optimizer, layer_wise_optimizer):
             if hasattr(module, name):
                 setattr(module, name, wrapped)
-    to_local = utils.to_local_if_dtensor
-    clip_grads.to_local_if_dtensor = lambda tensor: tensor if type(tensor) is torch.Tensor else to_local(tensor)
+    clip_grads.to_local_if_dtensor = _to_local_unless_plain
+
+
+def _to_local_unless_plain(tensor: torch.Tensor) -> torch.Tensor:
+    """megatron's ``to_local_if_dtensor``, returning a plain tensor as is (without entering ``no_grad``)."""
+    from megatron.core import utils
+
+    return tensor if type(tensor) is torch.Tensor else utils.to_local_if_dtensor(tensor)
 
 
 def _set_active(on: bool) -> None:
