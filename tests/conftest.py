@@ -98,3 +98,17 @@ def micro_batches(seed: int) -> list[dict]:
                         "position_ids": torch.arange(16).expand(2, 16),
                         "loss_mask": (torch.rand(2, 16, generator=g) > 0.3).float()})
     return batches
+
+
+def graph_nodes(output: torch.Tensor, part: str) -> list[str]:
+    """Names of the nodes of ``output``'s autograd graph that contain ``part``."""
+    seen, stack, found = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if part in node.name():
+            found.append(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found

@@ -4,21 +4,7 @@ bit for bit. Over two ranks the regions stay megatron's (tests/test_parallel_equ
 
 import torch
 
-from conftest import micro_batches, tiny_trainer
-
-
-def region_nodes(output: torch.Tensor) -> list[str]:
-    """Names of the tensor-parallel region nodes in ``output``'s autograd graph."""
-    seen, stack, found = set(), [output.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if "ModelParallelRegion" in node.name():
-            found.append(node.name())
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
+from conftest import graph_nodes, micro_batches, tiny_trainer
 
 
 def test_one_rank_regions_are_skipped_with_identical_gradients(megatron_single, monkeypatch):
@@ -34,7 +20,7 @@ def test_one_rank_regions_are_skipped_with_identical_gradients(megatron_single, 
                 monkeypatch.setattr(layers, region, getattr(mappings, region))
         output, _ = lm_forward_step(iter(micro_batches(seed=2)), trainer.model)
         loss_sum, _, _, _ = forward_backward(trainer, iter(micro_batches(seed=2)))
-        results[name] = (region_nodes(output), loss_sum, [b.grad_data.clone() for b in trainer.model.buffers])
+        results[name] = (graph_nodes(output, "ModelParallelRegion"), loss_sum, [b.grad_data.clone() for b in trainer.model.buffers])
     nodes, loss_sum, grads = results["skipped"]
     megatron_nodes, megatron_loss_sum, megatron_grads = results["megatron"]
     assert nodes == []
