@@ -58,7 +58,9 @@ def transformer_config(model: ModelSection, parallel: ParallelSection, train: Tr
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
-        gradient_accumulation_fusion=layers._grad_accum_fusion_available,  # apex on GPU; cpu_compat on CPU
+        # apex's kernel on GPU. On CPU megatron's linear layers run faster as torch's F.linear (plain_linear) than
+        # through cpu_compat's fused stand-in; SwiGLUMLP still uses the stand-in
+        gradient_accumulation_fusion=on_gpu and layers._grad_accum_fusion_available,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
     )

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_ext import apex_free, cpu_compat, one_rank_regions
+from megatron_ext import apex_free, cpu_compat, one_rank_regions, plain_linear
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ def init_distributed(tp: int, pp: int, seed: int) -> Layout:
     cpu_compat.install()
     apex_free.install()
     one_rank_regions.install()
+    plain_linear.install()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

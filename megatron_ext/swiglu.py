@@ -8,10 +8,12 @@ keeps the parameter (same name, shape, sharding and checkpoint) and computes, in
 
     gate = x @ W[:f].T,   up = x @ W[f:].T,   y = silu(gate) * up
 
-with a hand-written backward that writes the weight gradient's two halves into one ``[2 f, h]`` tensor, or, under
-megatron's ``gradient_accumulation_fusion``, GEMM-accumulates them straight into DDP's ``main_grad`` buffer with
-the kernel and protocol of megatron's linear layers (``wgrad_gemm_accum_*``, ``grad_added_to_main_grad`` and a
-dummy gradient). Shapes:
+with a hand-written backward that writes the weight gradient's two halves into one ``[2 f, h]`` tensor, or, where
+the kernel of megatron's ``gradient_accumulation_fusion`` exists (apex's on GPU, ``cpu_compat``'s ``addmm_`` on CPU)
+and DDP gave the weight a ``main_grad`` buffer, GEMM-accumulates them straight into that buffer with the protocol
+of megatron's linear layers (``wgrad_gemm_accum_*``, ``grad_added_to_main_grad`` and a dummy gradient). On CPU
+this holds even though megatron's own linear layers run without the fusion (``plain_linear``): this function is a
+Python autograd node either way, so the fusion only saves the gradient's buffer and its addition. Shapes:
 ``x [s, b, h] -> y [s, b, f]`` (``f`` = ffn_hidden_size / tp), then megatron's ``linear_fc2`` as before.
 Tensor parallel: the input enters through ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce
 of the input gradient backward), as ``ColumnParallelLinear`` does without sequence parallelism.
@@ -81,6 +83,7 @@ class SwiGLUMLP(MLP):
         x = hidden_states
         if self.tp_group.size() > 1:
             x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
-        accumulate = self.config.gradient_accumulation_fusion
-        hidden = _SwiGLU.apply(x.reshape(-1, x.shape[-1]), self.linear_fc1.weight, accumulate)
+        weight = self.linear_fc1.weight  # apex's kernel on GPU, cpu_compat's on CPU; DDP gives the buffer
+        accumulate = layers._grad_accum_fusion_available and hasattr(weight, "main_grad")
+        hidden = _SwiGLU.apply(x.reshape(-1, x.shape[-1]), weight, accumulate)
         return self.linear_fc2(hidden.view(*x.shape[:-1], -1))
