@@ -9,7 +9,8 @@ computes ``input @ weight.T`` (then ``+ bias``) forward and ``grad @ weight``, `
 is what torch's autograd of ``F.linear`` computes in C++, but with a Python forward and a Python backward node per
 call: one per linear layer (QKV, attention output, MLP output, the output layer) per micro-batch. That is every
 row-parallel GEMM without sequence parallelism and every column-parallel GEMM at TP = 1, wherever fusion is off:
-on CPU (``model.transformer_config``), and on a GPU with neither apex nor Transformer Engine.
+on CPU (``model.transformer_config``), and on a GPU without apex's kernel (the local spec; Transformer Engine's
+layers are its own).
 
 :func:`install` wraps the function where ``layers`` calls it: in that case it returns ``F.linear(input, weight)``
 and adds the bias in a second operation, as megatron does (a fused ``addmm`` would round once where megatron
