@@ -68,8 +68,10 @@ def test_a_training_step_has_no_megatron_linear_node_and_identical_gradients(meg
                          [b.grad_data.clone() for b in trainer.model.buffers])
     nodes, loss_sum, grads = results["plain"]
     megatron_nodes, megatron_loss_sum, megatron_grads = results["megatron"]
-    assert nodes == []
+    fused = trainer.model.config.gradient_accumulation_fusion  # apex's kernel on a GPU: megatron's function stays
+    assert not fused or torch.cuda.is_available()  # on CPU the linear layers run unfused, hence plain
     assert len(megatron_nodes) == 2 * 3 + 1  # per layer: QKV, attention output, MLP output; the output layer
+    assert nodes == (megatron_nodes if fused else [])
     assert loss_sum == megatron_loss_sum
     for ours, theirs in zip(grads, megatron_grads, strict=True):
         assert torch.equal(ours, theirs)
