@@ -112,3 +112,13 @@ def graph_nodes(output: torch.Tensor, part: str) -> list[str]:
             found.append(node.name())
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found
+
+
+def traced_step(trainer, seed: int, part: str) -> tuple[list[str], float, list[torch.Tensor]]:
+    """The gradients step of :func:`tiny_trainer` on ``micro_batches(seed)``: the names of the forward graph's
+    nodes that contain ``part``, the loss sum, and DDP's gradient buffers."""
+    from megatron_ext.training import forward_backward, lm_forward_step
+
+    output, _ = lm_forward_step(iter(micro_batches(seed)), trainer.model)
+    loss_sum, _, _, _ = forward_backward(trainer, iter(micro_batches(seed)))
+    return graph_nodes(output, part), loss_sum, [b.grad_data.clone() for b in trainer.model.buffers]

@@ -4,25 +4,18 @@ bit for bit. Over two ranks the regions stay megatron's (tests/test_parallel_equ
 
 import torch
 
-from conftest import graph_nodes, micro_batches, tiny_trainer
+from conftest import tiny_trainer, traced_step
 
 
 def test_one_rank_regions_are_skipped_with_identical_gradients(megatron_single, monkeypatch):
     from megatron.core.tensor_parallel import layers, mappings
     from megatron_ext.one_rank_regions import REGIONS
-    from megatron_ext.training import forward_backward, lm_forward_step
 
     trainer = tiny_trainer(megatron_single)
-    results = {}
-    for name in ("skipped", "megatron"):
-        if name == "megatron":
-            for region in REGIONS:
-                monkeypatch.setattr(layers, region, getattr(mappings, region))
-        output, _ = lm_forward_step(iter(micro_batches(seed=2)), trainer.model)
-        loss_sum, _, _, _ = forward_backward(trainer, iter(micro_batches(seed=2)))
-        results[name] = (graph_nodes(output, "ModelParallelRegion"), loss_sum, [b.grad_data.clone() for b in trainer.model.buffers])
-    nodes, loss_sum, grads = results["skipped"]
-    megatron_nodes, megatron_loss_sum, megatron_grads = results["megatron"]
+    nodes, loss_sum, grads = traced_step(trainer, 2, "ModelParallelRegion")
+    for region in REGIONS:
+        monkeypatch.setattr(layers, region, getattr(mappings, region))
+    megatron_nodes, megatron_loss_sum, megatron_grads = traced_step(trainer, 2, "ModelParallelRegion")
     assert nodes == []
     assert len(megatron_nodes) == 2 * 3 + 2  # per layer: QKV in, projection and MLP out; embedding, output layer
     assert loss_sum == megatron_loss_sum

@@ -7,7 +7,7 @@ import pytest
 import torch
 from megatron.core.tensor_parallel import layers
 
-from conftest import graph_nodes, micro_batches, tiny_trainer
+from conftest import tiny_trainer, traced_step
 from megatron_ext.plain_linear import NAME, plain_when_possible
 
 MEGATRON = layers.LinearWithGradAccumulationAndAsyncCommunication
@@ -55,19 +55,10 @@ def test_megatrons_function_runs_whenever_it_has_work(flags):
 
 
 def test_a_training_step_has_no_megatron_linear_node_and_identical_gradients(megatron_single, monkeypatch):
-    from megatron_ext.training import forward_backward, lm_forward_step
-
     trainer = tiny_trainer(megatron_single)
-    results = {}
-    for name in ("plain", "megatron"):
-        if name == "megatron":
-            monkeypatch.setattr(layers, NAME, getattr(layers, NAME).__wrapped__)
-        output, _ = lm_forward_step(iter(micro_batches(seed=3)), trainer.model)
-        loss_sum, _, _, _ = forward_backward(trainer, iter(micro_batches(seed=3)))
-        results[name] = (graph_nodes(output, "LinearWithGradAccumulation"), loss_sum,
-                         [b.grad_data.clone() for b in trainer.model.buffers])
-    nodes, loss_sum, grads = results["plain"]
-    megatron_nodes, megatron_loss_sum, megatron_grads = results["megatron"]
+    nodes, loss_sum, grads = traced_step(trainer, 3, "LinearWithGradAccumulation")
+    monkeypatch.setattr(layers, NAME, getattr(layers, NAME).__wrapped__)
+    megatron_nodes, megatron_loss_sum, megatron_grads = traced_step(trainer, 3, "LinearWithGradAccumulation")
     fused = trainer.model.config.gradient_accumulation_fusion  # apex's kernel on a GPU: megatron's function stays
     assert not fused or torch.cuda.is_available()  # on CPU the linear layers run unfused, hence plain
     assert len(megatron_nodes) == 2 * 3 + 1  # per layer: QKV, attention output, MLP output; the output layer
