@@ -21,4 +21,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 bench: $(STAMP)
-	$(BIN)/viq-mllm bench train --out runs/bench_train
+	$(BIN)/viq-mllm bench train --all-modes --out runs/bench_train

@@ -22,7 +22,10 @@ kept in the process, where neither side faults: the control that separates alloc
 The phase table counts each side's minor page faults per step, so a run shows which side paid them. Sharing one
 heap also couples the two sides (one side's allocations decide when glibc trims the other's freed memory), so
 ``--separate-processes`` builds each side in a spawned process, as two users' runs would be, and still
-alternates their steps; ``--keep-freed-memory`` then applies in both processes.
+alternates their steps; ``--keep-freed-memory`` then applies in both processes. ``--all-modes`` runs one process,
+separate processes, and separate processes with freed memory kept, in that order (glibc's setting cannot be undone
+in a process), and adds a table of the three verdicts: which side wins where the allocator has its say, and where
+it has none.
 """
 
 from __future__ import annotations
@@ -237,12 +240,55 @@ def format_table(rows: list[dict]) -> str:
     return f"{throughput}\n\nMedian time per phase and minor page faults per step:\n\n{phases}"
 
 
+def _mallopt() -> Callable[[int, int], int]:
+    """glibc's ``mallopt`` (OSError where the C library is not glibc)."""
+    return ctypes.CDLL("libc.so.6").mallopt
+
+
 def keep_freed_memory() -> None:
     """Make glibc keep freed memory in the process (no heap trimming, no mmap per large block); glibc only."""
-    libc = ctypes.CDLL("libc.so.6")
+    mallopt = _mallopt()
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    if not (libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 1 << 30)):
+    if not (mallopt(m_trim_threshold, 1 << 30) and mallopt(m_mmap_threshold, 1 << 30)):
         raise OSError("glibc's mallopt refused the trim / mmap thresholds")
+
+
+# name -> (separate processes, keep freed memory), in the order ``--all-modes`` runs them: the one-process mode first,
+# because glibc's setting cannot be undone in a process (the separate modes set it, if at all, in their children)
+MODES = {
+    "one process": (False, False),
+    "separate processes": (True, False),
+    "separate processes, freed memory kept (control)": (True, True),
+}
+
+
+def run_mode(configs: list[str], rounds: int, separate: bool, keep_freed: bool,
+             save: Callable[[list[dict]], object]) -> list[dict]:
+    """Each config's row in one mode; ``save(rows)`` after each, so a run stopped part-way keeps what it measured.
+    The one-process mode applies ``keep_freed`` to this process (:func:`keep_freed_memory`)."""
+    if keep_freed and not separate:
+        keep_freed_memory()
+    rows = []
+    layout = None if separate else init_distributed(tp=1, pp=1, seed=0)
+    try:
+        for name in configs:
+            rows.append(bench_config(name, CONFIGS[name], rounds, layout, keep_freed))
+            save(rows)
+    finally:
+        if layout is not None:
+            shutdown()
+    return rows
+
+
+def format_modes(runs: dict[str, list[dict]]) -> str:
+    """One row per config, one column per mode: the median ratio ours / HF, its 95% interval and the verdict."""
+    def cell(row: dict) -> str:
+        low, high = row["ratio_median_ci95"]
+        return f"{row['ratio_ours_over_hf']:.3f}x ({low:.3f}-{high:.3f}) {verdict(low, high)}"
+
+    configs = [row["config"] for row in next(iter(runs.values()))]
+    return markdown_table(["config", *runs], [[name, *(cell(rows[i]) for rows in runs.values())]
+                                              for i, name in enumerate(configs)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,24 +301,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--separate-processes", action="store_true",
                         help="build and step each side in a process of its own (still alternating step by step), "
                              "so neither side's allocations shape the other's page faults")
+    parser.add_argument("--all-modes", action="store_true",
+                        help="CPU: run the configs in one process, then in separate processes, then in separate "
+                             "processes with freed memory kept, and add a table of the three verdicts")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the ratio's quartiles need two rounds)")
-    if args.keep_freed_memory:
+    if args.all_modes and (args.keep_freed_memory or args.separate_processes):
+        parser.error("--all-modes runs every mode itself; drop --keep-freed-memory and --separate-processes")
+    modes = MODES if args.all_modes else {None: (args.separate_processes, args.keep_freed_memory)}
+    if any(keep for _, keep in modes.values()):
         try:
-            keep_freed_memory()
+            _mallopt()
         except OSError as err:
             parser.error(f"--keep-freed-memory needs glibc: {err}")
-    rows = []
-    payload = {"keep_freed_memory": args.keep_freed_memory, "separate_processes": args.separate_processes,
-               "rows": rows}
-    layout = None if args.separate_processes else init_distributed(tp=1, pp=1, seed=0)
-    try:
-        for name in args.configs:
-            rows.append(bench_config(name, CONFIGS[name], args.rounds, layout, args.keep_freed_memory))
-            write_json(args.out, "bench_train.json", payload)  # a run stopped part-way keeps what it measured
-    finally:
-        if layout is not None:
-            shutdown()
-    publish(args.out, "bench_train.json", payload, format_table(rows))
+    payloads = {name: {"keep_freed_memory": keep, "separate_processes": separate, "rows": []}
+                for name, (separate, keep) in modes.items()}
+    whole = {"modes": payloads} if args.all_modes else payloads[None]
+
+    def save(payload: dict, rows: list[dict]) -> None:
+        payload["rows"] = rows
+        write_json(args.out, "bench_train.json", whole)
+
+    tables = []
+    for name, payload in payloads.items():
+        rows = run_mode(args.configs, args.rounds, payload["separate_processes"], payload["keep_freed_memory"],
+                        partial(save, payload))
+        tables.append(f"{name}:\n\n{format_table(rows)}" if name else format_table(rows))
+    if args.all_modes:
+        runs = {name: payload["rows"] for name, payload in payloads.items()}
+        tables.append(f"ours / HF in each mode (median, 95% CI, verdict):\n\n{format_modes(runs)}")
+    publish(args.out, "bench_train.json", whole, "\n\n".join(tables))
     return 0
