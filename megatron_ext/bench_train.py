@@ -223,13 +223,18 @@ def verdict(low: float, high: float) -> str:
     return "not resolved"
 
 
+def _span(pair: list[float]) -> str:
+    """An interval of ratios as the tables print it: ``0.977-0.991``."""
+    return "{:.3f}-{:.3f}".format(*pair)
+
+
 def format_table(rows: list[dict]) -> str:
     throughput = markdown_table(
         ["config", "params", "tokens/step", "ours tok/s", "HF tok/s", "ours / HF", "quartiles", "95% CI",
          "ours vs HF"],
         [[r["config"], f"{r['params'] / 1e6:.2f}M", str(r["tokens_per_step"]), f"{r['ours_tokens_per_s']:.0f}",
           f"{r['hf_tokens_per_s']:.0f}", f"{r['ratio_ours_over_hf']:.3f}x",
-          "{:.3f}-{:.3f}".format(*r["ratio_quartiles"]), "{:.3f}-{:.3f}".format(*r["ratio_median_ci95"]),
+          _span(r["ratio_quartiles"]), _span(r["ratio_median_ci95"]),
           verdict(*r["ratio_median_ci95"])] for r in rows])
     phases = markdown_table(
         ["config", "gradients ours (ms)", "gradients HF (ms)", "update ours (ms)", "update HF (ms)",
@@ -283,8 +288,8 @@ def run_mode(configs: list[str], rounds: int, separate: bool, keep_freed: bool,
 def format_modes(runs: dict[str, list[dict]]) -> str:
     """One row per config, one column per mode: the median ratio ours / HF, its 95% interval and the verdict."""
     def cell(row: dict) -> str:
-        low, high = row["ratio_median_ci95"]
-        return f"{row['ratio_ours_over_hf']:.3f}x ({low:.3f}-{high:.3f}) {verdict(low, high)}"
+        interval = row["ratio_median_ci95"]
+        return f"{row['ratio_ours_over_hf']:.3f}x ({_span(interval)}) {verdict(*interval)}"
 
     configs = [row["config"] for row in next(iter(runs.values()))]
     return markdown_table(["config", *runs], [[name, *(cell(rows[i]) for rows in runs.values())]
