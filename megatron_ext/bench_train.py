@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _mallopt()
         except OSError as err:
-            parser.error(f"--keep-freed-memory needs glibc: {err}")
+            parser.error(f"freed memory kept (--keep-freed-memory, or --all-modes' control) needs glibc: {err}")
     payloads = {name: {"keep_freed_memory": keep, "separate_processes": separate, "rows": []}
                 for name, (separate, keep) in modes.items()}
     whole = {"modes": payloads} if args.all_modes else payloads[None]
