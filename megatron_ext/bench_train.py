@@ -4,7 +4,7 @@ Same shapes (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings, same padded vocabulary
 hyper-parameters and gradient clipping, fp32, one process (or, with ``--separate-processes``, each side in a process
 of its own), on the GPU when there is one (both sides, timed between synchronizations), else the CPU. HF's optimizer
 is HF Trainer's default (torch's fused AdamW, ``adamw_torch_fused`` since torch 2.8); megatron's is TE's or apex's
-FusedAdam where installed, the same torch kernel otherwise (``megatron_ext.apex_free``). The two steps alternate
+FusedAdam where installed, the same torch kernel otherwise (``megatron_ext.patches.apex_free``). The two steps alternate
 round by round so machine noise hits both alike; the table reports the medians over rounds and the ratio ours / HF
 of each round: its median, interquartile range, and a distribution-free 95% confidence interval of the median
 (``bench_report.median_interval``) with what it says: ours faster (the interval above 1), slower (below 1), or no
@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from megatron_ext import cpu_compat
+from megatron_ext.patches import cpu_compat
 from megatron_ext.model import build_gpt, transformer_config
 from megatron_ext.parallel import device, init_distributed, shutdown
 from megatron_ext.training import build_trainer, forward_backward, optimizer_step

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_ext import apex_free, cpu_compat, one_rank_regions, plain_linear
+from megatron_ext.patches import apex_free, cpu_compat, one_rank_regions, plain_linear
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from megatron.core import utils
 from megatron.core.optimizer import clip_grads, optimizer
 from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
 
-from megatron_ext import apex_free, cpu_compat
+from megatron_ext.patches import apex_free, cpu_compat
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

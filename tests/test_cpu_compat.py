@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import micro_batches, tiny_trainer
-from megatron_ext import cpu_compat
+from megatron_ext.patches import cpu_compat
 
 
 def test_redirection_mode_puts_every_cuda_request_on_the_cpu():

@@ -1,4 +1,4 @@
-"""megatron's linear GEMM runs as torch's ``F.linear`` when it has nothing else to do (``megatron_ext.plain_linear``):
+"""megatron's linear GEMM runs as torch's ``F.linear`` when it has nothing else to do (``megatron_ext.patches.plain_linear``):
 the same values and gradients as megatron's autograd function, bit for bit, in fp32 and bf16, with and without a
 bias; megatron's function whenever a flag asks for more; and in a training step no megatron linear node is left,
 with the loss and gradients of a step through megatron's function."""
@@ -8,7 +8,7 @@ import torch
 from megatron.core.tensor_parallel import layers
 
 from conftest import tiny_trainer, traced_step
-from megatron_ext.plain_linear import NAME, plain_when_possible
+from megatron_ext.patches.plain_linear import NAME, plain_when_possible
 
 MEGATRON = layers.LinearWithGradAccumulationAndAsyncCommunication
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import layers
 
-from megatron_ext import cpu_compat
+from megatron_ext.patches import cpu_compat
 from megatron_ext.swiglu import _SwiGLU
 
 

@@ -1,5 +1,5 @@
 """Run megatron-core on a machine without CUDA. The only place in the project that patches megatron or torch for
-the CPU (:mod:`megatron_ext.apex_free` swaps megatron's fallback optimizer kernels, on any device).
+the CPU (:mod:`megatron_ext.patches.apex_free` swaps megatron's fallback optimizer kernels, on any device).
 
 megatron-core assumes CUDA at ~570 call sites (``torch.cuda.current_device()``, ``device="cuda"``, ``.cuda()``,
 asserts on ``'torch.cuda.FloatTensor'``); no config flag avoids them (``reference/MEGATRON_ON_CPU.md``).
@@ -20,12 +20,12 @@ What it changes, and who needs it:
    ``addmm_`` that GEMM-accumulates :class:`~megatron_ext.swiglu.SwiGLUMLP`'s weight gradient straight into DDP's
    ``main_grad`` buffer, as on GPU, instead of allocating the gradient and adding it to the buffer afterwards
    (~0.5% of the 20M ``bench train`` step). megatron's own linear layers run without the fusion on CPU, as
-   torch's ``F.linear`` (:mod:`megatron_ext.plain_linear`).
+   torch's ``F.linear`` (:mod:`megatron_ext.patches.plain_linear`).
 7. ``clip_grads``' functions run inside the mode when called from native code (see below): the only CUDA sites
    of megatron's optimizer step.
 
 The optimizer kernels megatron lacks without apex or TE (gradient norm, scaling, fused Adam) are not a CPU matter:
-:mod:`megatron_ext.apex_free` replaces them on CPU and GPU alike.
+:mod:`megatron_ext.patches.apex_free` replaces them on CPU and GPU alike.
 
 The mode costs ~1-2 us per torch call (the dispatch alone ~1 us). Model code and torch's optimizers never name CUDA
 (checked over the test suite: every rewrite happens in construction, schedules, megatron's optimizer wrapper and

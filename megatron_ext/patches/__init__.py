@@ -1,0 +1,1 @@
+"""Every runtime patch this project applies to megatron-core, and nothing else."""
