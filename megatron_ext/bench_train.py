@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from megatron_ext.patches import cpu_compat
-from megatron_ext.model import build_gpt, transformer_config
+from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.parallel import device, init_distributed, shutdown
 from megatron_ext.training import build_trainer, forward_backward, optimizer_step
 from viq_mllm.bench_report import markdown_table, median_interval, publish, timed, write_json

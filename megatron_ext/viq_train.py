@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 
 from megatron_ext import checkpoint, vlm_eval
-from megatron_ext.model import build_gpt, transformer_config
+from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.parallel import Layout, device, init_distributed
 from megatron_ext.training import build_trainer, check_same_model, masked_loss, run_training
 from megatron_ext.vlm import ContinuousVisualEmbedding, VisionLanguageModel, packed_params

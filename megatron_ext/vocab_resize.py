@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext import checkpoint
-from megatron_ext.model import build_gpt, transformer_config
+from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.parallel import init_distributed, shutdown
 from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
 from viq_mllm.vocab import Vocab

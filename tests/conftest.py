@@ -72,7 +72,7 @@ def megatron_single():
 
 def tiny_trainer(layout, distributed_optimizer: bool = False):
     """A 2-layer GPT's trainer, built in this process (vocabulary 128, 3 micro-batches of 2 x 16 tokens)."""
-    from megatron_ext.model import build_gpt, transformer_config
+    from megatron_ext.model.gpt import build_gpt, transformer_config
     from megatron_ext.training import build_trainer
     from viq_mllm.recipe import recipe_from_dict
 

@@ -17,7 +17,7 @@ def loss_and_grad(function, logits, target, weights):
 @pytest.mark.parametrize("vocab", [1024, 8192])
 def test_cross_entropy_equals_megatrons_bitwise_and_the_formula(megatron_single, vocab):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as megatrons
-    from megatron_ext.cross_entropy import vocab_parallel_cross_entropy as ours
+    from megatron_ext.model.cross_entropy import vocab_parallel_cross_entropy as ours
 
     g = torch.Generator().manual_seed(vocab)
     logits = 4 * torch.randn(16, 3, vocab, generator=g)
@@ -34,7 +34,7 @@ def test_cross_entropy_equals_megatrons_bitwise_and_the_formula(megatron_single,
 
 
 def test_bf16_logits_give_an_fp32_loss(megatron_single):
-    from megatron_ext.cross_entropy import vocab_parallel_cross_entropy
+    from megatron_ext.model.cross_entropy import vocab_parallel_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 2, 256, generator=g).bfloat16()

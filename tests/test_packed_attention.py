@@ -18,7 +18,7 @@ def naive_block_causal(lengths, total):
 
 
 def test_block_causal_mask_matches_loops():
-    from megatron_ext.attention import block_causal_mask
+    from megatron_ext.model.attention import block_causal_mask
 
     lengths = [3, 1, 4]
     cu = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
@@ -44,8 +44,8 @@ def per_document(q, k, v, cu, total):
 def core_attention(*overrides):
     """The tiny recipe's SDPA core attention, its shape changed by recipe ``overrides``."""
     from megatron.core.transformer.enums import AttnMaskType
-    from megatron_ext.attention import SDPACoreAttention
-    from megatron_ext.model import transformer_config
+    from megatron_ext.model.attention import SDPACoreAttention
+    from megatron_ext.model.gpt import transformer_config
 
     r = load_recipe(TINY, list(overrides))
     return SDPACoreAttention(transformer_config(r.model, r.parallel, r.train), 1, AttnMaskType.causal, "self")
@@ -71,7 +71,7 @@ def test_thd_core_attention_equals_per_document(megatron_single):
 
 
 def test_layout_memo_computes_once_per_cu_seqlens_tensor():
-    from megatron_ext.attention import LayoutMemo
+    from megatron_ext.model.attention import LayoutMemo
 
     memo, calls = LayoutMemo(), []
 
@@ -89,7 +89,7 @@ def test_layout_memo_computes_once_per_cu_seqlens_tensor():
 
 def test_document_logits_in_packed_row_equal_alone(megatron_single):
     from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron_ext.model import build_gpt, transformer_config
+    from megatron_ext.model.gpt import build_gpt, transformer_config
 
     r = load_recipe(TINY)
     gpt = build_gpt(transformer_config(r.model, r.parallel, r.train), r.model, r.parallel, 1024, megatron_single, 0)
@@ -112,7 +112,7 @@ def test_document_logits_in_packed_row_equal_alone(megatron_single):
 def test_flash_varlen_glue_pads_and_repeats_groups(monkeypatch):
     """CPU check of what varlen_causal_attention hands the kernel: row padding as one more document, key/value
     groups repeated where this torch's kernel takes no GQA flag, the longest document as max length."""
-    import megatron_ext.attention as attention
+    import megatron_ext.model.attention as attention
 
     seen = {}
 
@@ -135,7 +135,7 @@ def test_flash_varlen_core_attention_equals_per_document_on_cuda(megatron_single
     """On CUDA in bf16 a packed row takes the flash varlen kernel: outputs and gradients match the fp32
     per-document reference on the same bf16 inputs, row padding included."""
     from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron_ext.attention import packed_uses_flash
+    from megatron_ext.model.attention import packed_uses_flash
 
     attn = core_attention("model.hidden_size=256")  # 4 heads of 64: the head size the tensors below have
     cu = torch.tensor([0, 37, 40, 130], dtype=torch.int32, device="cuda")

@@ -1,5 +1,5 @@
 """The pair rotation of rotary position embeddings (RoPE), shared by the GPT's 1D RoPE
-(``megatron_ext.attention``) and the ViQ head's golden-angle 2D RoPE (``viq_mllm.viq.rope2d``).
+(``megatron_ext.model.attention``) and the ViQ head's golden-angle 2D RoPE (``viq_mllm.viq.rope2d``).
 
 Channels ``i`` and ``i + d/2`` of the last dim form a pair (half-split, not interleaved) rotated by its angle:
 ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]``, with ``cos``/``sin`` broadcasting to ``x[..., :d/2]``.

@@ -17,7 +17,7 @@ What it changes, and who needs it:
 5. ``Tensor.type()`` reports ``torch.cuda.*Tensor`` for CPU tensors inside that mode: the distributed
    optimizer and the mixed-precision optimizer assert on it.
 6. ``fused_weight_gradient_mlp_cuda`` (apex's CUDA extension behind ``gradient_accumulation_fusion``): an
-   ``addmm_`` that GEMM-accumulates :class:`~megatron_ext.swiglu.SwiGLUMLP`'s weight gradient straight into DDP's
+   ``addmm_`` that GEMM-accumulates :class:`~megatron_ext.model.swiglu.SwiGLUMLP`'s weight gradient straight into DDP's
    ``main_grad`` buffer, as on GPU, instead of allocating the gradient and adding it to the buffer afterwards
    (~0.5% of the 20M ``bench train`` step). megatron's own linear layers run without the fusion on CPU, as
    torch's ``F.linear`` (:mod:`megatron_ext.patches.plain_linear`).

@@ -4,7 +4,7 @@ CPU: the local layer spec with :class:`SDPACoreAttention`, which also applies Ro
 ``position_embedding_type="none"``), and :class:`SwiGLUMLP` (the same ``linear_fc1`` parameter, computed as two
 GEMMs). Both keep megatron's parameter names and shapes, so checkpoints move freely between specs. GPU: the
 Transformer Engine spec, megatron's RoPE, when the recipe asks for ``parallel.transformer_impl:
-transformer_engine`` (imported lazily; FP8 needs it). Either way the loss is :mod:`megatron_ext.cross_entropy`'s.
+transformer_engine`` (imported lazily; FP8 needs it). Either way the loss is :mod:`megatron_ext.model.cross_entropy`'s.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from megatron.core.tensor_parallel import layers
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext import init
-from megatron_ext.attention import SDPACoreAttention
-from megatron_ext.cross_entropy import vocab_parallel_cross_entropy
+from megatron_ext.model import init
+from megatron_ext.model.attention import SDPACoreAttention
+from megatron_ext.model.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ext.parallel import Layout, device
-from megatron_ext.swiglu import SwiGLUMLP
+from megatron_ext.model.swiglu import SwiGLUMLP
 from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
 
 
@@ -93,7 +93,7 @@ def layer_spec(model: ModelSection, parallel: ParallelSection) -> ModuleSpec:
 
 
 class GPT(GPTModel):
-    """megatron's ``GPTModel`` with the loss of :mod:`megatron_ext.cross_entropy` (bit-identical to megatron's
+    """megatron's ``GPTModel`` with the loss of :mod:`megatron_ext.model.cross_entropy` (bit-identical to megatron's
     unfused vocab-parallel cross-entropy, without its index-computing max and single-rank collectives)."""
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,7 @@ def build_gpt(
     seed: int,
 ) -> GPTModel:
     """``vocab_size`` is the padded size (divisible by 128 x MAX_TP). Weights depend on ``seed`` only, not on
-    the parallel layout (:mod:`megatron_ext.init`). The model comes back on the device it runs on: megatron puts
+    the parallel layout (:mod:`megatron_ext.model.init`). The model comes back on the device it runs on: megatron puts
     its own layers there, but the local spec's torch norms are built on the CPU."""
     gpt = GPT(
         config=config,

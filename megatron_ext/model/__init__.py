@@ -1,0 +1,1 @@
+"""The GPT itself: building it from a recipe, its attention, MLP, loss and layout-independent initialisation."""
