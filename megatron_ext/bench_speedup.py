@@ -34,8 +34,8 @@ import torch
 
 from megatron_ext.flops import EncoderShape, GPTShape, encoder_step_flops, llm_step_flops, predicted_speedup
 from megatron_ext.model.gpt import build_gpt, transformer_config
-from megatron_ext.parallel import device, init_distributed, shutdown
-from megatron_ext.training import build_trainer, forward_backward, optimizer_step
+from megatron_ext.training.parallel import device, init_distributed, shutdown
+from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
 from megatron_ext.vlm import (
     ContinuousVisualEmbedding,
     VisionLanguageModel,

@@ -42,8 +42,8 @@ import torch
 
 from megatron_ext.patches import cpu_compat
 from megatron_ext.model.gpt import build_gpt, transformer_config
-from megatron_ext.parallel import device, init_distributed, shutdown
-from megatron_ext.training import build_trainer, forward_backward, optimizer_step
+from megatron_ext.training.parallel import device, init_distributed, shutdown
+from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
 from viq_mllm.bench_report import markdown_table, median_interval, publish, timed, write_json
 from viq_mllm.recipe import recipe_from_dict
 

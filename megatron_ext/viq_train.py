@@ -20,10 +20,11 @@ from typing import Iterator
 
 import torch
 
-from megatron_ext import checkpoint, vlm_eval
+from megatron_ext import vlm_eval
+from megatron_ext.training import checkpoint
 from megatron_ext.model.gpt import build_gpt, transformer_config
-from megatron_ext.parallel import Layout, device, init_distributed
-from megatron_ext.training import build_trainer, check_same_model, masked_loss, run_training
+from megatron_ext.training.parallel import Layout, device, init_distributed
+from megatron_ext.training.loop import build_trainer, check_same_model, masked_loss, run_training
 from megatron_ext.vlm import ContinuousVisualEmbedding, VisionLanguageModel, packed_params
 from viq_mllm.data.captioned import CaptionedImages, images_for_step, load_captioned
 from viq_mllm.data.layout import projected_caption_document

@@ -12,9 +12,9 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_ext import checkpoint
+from megatron_ext.training import checkpoint
 from megatron_ext.model.gpt import gpt_from_checkpoint
-from megatron_ext.parallel import Layout, device, init_distributed
+from megatron_ext.training.parallel import Layout, device, init_distributed
 from megatron_ext.vlm import VisionLanguageModel, packed_params
 from megatron_ext.vlm_train import build_vlm
 from viq_mllm.data.layout import Document, SequenceBuilder

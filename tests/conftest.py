@@ -64,7 +64,7 @@ def train_vlm_cli(run_dir: Path, assets: dict, *overrides: str, nproc: int = 0) 
 @pytest.fixture(scope="module")
 def megatron_single():
     """One process's megatron groups (TP = PP = 1) for a test module that builds models in-process."""
-    from megatron_ext.parallel import init_distributed, shutdown
+    from megatron_ext.training.parallel import init_distributed, shutdown
 
     yield init_distributed(tp=1, pp=1, seed=0)
     shutdown()
@@ -73,7 +73,7 @@ def megatron_single():
 def tiny_trainer(layout, distributed_optimizer: bool = False):
     """A 2-layer GPT's trainer, built in this process (vocabulary 128, 3 micro-batches of 2 x 16 tokens)."""
     from megatron_ext.model.gpt import build_gpt, transformer_config
-    from megatron_ext.training import build_trainer
+    from megatron_ext.training.loop import build_trainer
     from viq_mllm.recipe import recipe_from_dict
 
     model = {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
@@ -117,7 +117,7 @@ def graph_nodes(output: torch.Tensor, part: str) -> list[str]:
 def traced_step(trainer, seed: int, part: str) -> tuple[list[str], float, list[torch.Tensor]]:
     """The gradients step of :func:`tiny_trainer` on ``micro_batches(seed)``: the names of the forward graph's
     nodes that contain ``part``, the loss sum, and DDP's gradient buffers."""
-    from megatron_ext.training import forward_backward, lm_forward_step
+    from megatron_ext.training.loop import forward_backward, lm_forward_step
 
     output, _ = lm_forward_step(iter(micro_batches(seed)), trainer.model)
     loss_sum, _, _, _ = forward_backward(trainer, iter(micro_batches(seed)))

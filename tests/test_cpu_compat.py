@@ -62,7 +62,7 @@ def test_forward_and_backward_of_a_training_step_run_outside_the_mode(megatron_s
     so does the backward of model code: autograd runs each node in the thread-local state of the forward that
     built it, torch-function modes included. Model code thus pays no toll per torch call. Probed where model code
     runs: a layer's forward and the gradient of its output."""
-    from megatron_ext.training import forward_backward
+    from megatron_ext.training.loop import forward_backward
 
     seen = {"forward": [], "backward": []}
 

@@ -22,7 +22,7 @@ LOGITS = textwrap.dedent(
     from pathlib import Path
     from megatron.core import tensor_parallel
     from megatron_ext.model.gpt import gpt_from_checkpoint
-    from megatron_ext.parallel import init_distributed, shutdown
+    from megatron_ext.training.parallel import init_distributed, shutdown
 
     ckpt, tp, tokens_file, out = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     layout = init_distributed(tp, 1, 0)
@@ -43,8 +43,8 @@ STEP = textwrap.dedent(
     from pathlib import Path
     from megatron_ext.hf_convert import apply, mappings, shapes_of
     from megatron_ext.model.gpt import gpt_from_checkpoint
-    from megatron_ext.parallel import init_distributed, shutdown
-    from megatron_ext.training import build_trainer, forward_backward, optimizer_step
+    from megatron_ext.training.parallel import init_distributed, shutdown
+    from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
     from viq_mllm.recipe import ModelSection, recipe_from_dict
 
     ckpt, tokens_file, train, out = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]

@@ -74,8 +74,8 @@ def test_a_text_run_starts_from_init_checkpoint_and_refuses_another_network(thre
 SCRIPT = textwrap.dedent(
     """
     import json, sys
-    import megatron_ext.training as training
-    from megatron_ext.jobs import run_recipe
+    import megatron_ext.training.loop as training
+    from megatron_ext.training.jobs import run_recipe
     from viq_mllm.recipe import load_recipe
 
     bad_steps, overrides = set(json.loads(sys.argv[1])), sys.argv[2:]

@@ -126,7 +126,7 @@ def test_on_a_gpu_one_variant_at_a_time_is_resident(monkeypatch):
     import weakref
 
     from megatron_ext import bench_speedup
-    from megatron_ext.parallel import init_distributed, shutdown
+    from megatron_ext.training.parallel import init_distributed, shutdown
 
     built = []
 

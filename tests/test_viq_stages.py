@@ -145,7 +145,7 @@ def test_each_stage_logs_its_loss_terms_finite_and_leaves_a_loadable_tokenizer(c
 @pytest.mark.slow
 def test_the_language_model_stays_frozen(chain, stage_assets):
     from megatron_ext.model.gpt import gpt_from_checkpoint
-    from megatron_ext.parallel import init_distributed, shutdown
+    from megatron_ext.training.parallel import init_distributed, shutdown
 
     layout = init_distributed(1, 1, 0)
     try:

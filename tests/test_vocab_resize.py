@@ -17,7 +17,7 @@ LOGITS = textwrap.dedent(
     from pathlib import Path
     from megatron.core import tensor_parallel
     from megatron_ext.model.gpt import gpt_from_checkpoint
-    from megatron_ext.parallel import init_distributed, shutdown
+    from megatron_ext.training.parallel import init_distributed, shutdown
 
     old, new, tp, out = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     layout = init_distributed(tp, 1, 0)

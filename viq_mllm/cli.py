@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "viq_mllm", "train", args.recipe, *args.overrides]
         return subprocess.call(cmd)
-    from megatron_ext.jobs import run_recipe
+    from megatron_ext.training.jobs import run_recipe
 
     run_recipe(recipe)
     return 0
@@ -84,7 +84,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from megatron_ext.parallel import shutdown
+    from megatron_ext.training.parallel import shutdown
 
     try:
         ids, text = _generate_multimodal(args) if args.image else _generate_text(args)
@@ -108,7 +108,7 @@ def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:
 
 
 def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
-    from megatron_ext.checkpoint import read_meta
+    from megatron_ext.training.checkpoint import read_meta
     from megatron_ext.vlm_eval import greedy_text, load_text_model
     from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
 

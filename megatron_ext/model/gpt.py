@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_ext.model import init
 from megatron_ext.model.attention import SDPACoreAttention
 from megatron_ext.model.cross_entropy import vocab_parallel_cross_entropy
-from megatron_ext.parallel import Layout, device
+from megatron_ext.training.parallel import Layout, device
 from megatron_ext.model.swiglu import SwiGLUMLP
 from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
 
@@ -132,7 +132,7 @@ def build_gpt(
 def gpt_from_checkpoint(path, layout: Layout, seed: int = 0) -> tuple[GPTModel, dict]:
     """A GPT shaped by a checkpoint's ``model.json``, built for the current TP/PP layout, with its weights loaded
     (torch_dist checkpoints reshard on load). Returns (model in eval mode, the checkpoint's meta)."""
-    from megatron_ext import checkpoint
+    from megatron_ext.training import checkpoint
     from viq_mllm.recipe import ModelSection, TrainSection
 
     meta = checkpoint.read_meta(path)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from megatron_ext.parallel import shutdown
+from megatron_ext.training.parallel import shutdown
 from viq_mllm.recipe import Recipe
 
 
 def run_recipe(recipe: Recipe) -> list[dict]:
     if recipe.kind == "text_lm":
-        from megatron_ext.text_lm import train_text_lm
+        from megatron_ext.training.text_lm import train_text_lm
 
         job = train_text_lm
     elif recipe.kind == "vlm":

@@ -27,9 +27,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext import checkpoint
+from megatron_ext.training import checkpoint
 from megatron_ext.patches import cpu_compat
-from megatron_ext.parallel import Layout, device
+from megatron_ext.training.parallel import Layout, device
 from viq_mllm.metrics import MetricsLog
 from viq_mllm.recipe import ModelSection, Recipe, dump_recipe
 
