@@ -36,7 +36,7 @@ from megatron_ext.flops import EncoderShape, GPTShape, encoder_step_flops, llm_s
 from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.training.parallel import device, init_distributed, shutdown
 from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
-from megatron_ext.vlm import (
+from megatron_ext.vlm.model import (
     ContinuousVisualEmbedding,
     VisionLanguageModel,
     VisualEmbedding,

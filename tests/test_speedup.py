@@ -43,7 +43,7 @@ def test_packed_documents_cost_less_attention_than_one_long_one():
 
 
 def test_baseline_fills_exactly_the_discrete_visual_positions():
-    from megatron_ext.vlm import ContinuousVisualEmbedding, continuous_batch
+    from megatron_ext.vlm.model import ContinuousVisualEmbedding, continuous_batch
     from viq_mllm.data.layout import caption_document
     from viq_mllm.data.packing import collate, pack
     from viq_mllm.viq import ViQTokenizer

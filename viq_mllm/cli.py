@@ -97,7 +97,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:
-    from megatron_ext.vlm_eval import greedy, load_for_inference, prompt_document
+    from megatron_ext.vlm.inference import greedy, load_for_inference, prompt_document
     from viq_mllm.viq import ViQTokenizer
 
     model, tokenizer, meta = load_for_inference(args.checkpoint)
@@ -109,7 +109,7 @@ def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:
 
 def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
     from megatron_ext.training.checkpoint import read_meta
-    from megatron_ext.vlm_eval import greedy_text, load_text_model
+    from megatron_ext.vlm.inference import greedy_text, load_text_model
     from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
 
     if not args.tokenizer:

@@ -93,7 +93,7 @@ def build_text_corpus(out: Path, train: list[tuple[Path, str]]) -> tuple[Path, P
 
 def evaluate_vlm(out: Path, checkpoint: Path) -> dict:
     from megatron_ext.training.parallel import shutdown
-    from megatron_ext.vlm_eval import caption_losses, greedy, load_for_inference, prompt_document
+    from megatron_ext.vlm.inference import caption_losses, greedy, load_for_inference, prompt_document
     from viq_mllm.data.layout import caption_document
     from viq_mllm.data.shards import CodeShards
 

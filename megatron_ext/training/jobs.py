@@ -12,11 +12,11 @@ def run_recipe(recipe: Recipe) -> list[dict]:
 
         job = train_text_lm
     elif recipe.kind == "vlm":
-        from megatron_ext.vlm_train import train_vlm
+        from megatron_ext.vlm.train import train_vlm
 
         job = train_vlm
     elif recipe.kind == "viq":
-        from megatron_ext.viq_train import train_viq_stage
+        from megatron_ext.vlm.viq_stages import train_viq_stage
 
         job = train_viq_stage
     else:

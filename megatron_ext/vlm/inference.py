@@ -15,8 +15,8 @@ import torch
 from megatron_ext.training import checkpoint
 from megatron_ext.model.gpt import gpt_from_checkpoint
 from megatron_ext.training.parallel import Layout, device, init_distributed
-from megatron_ext.vlm import VisionLanguageModel, packed_params
-from megatron_ext.vlm_train import build_vlm
+from megatron_ext.vlm.model import VisionLanguageModel, packed_params
+from megatron_ext.vlm.train import build_vlm
 from viq_mllm.data.layout import Document, SequenceBuilder
 from viq_mllm.data.packing import collate, pack
 from viq_mllm.recipe import recipe_from_dict

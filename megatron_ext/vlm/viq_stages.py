@@ -1,8 +1,8 @@
 """The ``viq`` run kind: train the ViQ tokenizer through a (frozen) megatron GPT.
 
 Stages 1, 2-1 and 2-2 are continuous VLM training with extra losses, on the continuous baseline's model:
-:class:`~megatron_ext.vlm.VisionLanguageModel` whose visual path is a
-:class:`~megatron_ext.vlm.ContinuousVisualEmbedding` around a :class:`~viq_mllm.viq.objectives.StageModel`
+:class:`~megatron_ext.vlm.model.VisionLanguageModel` whose visual path is a
+:class:`~megatron_ext.vlm.model.ContinuousVisualEmbedding` around a :class:`~viq_mllm.viq.objectives.StageModel`
 (pixels -> ViT -> [head] -> projector, plus distillation / reconstruction terms). The loss of a micro-batch is
 ``caption loss sum + count * (distill_weight * loss_distill + rec_weight * loss_rec)``, so after megatron's
 per-token normalisation the objective is ``loss_text + weighted auxiliary terms``. The same megatron loop as
@@ -20,12 +20,12 @@ from typing import Iterator
 
 import torch
 
-from megatron_ext import vlm_eval
+from megatron_ext.vlm import inference
 from megatron_ext.training import checkpoint
 from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.training.parallel import Layout, device, init_distributed
 from megatron_ext.training.loop import build_trainer, check_same_model, masked_loss, run_training
-from megatron_ext.vlm import ContinuousVisualEmbedding, VisionLanguageModel, packed_params
+from megatron_ext.vlm.model import ContinuousVisualEmbedding, VisionLanguageModel, packed_params
 from viq_mllm.data.captioned import CaptionedImages, images_for_step, load_captioned
 from viq_mllm.data.layout import projected_caption_document
 from viq_mllm.data.multimodal import PackedDataset, PackedSource
@@ -122,7 +122,7 @@ def caption_losses(vlm: VisionLanguageModel, data: CaptionedImages, text) -> dic
     def losses(images: list[str]) -> list[float]:
         docs = [projected_caption_document(text, data.grids[image], data.captions[key], image)
                 for key, image in zip(keys, images)]
-        return vlm_eval.caption_losses(vlm, docs, attach=data.attach)
+        return inference.caption_losses(vlm, docs, attach=data.attach)
 
     vlm.eval()
     right, other = losses(keys), losses(keys[len(keys) // 2:] + keys[: len(keys) // 2])
