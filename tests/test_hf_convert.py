@@ -41,7 +41,7 @@ STEP = textwrap.dedent(
     """
     import json, sys, torch
     from pathlib import Path
-    from megatron_ext.hf_convert import apply, mappings, shapes_of
+    from megatron_ext.convert.hf import apply, mappings, shapes_of
     from megatron_ext.model.gpt import gpt_from_checkpoint
     from megatron_ext.training.parallel import init_distributed, shutdown
     from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
@@ -213,7 +213,7 @@ def test_round_trip_reproduces_every_tensor(converted):
 
 
 def test_unmapped_tensor_is_an_error(tmp_path):
-    from megatron_ext.hf_convert import ConversionError, Shapes, apply, mappings
+    from megatron_ext.convert.hf import ConversionError, Shapes, apply, mappings
 
     ctx = Shapes(layers=1, heads=4, groups=2, head_dim=16, vocab=300, padded_vocab=1024, qkv_bias=False, tied=True)
     model = tiny_hf("llama", dict(tie_word_embeddings=True, num_hidden_layers=1), tmp_path / "hf")
@@ -275,7 +275,7 @@ def test_a_model_trained_here_exports_to_hf_with_equal_logits(tmp_path):
 
 @pytest.mark.parametrize("qkv_bias, tied", [(True, True), (False, False)])
 def test_rebuilt_hf_config_reads_back_as_the_same_model(qkv_bias, tied):
-    from megatron_ext.hf_convert import hf_config, model_section
+    from megatron_ext.convert.hf import hf_config, model_section
     from viq_mllm.recipe import ModelSection
 
     model = ModelSection(num_layers=3, hidden_size=96, ffn_hidden_size=256, num_attention_heads=6, num_query_groups=2,

@@ -95,7 +95,7 @@ def test_new_rows_are_drawn_from_the_old_statistics(resized):
 
 
 def test_mismatched_text_vocabulary_is_refused(tmp_path):
-    from megatron_ext.vocab_resize import VocabMismatch, check_compatible
+    from megatron_ext.convert.vocab_resize import VocabMismatch, check_compatible
     from viq_mllm.vocab import Vocab
 
     vocab = Vocab.build(500, 2304, "viq-a", "text-aaaa")

@@ -64,14 +64,14 @@ def _extend_vocab(args: argparse.Namespace) -> int:
 
 
 def _resize_vocab(args: argparse.Namespace) -> int:
-    from megatron_ext.vocab_resize import resize_checkpoint
+    from megatron_ext.convert.vocab_resize import resize_checkpoint
 
     resize_checkpoint(args.checkpoint, args.vocab, args.out, init=args.init, seed=args.seed)
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from megatron_ext.hf_convert import hf_to_mcore, mcore_to_hf
+    from megatron_ext.convert.hf import hf_to_mcore, mcore_to_hf
 
     if args.direction == "hf-to-mcore":
         meta = hf_to_mcore(args.input, args.output, tp=args.tp, pp=args.pp)
