@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from megatron_ext.bench_train import verdict
+from megatron_ext.bench.train import verdict
 from viq_mllm.bench_report import median_interval
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from megatron_ext.bench_train import CONFIGS, bench_config
+from megatron_ext.bench.train import CONFIGS, bench_config
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -29,7 +29,7 @@ def test_all_modes_run_one_process_first_and_keep_freed_memory_only_in_the_contr
     """The one-process mode must run before anything sets glibc's thresholds in this process, and the control's
     setting belongs to its children (``_serve``), never to this process. Each mode's row reaches the JSON and the
     verdict table, the verdict read off the interval."""
-    from megatron_ext import bench_train
+    from megatron_ext.bench import train as bench_train
 
     calls, parent_kept = [], []
     ratios = iter([(1.03, 1.01, 1.05), (0.99, 0.98, 0.995), (1.0, 0.99, 1.01)])
@@ -60,7 +60,7 @@ def test_all_modes_run_one_process_first_and_keep_freed_memory_only_in_the_contr
 
 
 def test_all_modes_refuses_a_mode_flag_before_any_compute(tmp_path, capsys):
-    from megatron_ext import bench_train
+    from megatron_ext.bench import train as bench_train
 
     with pytest.raises(SystemExit):
         bench_train.main(["--all-modes", "--separate-processes", "--out", str(tmp_path)])

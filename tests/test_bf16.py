@@ -26,7 +26,7 @@ def test_a_bf16_run_checkpoints_resumes_exactly_and_follows_fp32(tiny):
 def test_a_bf16_vlm_holds_every_parameter_in_bf16_and_takes_fp32_pixels(monkeypatch):
     """megatron's local-spec norms and the plain-torch encoder are built in fp32; a bf16 run must not mix the two
     (megatron's optimizer could not checkpoint it, and the encoder would run at fp32 speed on a GPU)."""
-    from megatron_ext import bench_speedup
+    from megatron_ext.bench import speedup as bench_speedup
     from megatron_ext.training.parallel import init_distributed, shutdown
 
     dtypes = set()

@@ -27,7 +27,7 @@ def megatron_num_floating_point_operations(batch, seq, layers, hidden, heads, gr
 @pytest.mark.parametrize("shape", [(24, 896, 14, 2, 4864, 151936), (4, 64, 4, 4, 172, 1024), (28, 3584, 28, 4, 18944, 152064)])
 @pytest.mark.parametrize("seq", [512, 4096])
 def test_flop_model_reproduces_megatron_for_a_text_gpt(shape, seq):
-    from megatron_ext.flops import GPTShape, llm_step_flops
+    from megatron_ext.bench.flops import GPTShape, llm_step_flops
 
     layers, hidden, heads, groups, ffn, vocab = shape
     ours = llm_step_flops(GPTShape(layers, hidden, ffn, heads, groups, vocab), [seq])
@@ -36,7 +36,7 @@ def test_flop_model_reproduces_megatron_for_a_text_gpt(shape, seq):
 
 
 def test_packed_documents_cost_less_attention_than_one_long_one():
-    from megatron_ext.flops import GPTShape, llm_step_flops
+    from megatron_ext.bench.flops import GPTShape, llm_step_flops
 
     shape = GPTShape(4, 64, 172, 4, 2, 1024)
     assert llm_step_flops(shape, [256, 256]) < llm_step_flops(shape, [512])
@@ -103,7 +103,7 @@ def _fake_cell(preset, llm, seq, rounds, trained_encoder, layout):
 
 
 def test_speedup_cells_run_in_preset_order_and_one_out_of_memory_does_not_end_the_run(tmp_path, monkeypatch, capsys):
-    from megatron_ext import bench_speedup
+    from megatron_ext.bench import speedup as bench_speedup
 
     monkeypatch.setattr(bench_speedup, "bench_one", _fake_cell)
     bench_speedup.main(["--preset", "tiny", "--llms", "large", "--seq-lengths", "512", "256", "--out", str(tmp_path)])
@@ -125,7 +125,7 @@ def test_on_a_gpu_one_variant_at_a_time_is_resident(monkeypatch):
     import gc
     import weakref
 
-    from megatron_ext import bench_speedup
+    from megatron_ext.bench import speedup as bench_speedup
     from megatron_ext.training.parallel import init_distributed, shutdown
 
     built = []

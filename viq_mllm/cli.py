@@ -147,9 +147,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 #: benchmark name -> module with ``main(argv)``
 BENCHMARKS = {
-    "speedup": "megatron_ext.bench_speedup",
-    "train": "megatron_ext.bench_train",
-    "packing": "megatron_ext.bench_packing",
+    "speedup": "megatron_ext.bench.speedup",
+    "train": "megatron_ext.bench.train",
+    "packing": "megatron_ext.bench.packing",
     "tokenize": "viq_mllm.bench_tokenize",
     "encode": "viq_mllm.bench_encode",
 }

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.flops import EncoderShape, GPTShape, encoder_step_flops, llm_step_flops, predicted_speedup
+from megatron_ext.bench.flops import EncoderShape, GPTShape, encoder_step_flops, llm_step_flops, predicted_speedup
 from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.training.parallel import device, init_distributed, shutdown
 from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
