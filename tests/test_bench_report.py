@@ -7,7 +7,7 @@ import random
 import pytest
 
 from megatron_ext.bench.train import verdict
-from viq_mllm.bench_report import median_interval
+from viq_mllm.bench.report import median_interval
 
 
 def test_ranks_are_those_of_the_published_tables():

@@ -150,8 +150,8 @@ BENCHMARKS = {
     "speedup": "megatron_ext.bench.speedup",
     "train": "megatron_ext.bench.train",
     "packing": "megatron_ext.bench.packing",
-    "tokenize": "viq_mllm.bench_tokenize",
-    "encode": "viq_mllm.bench_encode",
+    "tokenize": "viq_mllm.bench.tokenize",
+    "encode": "viq_mllm.bench.encode",
 }
 
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from viq_mllm.bench_report import markdown_table, publish
+from viq_mllm.bench.report import markdown_table, publish
 from viq_mllm.data.synthetic import make_vlm_assets
 from viq_mllm.metrics import read_metrics
 

@@ -7,7 +7,7 @@ is HF Trainer's default (torch's fused AdamW, ``adamw_torch_fused`` since torch 
 FusedAdam where installed, the same torch kernel otherwise (``megatron_ext.patches.apex_free``). The two steps alternate
 round by round so machine noise hits both alike; the table reports the medians over rounds and the ratio ours / HF
 of each round: its median, interquartile range, and a distribution-free 95% confidence interval of the median
-(``bench_report.median_interval``) with what it says: ours faster (the interval above 1), slower (below 1), or no
+(``viq_mllm.bench.report.median_interval``) with what it says: ours faster (the interval above 1), slower (below 1), or no
 difference this run can resolve. HF's step runs outside megatron_ext's CPU redirection mode, as it would in a
 process of its own.
 
@@ -44,7 +44,7 @@ from megatron_ext.patches import cpu_compat
 from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.training.parallel import device, init_distributed, shutdown
 from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
-from viq_mllm.bench_report import markdown_table, median_interval, publish, timed, write_json
+from viq_mllm.bench.report import markdown_table, median_interval, publish, timed, write_json
 from viq_mllm.recipe import recipe_from_dict
 
 Phases = tuple[Callable[[], object], Callable[[], object]]  # (gradients, update) of one training step

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from viq_mllm.bench_report import markdown_table, publish
+from viq_mllm.bench.report import markdown_table, publish
 from viq_mllm.data.extract import run_tokenize
 from viq_mllm.viq import ViQTokenizer
 

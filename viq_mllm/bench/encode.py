@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from viq_mllm.bench_report import markdown_table, publish, write_json
+from viq_mllm.bench.report import markdown_table, publish, write_json
 
 ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 1.0, 2.0, 0.5)
 
@@ -101,7 +101,7 @@ def measure(arch: str, size: int, count: int, rounds: int) -> list[dict]:
 
 def _run_worker(arch: str, size: int, count: int, rounds: int) -> list[dict]:
     """A fresh process per (arch, size), so one measurement's memory does not inflate the next."""
-    cmd = [sys.executable, "-m", "viq_mllm.bench_encode", "--worker", arch, str(size), str(count), str(rounds)]
+    cmd = [sys.executable, "-m", "viq_mllm.bench.encode", "--worker", arch, str(size), str(count), str(rounds)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
