@@ -10,7 +10,7 @@ import torch
 from conftest import QUIET, ROOT, TINY, viq_mllm
 
 from viq_mllm.viq import ViQTokenizer
-from viq_mllm.viq.stages import HandoffError, carry_over, tokenizer_for_stage
+from viq_mllm.viq.train.stages import HandoffError, carry_over, tokenizer_for_stage
 
 FSQ_ONLY = ("head.rope_blocks.", "head.project_in.", "head.embedder.project_out.")
 
@@ -47,7 +47,7 @@ def test_same_quantizer_handoff_is_strict_and_other_architectures_are_refused():
 
 
 def test_perceptual_distance_is_zero_for_identical_images_and_grows_with_the_distortion():
-    from viq_mllm.viq.teachers import PerceptualDistance
+    from viq_mllm.viq.train.teachers import PerceptualDistance
 
     torch.manual_seed(0)
     distance = PerceptualDistance()
