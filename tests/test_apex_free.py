@@ -1,9 +1,11 @@
-"""apex_free's stand-ins for apex's multi-tensor and Adam kernels, against megatron's own fallbacks, the plain
-formula and torch's per-parameter Adam; and which of megatron's kernels it replaces. On the GPU where there is
+"""apex_free's stand-ins for apex's multi-tensor kernels against megatron's own fallbacks and the plain formula; its
+fused Adam against torch's per-parameter Adam; and which of megatron's kernels it replaces. On the GPU where there is
 one (tools/gpu_check.sh runs this file there), else the CPU."""
 
 import contextlib
 import copy
+
+import types
 
 import megatron.core.optimizer as optimizer_package
 import torch
@@ -44,15 +46,27 @@ def test_scale_in_place_and_into_other_dtypes_equals_megatrons_fallback():
         assert torch.equal(ours, theirs)
 
 
+def as_megatrons(*torch_optimizers) -> types.SimpleNamespace:
+    """What ``get_megatron_optimizer`` returns around torch's optimizers: a chain of wrappers with ``.optimizer``."""
+    return types.SimpleNamespace(chained_optimizers=[types.SimpleNamespace(optimizer=o) for o in torch_optimizers])
+
+
+def fused_adam(params, adam_class=torch.optim.AdamW, **hyper) -> torch.optim.Optimizer:
+    """torch's Adam as megatron builds it without apex or TE (default kernel choice), switched by apex_free."""
+    adam = adam_class(params, **hyper)
+    assert apex_free.use_fused_adam(as_megatrons(adam)) == 1
+    return adam
+
+
 def test_fused_adam_steps_like_torchs_single_tensor_reference():
-    """megatron's Adam without apex or TE (apex FusedAdam's constructor, both weight-decay modes) runs torch's
-    fused kernel and takes the steps of torch's per-parameter implementation."""
-    for adam_w_mode, reference_class in ((True, torch.optim.AdamW), (False, torch.optim.Adam)):
+    """megatron's Adam without apex or TE (both weight-decay modes), switched by apex_free, runs torch's fused
+    kernel and takes the steps of torch's per-parameter implementation."""
+    for reference_class in (torch.optim.AdamW, torch.optim.Adam):
         ours_params, reference_params = ([torch.nn.Parameter(t) for t in tensors(6)] for _ in range(2))
         hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-        ours = apex_free.fused_adam(ours_params, adam_w_mode=adam_w_mode, **hyper)
+        ours = fused_adam(ours_params, reference_class, **hyper)
         reference = reference_class(reference_params, foreach=False, **hyper)
-        assert all(group["fused"] for group in ours.param_groups)
+        assert all(group["fused"] and not group["foreach"] for group in ours.param_groups)
         for step in range(3):
             for params in (ours_params, reference_params):
                 for p, g in zip(params, tensors(10 + step)):
@@ -72,7 +86,7 @@ def test_fused_adam_stays_fused_when_loading_a_per_parameter_loop_state():
         p.grad = g
     saved.step()
     resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in saved_params]
-    resumed = apex_free.fused_adam(resumed_params, **hyper)
+    resumed = fused_adam(resumed_params, **hyper)
     resumed.load_state_dict(copy.deepcopy(saved.state_dict()))  # as from a file: no shared moment tensors
     assert all(group["fused"] and not group["foreach"] for group in resumed.param_groups)
     for params in (saved_params, resumed_params):
@@ -86,22 +100,27 @@ def test_fused_adam_stays_fused_when_loading_a_per_parameter_loop_state():
 def test_install_replaces_megatrons_fallbacks_and_leaves_apex_or_te_kernels(monkeypatch):
     """Where TE or apex provide a kernel it stays; where megatron chose its own fallback, torch's kernel replaces
     it; a second install changes nothing."""
-    kernels = {"l2norm": object(), "scale": object(), "adam": object()}  # stand for TE's / apex's
+    kernels = {"l2norm": object(), "scale": object()}  # stand for TE's / apex's
     monkeypatch.setattr(clip_grads, "l2_norm_impl", kernels["l2norm"])
     monkeypatch.setattr(clip_grads, "multi_tensor_scale_impl", kernels["scale"])
     monkeypatch.setattr(optimizer, "multi_tensor_scale_impl", kernels["scale"])
-    monkeypatch.setattr(optimizer_package, "Adam", kernels["adam"])
-    monkeypatch.setattr(optimizer_package, "USING_PYTORCH_OPTIMIZER", False)
     assert apex_free.install() == []
-    assert clip_grads.l2_norm_impl is kernels["l2norm"] and optimizer_package.Adam is kernels["adam"]
+    assert clip_grads.l2_norm_impl is kernels["l2norm"]
 
     monkeypatch.setattr(clip_grads, "l2_norm_impl", utils.local_multi_tensor_l2_norm)
     monkeypatch.setattr(clip_grads, "multi_tensor_scale_impl", utils.local_multi_tensor_scale)
     monkeypatch.setattr(optimizer, "multi_tensor_scale_impl", utils.local_multi_tensor_scale)
-    monkeypatch.setattr(optimizer_package, "Adam", torch.optim.AdamW)
-    monkeypatch.setattr(optimizer_package, "USING_PYTORCH_OPTIMIZER", True)
-    assert len(apex_free.install()) == 4
+    assert len(apex_free.install()) == 3
     assert clip_grads.l2_norm_impl is apex_free.multi_tensor_l2norm
     assert clip_grads.multi_tensor_scale_impl is optimizer.multi_tensor_scale_impl is apex_free.multi_tensor_scale
-    assert optimizer_package.Adam is apex_free.fused_adam and not optimizer_package.USING_PYTORCH_OPTIMIZER
     assert apex_free.install() == []
+
+
+def test_megatrons_optimizer_flags_are_left_alone_and_apex_kernels_are_not_switched():
+    """megatron's ``USING_PYTORCH_OPTIMIZER`` and optimizer class stay what megatron chose; an optimizer that is not
+    torch's Adam (apex's or TE's FusedAdam) is left as built."""
+    using_torch, adam_class = optimizer_package.USING_PYTORCH_OPTIMIZER, optimizer_package.Adam
+    apex_free.install()
+    assert optimizer_package.USING_PYTORCH_OPTIMIZER is using_torch and optimizer_package.Adam is adam_class
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert apex_free.use_fused_adam(as_megatrons(other)) == 0 and other.param_groups[0]["fused"] is None

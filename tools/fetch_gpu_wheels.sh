@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Download, on a machine with PyPI, the wheels the GPU check needs on a lent GPU machine: Python 3.12 with CUDA
-# torch, transformers, pytest, numpy, pyyaml, safetensors, sentencepiece, protobuf, psutil, pillow, tqdm and
-# matplotlib already installed (the device tool's KINDS.md lists its image), no network. What it lacks: megatron-core,
-# pydantic and its parts, webdataset, the EfficientNet-Lite0 teacher. They land in tools/wheels/ (git-ignored,
-# ~23 MB) and travel with the working tree: carry tools/wheels. gpu_check.sh installs them with --no-deps into
+# Download, on a machine with PyPI, the wheels the GPU check needs on a GPU machine without network that has
+# Python 3.12 with CUDA torch, transformers, pytest, numpy, pyyaml, safetensors, sentencepiece, protobuf, psutil,
+# pillow, tqdm and matplotlib installed. What it lacks: megatron-core, pydantic and its parts, webdataset, the
+# EfficientNet-Lite0 teacher. They land in tools/wheels/ (git-ignored, ~23 MB); copy them along with the tree. gpu_check.sh installs them with --no-deps into
 # /tmp/site, so nothing there (torch above all) is replaced. Versions: the ones this project's .venv runs (the CPU
 # suite's), so both machines run the same code.
 set -euo pipefail

@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
-# Device check on one lent GPU, no network, inside one time budget. Run from the repository root:
-#   bash tools/gpu_check.sh [OUT_DIR]          (the device tool sets $OUT; results land there)
-#   GPU_CHECK_BUDGET_S=500 (default): the whole script ends within this many seconds; give the device call ~50 s
-#   more (timeout_s) and leave a 15-minute lease room for a second call. Steps run in order of what they settle;
+# Device check on one GPU, no network needed, inside one time budget. Run from the repository root:
+#   bash tools/gpu_check.sh [OUT_DIR]          (default $OUT, else runs/gpu_check; results land there)
+#   GPU_CHECK_BUDGET_S=500 (default): the whole script ends within this many seconds. Steps run in order of what they settle;
 #   each gets the time it may need or what is left, and a step that no longer fits is skipped (logged). Every
 #   result is written to OUT as soon as it exists: gpu_check.log, steps.log and at most 6 JSON / PNG files.
 #   GPU_CHECK_STEPS="2 4" runs only those of steps 1-5 (a second call after a fix).
 # Prefer nvidia-h200: by estimate (docs/decisions.md) the Qwen2.5-1.5B cells of the speed-up need more than an
 # H100's 80 GB (they would be reported as "not measured: out of memory", and the run goes on). On an H200 every
-# step ran (2026-11-28): two calls, 310 s and 303 s of script (docs/benchmarks.md has the results).
+# step ran in two calls of ~300 s each (docs/benchmarks.md has the results).
 #
 # 0. megatron-core, pydantic, webdataset and the teacher from tools/wheels (tools/fetch_gpu_wheels.sh; carry
 #    tools/wheels), installed with --no-deps into /tmp/site where the image lacks them;
-# 1. ViQ encode on CUDA, packed vs one image at a time (issue 3's goal: packed >= 2x);
+# 1. ViQ encode on CUDA, packed vs one image at a time (the goal: packed >= 2x);
 # 2. correctness on CUDA: the flash varlen kernel of packed rows == per-document attention (outputs and
-#    gradients), packed VLM rows == documents alone, apex_free's kernels == megatron's fallbacks and torch's
-#    reference Adam, bf16 runs (fused AdamW) checkpoint, resume exactly and follow fp32;
+#    gradients), packed VLM rows == documents alone, bf16 runs checkpoint, resume exactly and follow fp32; and
+#    every optional patch of megatron_ext/patches (opted in with VIQ_MLLM_GPU_PATCHES=all) against the path it
+#    replaces;
 # 3. the speed-up at the real shapes (SigLIP2-g-sized encoder vs Qwen2.5-0.5B/1.5B), 4K, encoder trained;
-# 4. our training step vs HF transformers' on CUDA (bench train, fp32, three configs: issue 2's ours >= HF);
+# 4. our training step vs HF transformers' on CUDA (bench train, fp32, three configs: the goal ours >= HF), with
+#    megatron's own path (the GPU default) and with every patch opted in;
 # 5. the speed-up at 4K and 16K with the encoder forward-only (trained, its activations at 16K alone exceed one
 #    GPU);
 # 6. Transformer Engine layer spec with bf16 and FP8, only if transformer_engine imports (it usually cannot be
-#    installed on the lent machines: then it says so, and FP8 stays unverified).
+#    installed without network: then it says so, and FP8 stays unverified).
 set -uo pipefail
 OUT=${1:-${OUT:-runs/gpu_check}}
 PY=${PYTHON:-python3}
@@ -62,15 +63,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c "import torch, transformers, megatron.core as m; print('torch', torch.__version__, '| transformers', \
   transformers.__version__, '| megatron-core', m.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu_check.log"
 
-step 80 30 8 "1. ViQ encode on CUDA, packed vs one image at a time (issue 3: packed >= 2x)" -- \
+step 80 30 8 "1. ViQ encode on CUDA, packed vs one image at a time (goal: packed >= 2x)" -- \
   $PY -m viq_mllm bench encode --archs tiny so400m --sizes 256 512 --images 32 --rounds 3 --out "$OUT/encode"
-step 150 60 12 "2. packed attention (flash varlen, packed VLM rows), apex-free kernels, bf16 runs on CUDA" -- \
-  $PY -m pytest -q -rs -p no:cacheprovider tests/test_packed_attention.py tests/test_apex_free.py \
+step 150 60 12 "2. packed attention (flash varlen, packed VLM rows), bf16 runs, the opt-in patches on CUDA" -- \
+  env VIQ_MLLM_GPU_PATCHES=all $PY -m pytest -q -rs -p no:cacheprovider tests/test_packed_attention.py \
+  tests/test_apex_free.py tests/test_one_rank_regions.py tests/test_plain_linear.py tests/test_cross_entropy.py \
   tests/test_vlm.py::test_document_logits_inside_a_packed_row_equal_alone tests/test_bf16.py
 step 130 60 12 "3. speed-up, real shapes, 4K, encoder trained" -- \
   $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 4096 --rounds 5 --out "$OUT/speedup_4k"
-step 80 30 16 "4. training step, ours vs HF LlamaForCausalLM on CUDA (issue 2: ours >= HF)" -- \
-  $PY -m viq_mllm bench train --rounds 20 --out "$OUT/train"
+step 60 30 16 "4. training step, ours (megatron's own path) vs HF LlamaForCausalLM on CUDA (goal: ours >= HF)" -- \
+  $PY -m viq_mllm bench train --rounds 12 --out "$OUT/train"
+step 60 30 16 "4. training step, ours with every patch opted in vs HF LlamaForCausalLM on CUDA" -- \
+  env VIQ_MLLM_GPU_PATCHES=all $PY -m viq_mllm bench train --rounds 12 --out "$OUT/train_patched"
 step 200 90 14 "5. speed-up, real shapes, 4K and 16K, encoder forward-only" -- \
   $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 4096 16384 --frozen-encoder --rounds 3 \
   --out "$OUT/speedup_frozen"

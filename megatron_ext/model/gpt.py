@@ -4,7 +4,8 @@ CPU: the local layer spec with :class:`SDPACoreAttention`, which also applies Ro
 ``position_embedding_type="none"``), and :class:`SwiGLUMLP` (the same ``linear_fc1`` parameter, computed as two
 GEMMs). Both keep megatron's parameter names and shapes, so checkpoints move freely between specs. GPU: the
 Transformer Engine spec, megatron's RoPE, when the recipe asks for ``parallel.transformer_impl:
-transformer_engine`` (imported lazily; FP8 needs it). Either way the loss is :mod:`megatron_ext.model.cross_entropy`'s.
+transformer_engine`` (imported lazily; FP8 needs it). The loss is :mod:`megatron_ext.model.cross_entropy`'s where
+that patch is active (:mod:`megatron_ext.patches`), megatron's fused one otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from megatron.core.tensor_parallel import layers
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext import patches
 from megatron_ext.model import init
 from megatron_ext.model.attention import SDPACoreAttention
 from megatron_ext.model.cross_entropy import vocab_parallel_cross_entropy
@@ -62,7 +64,7 @@ def transformer_config(model: ModelSection, parallel: ParallelSection, train: Tr
         # through cpu_compat's fused stand-in; SwiGLUMLP still uses the stand-in
         gradient_accumulation_fusion=on_gpu and layers._grad_accum_fusion_available,
         persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
+        cross_entropy_loss_fusion=on_gpu and not patches.enabled("cross_entropy"),
     )
 
 
@@ -93,8 +95,9 @@ def layer_spec(model: ModelSection, parallel: ParallelSection) -> ModuleSpec:
 
 
 class GPT(GPTModel):
-    """megatron's ``GPTModel`` with the loss of :mod:`megatron_ext.model.cross_entropy` (bit-identical to megatron's
-    unfused vocab-parallel cross-entropy, without its index-computing max and single-rank collectives)."""
+    """megatron's ``GPTModel`` whose unfused loss is :mod:`megatron_ext.model.cross_entropy`'s (bit-identical to
+    megatron's unfused vocab-parallel cross-entropy, without its index-computing max and single-rank collectives).
+    :func:`transformer_config` turns megatron's fused loss on where that patch is not active (a GPU by default)."""
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.config.cross_entropy_loss_fusion:

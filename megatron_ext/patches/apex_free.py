@@ -11,12 +11,12 @@ pip-installed megatron-core and no NVIDIA containers) it falls back to:
 - ``torch.optim.AdamW`` with its defaults: the per-parameter loop on CPU, the multi-tensor (not fused) kernels on
   GPU.
 
-On an H200 (fp32, 20M parameters) these made megatron's update phase 2.2x HF's (docs/benchmarks.md); on CPU the
-loop was half of a 20M optimizer step. :func:`install` replaces each of them with the torch kernel HF's step
-runs: ``torch._foreach_norm`` / ``torch._foreach_mul_`` (what ``clip_grad_norm_`` uses) and ``AdamW(fused=True)``
-(HF Trainer's default optimizer, ``adamw_torch_fused``), behind the constructor and call signatures megatron
-expects from apex. Each replacement happens only where megatron chose its own fallback, so TE's or apex's
-kernels are never touched. The optimizer stays a torch ``AdamW``: state dicts and checkpoints are unchanged.
+These cost megatron's update phase several times HF's on both devices (docs/benchmarks.md). :func:`install`
+replaces the first two with the kernels HF's step runs, ``torch._foreach_norm`` / ``torch._foreach_mul_`` (what
+``clip_grad_norm_`` uses), behind the call signatures megatron expects from apex; :func:`use_fused_adam` switches
+the torch ``AdamW`` megatron built to ``fused=True`` (HF Trainer's default, ``adamw_torch_fused``). Each
+replacement happens only where megatron chose its own fallback, so TE's or apex's kernels are never touched. The
+optimizer stays a torch ``AdamW``: state dicts and checkpoints are unchanged.
 """
 
 from __future__ import annotations
@@ -40,11 +40,21 @@ def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale) -> None:
         torch._foreach_copy_(destinations, torch._foreach_mul(sources, scale))
 
 
-def fused_adam(params, adam_w_mode: bool = True, **kwargs) -> torch.optim.Optimizer:
-    """apex ``FusedAdam``'s constructor (``adam_w_mode``: decoupled weight decay) on torch's fused kernel."""
-    adam = (torch.optim.AdamW if adam_w_mode else torch.optim.Adam)(params, fused=True, **kwargs)
-    adam.register_load_state_dict_post_hook(_keep_fused)
-    return adam
+def use_fused_adam(megatron_optimizer) -> int:
+    """Switch the torch ``AdamW`` / ``Adam`` that megatron built (its fallback without TE or apex) to torch's fused
+    kernel, before its first step; returns how many torch optimizers were switched.
+
+    megatron's own objects are not touched: its ``USING_PYTORCH_OPTIMIZER`` stays true, its optimizer class stays
+    torch's, only the param groups' ``fused`` / ``foreach`` flags change (torch reads them at every step). The
+    moments are created on the first step, so they are the fused kernel's from the start."""
+    switched = 0
+    for wrapper in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        adam = wrapper.optimizer
+        if isinstance(adam, (torch.optim.AdamW, torch.optim.Adam)):
+            _keep_fused(adam)
+            adam.register_load_state_dict_post_hook(_keep_fused)
+            switched += 1
+    return switched
 
 
 def _keep_fused(adam: torch.optim.Optimizer) -> None:
@@ -55,8 +65,8 @@ def _keep_fused(adam: torch.optim.Optimizer) -> None:
 
 
 def install() -> list[str]:
-    """Replace whichever of megatron's fallbacks are in use; returns what was replaced. Idempotent."""
-    import megatron.core.optimizer as optimizer_package
+    """Replace whichever of megatron's fallback norm and scale kernels are in use; returns what was replaced.
+    Idempotent. The Adam kernel is chosen on the built optimizer (:func:`use_fused_adam`)."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
 
@@ -68,7 +78,4 @@ def install() -> list[str]:
         if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
             module.multi_tensor_scale_impl = multi_tensor_scale
             replaced.append(f"{module.__name__}.multi_tensor_scale")
-    if optimizer_package.USING_PYTORCH_OPTIMIZER:
-        optimizer_package.Adam, optimizer_package.USING_PYTORCH_OPTIMIZER = fused_adam, False
-        replaced.append("Adam")
     return replaced

@@ -28,6 +28,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext.training import checkpoint
+from megatron_ext import patches
 from megatron_ext.patches import cpu_compat
 from megatron_ext.training.parallel import Layout, device
 from viq_mllm.metrics import MetricsLog
@@ -97,6 +98,7 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab_
         ),
         [ddp],
     )
+    patches.configure_optimizer(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

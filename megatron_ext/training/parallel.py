@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_ext.patches import apex_free, cpu_compat, one_rank_regions, plain_linear
+from megatron_ext import patches
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,7 @@ def init_distributed(tp: int, pp: int, seed: int) -> Layout:
             dist.init_process_group(backend)
         else:  # a plain single process; leaves the environment alone so child processes launch cleanly
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    cpu_compat.install()
-    apex_free.install()
-    one_rank_regions.install()
-    plain_linear.install()
+    patches.install()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
