@@ -4,7 +4,6 @@ one (tools/gpu_check.sh runs this file there), else the CPU."""
 
 import contextlib
 import copy
-
 import types
 
 import megatron.core.optimizer as optimizer_package
@@ -14,7 +13,6 @@ from megatron.core.optimizer import clip_grads, optimizer
 from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
 
 from megatron_ext.patches import apex_free, cpu_compat
-
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

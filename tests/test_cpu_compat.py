@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import micro_batches, tiny_trainer
+
 from megatron_ext.patches import cpu_compat
 
 

@@ -17,6 +17,7 @@ def loss_and_grad(function, logits, target, weights):
 @pytest.mark.parametrize("vocab", [1024, 8192])
 def test_cross_entropy_equals_megatrons_bitwise_and_the_formula(megatron_single, vocab):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as megatrons
+
     from megatron_ext.model.cross_entropy import vocab_parallel_cross_entropy as ours
 
     g = torch.Generator().manual_seed(vocab)

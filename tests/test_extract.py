@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
 from viq_mllm.data.extract import run_tokenize
 from viq_mllm.data.shards import CodeShards, FingerprintMismatch, read_shard
 from viq_mllm.viq import ViQTokenizer

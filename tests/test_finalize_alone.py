@@ -4,13 +4,13 @@ processes keep megatron's (tests/test_parallel_equivalence.py compares them with
 
 import pytest
 import torch
-
 from conftest import micro_batches, tiny_trainer
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
 def test_alone_finalize_equals_megatrons(megatron_single, distributed_optimizer):
     from megatron.core.distributed import finalize_model_grads
+
     from megatron_ext.training.loop import finalize_alone, forward_backward
 
     trainer = tiny_trainer(megatron_single, distributed_optimizer)

@@ -12,8 +12,8 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, viq_mllm
+
 from viq_mllm.vocab.ids import padded_vocab_size
 
 LOGITS = textwrap.dedent(
@@ -256,9 +256,8 @@ def test_real_smollm2_greedy_generation_matches_hf(tmp_path):
 def test_a_model_trained_here_exports_to_hf_with_equal_logits(tmp_path):
     """No hf_config in a checkpoint trained from scratch: the exported config is rebuilt from model.json (the tiny
     recipe has qkv biases: Qwen2) and HF's own implementation must give our logits."""
-    from transformers import AutoModelForCausalLM
-
     from conftest import train_tiny
+    from transformers import AutoModelForCausalLM
 
     train_tiny(tmp_path / "run", "train.steps=2", "train.warmup_steps=1", "checkpoint.every=2")
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"

@@ -3,12 +3,12 @@ no region's autograd node is left in the graph, and the loss and gradients are t
 bit for bit. Over two ranks the regions stay megatron's (tests/test_parallel_equivalence.py)."""
 
 import torch
-
 from conftest import tiny_trainer, traced_step
 
 
 def test_one_rank_regions_are_skipped_with_identical_gradients(megatron_single, monkeypatch):
     from megatron.core.tensor_parallel import layers, mappings
+
     from megatron_ext.patches.one_rank_regions import REGIONS
 
     trainer = tiny_trainer(megatron_single)

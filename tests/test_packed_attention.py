@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import TINY
 
 from viq_mllm.recipe import load_recipe
-from conftest import TINY
 
 
 def naive_block_causal(lengths, total):
@@ -44,6 +44,7 @@ def per_document(q, k, v, cu, total):
 def core_attention(*overrides):
     """The tiny recipe's SDPA core attention, its shape changed by recipe ``overrides``."""
     from megatron.core.transformer.enums import AttnMaskType
+
     from megatron_ext.model.attention import SDPACoreAttention
     from megatron_ext.model.gpt import transformer_config
 
@@ -89,6 +90,7 @@ def test_layout_memo_computes_once_per_cu_seqlens_tensor():
 
 def test_document_logits_in_packed_row_equal_alone(megatron_single):
     from megatron.core.packed_seq_params import PackedSeqParams
+
     from megatron_ext.model.gpt import build_gpt, transformer_config
 
     r = load_recipe(TINY)
@@ -135,6 +137,7 @@ def test_flash_varlen_core_attention_equals_per_document_on_cuda(megatron_single
     """On CUDA in bf16 a packed row takes the flash varlen kernel: outputs and gradients match the fp32
     per-document reference on the same bf16 inputs, row padding included."""
     from megatron.core.packed_seq_params import PackedSeqParams
+
     from megatron_ext.model.attention import packed_uses_flash
 
     attn = core_attention("model.hidden_size=256")  # 4 heads of 64: the head size the tensors below have

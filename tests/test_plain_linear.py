@@ -5,9 +5,9 @@ with the loss and gradients of a step through megatron's function."""
 
 import pytest
 import torch
+from conftest import tiny_trainer, traced_step
 from megatron.core.tensor_parallel import layers
 
-from conftest import tiny_trainer, traced_step
 from megatron_ext.patches.plain_linear import NAME, plain_when_possible
 
 MEGATRON = layers.LinearWithGradAccumulationAndAsyncCommunication

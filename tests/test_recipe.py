@@ -1,8 +1,8 @@
 """Recipes are rejected before any compute, with a message naming the field."""
 
 import pytest
-
 from conftest import TINY, viq_mllm
+
 from viq_mllm.recipe import RecipeError, load_recipe
 
 

@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import QUIET, ROOT, TINY
+
 from viq_mllm.metrics import read_metrics
 
 SCHEDULE = ["train.steps=6", "train.decay_steps=6", "train.warmup_steps=2"]
@@ -25,10 +25,10 @@ def uninterrupted(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("straight") / "run", *COMMON)
 
 
-def _assert_same(resumed, straight):
+def _assert_same(resumed, straight, loss_tolerance: float = 1e-6):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for ours, ref in zip(resumed, straight):
-        assert abs(ours["loss"] - ref["loss"]) < 1e-6, (ours, ref)
+        assert abs(ours["loss"] - ref["loss"]) < loss_tolerance, (ours, ref)
         assert abs(ours["lr"] - ref["lr"]) < 1e-12
 
 
@@ -68,9 +68,13 @@ def test_sigkill_mid_run_then_resume(tiny, tmp_path, uninterrupted):
 def test_distributed_optimizer_resumes_exactly_on_another_data_parallel_size(tiny):
     """The GPU recipes' setting (bf16, distributed optimizer): stopped on 2 ranks, resumed on 1. The optimizer
     state is resharded over the data-parallel ranks and Adam's step counts come back (no dropout: the RNG streams
-    belong to the ranks, and this run has a different number of them)."""
+    belong to the ranks, and this run has a different number of them).
+
+    From step 4 the gradients are summed over one rank instead of two, in another order: the fp32 update moves by
+    an ulp, which can flip a weight's bf16 rounding, and the loss by a few 1e-6 (2e-6 seen). A lost or misplaced
+    optimizer state (Adam's moments or step counts) moves it by more than 1e-3 at this learning rate."""
     common = [*SCHEDULE, "train.precision=bf16", "parallel.distributed_optimizer=true"]
     straight = tiny("straight", *common, nproc=2)
     tiny("resharded", *common, "train.steps=3", "checkpoint.every=3", nproc=2)
     resumed = tiny("resharded", *common, "checkpoint.every=3")
-    _assert_same(resumed, straight)
+    _assert_same(resumed, straight, loss_tolerance=1e-5)

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import QUIET, ROOT, TINY, viq_mllm
+
 from viq_mllm.metrics import read_metrics
 
 REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens", "step_time_s", "tokens_per_s"}

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import layers
 
-from megatron_ext.patches import cpu_compat
 from megatron_ext.model.swiglu import _SwiGLU
+from megatron_ext.patches import cpu_compat
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

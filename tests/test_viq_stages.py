@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import QUIET, ROOT, TINY, viq_mllm
 
 from viq_mllm.viq import ViQTokenizer

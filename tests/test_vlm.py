@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import VLM, train_vlm_cli, viq_mllm, vlm_overrides
 
 STEPS = ["train.steps=6", "train.warmup_steps=2", "checkpoint.every=0"]

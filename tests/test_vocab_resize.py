@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import QUIET, ROOT, TINY, viq_mllm
 
 LOGITS = textwrap.dedent(

@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
-from viq_mllm.recipe import RecipeError, load_recipe
+from viq_mllm.console import Parser, debugging, existing, fail, plain
+from viq_mllm.recipe import load_recipe
+
+#: what a user's input can cause (a missing file, a wrong field, a checkpoint of another vocabulary, a diverged
+#: run): one line and exit status 2, the traceback only with --debug; anything else is a bug and keeps its traceback
+EXPECTED_ERRORS = (OSError, ValueError, ArithmeticError)
 
 
 def _train(args: argparse.Namespace) -> int:
     world = args.nproc if args.nproc else int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        recipe = load_recipe(args.recipe, args.overrides, world_size=world)
-    except RecipeError as err:
-        print(f"viq-mllm train: {err}", file=sys.stderr)
-        return 2
+    recipe = load_recipe(args.recipe, args.overrides, world_size=world)
     if args.nproc and "LOCAL_RANK" not in os.environ:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "viq_mllm", "train", args.recipe, *args.overrides]
@@ -113,18 +114,16 @@ def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
     from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
 
     if not args.tokenizer:
-        raise SystemExit("viq-mllm generate: a text model needs --tokenizer (HF folder, SentencePiece .model or "
-                         "bytes)")
+        raise ValueError("a text model needs --tokenizer (HF folder, SentencePiece .model or bytes)")
     path = Path(args.tokenizer)
     if args.tokenizer != "bytes" and not path.exists():
-        raise SystemExit(f"viq-mllm generate: --tokenizer {path}: no such file or folder")
+        raise FileNotFoundError(f"--tokenizer {path}: no such file or folder")
     spec = "bytes" if args.tokenizer == "bytes" else f"{'sentencepiece' if path.suffix == '.model' else 'hf'}:{path}"
     tokenizer = load_text_tokenizer(spec)
     trained_with = read_meta(args.checkpoint)["vocab"].get("text_fingerprint")
     if trained_with is not None and tokenizer.fingerprint != trained_with:
-        raise SystemExit(f"viq-mllm generate: --tokenizer {args.tokenizer} is {tokenizer.fingerprint}, the checkpoint "
-                         f"was trained with {trained_with}; pass the tokenizer of its run (its recipe.yaml: "
-                         "data.tokenizer)")
+        raise ValueError(f"--tokenizer {args.tokenizer} is {tokenizer.fingerprint}, the checkpoint was trained "
+                         f"with {trained_with}; pass the tokenizer of its run (its recipe.yaml: data.tokenizer)")
     gpt, meta = load_text_model(args.checkpoint)
     ids = greedy_text(gpt, tokenizer.encode(args.prompt), args.max_new_tokens, tokenizer.eod,
                       meta["vocab"]["text_size"])
@@ -163,7 +162,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="viq-mllm", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="viq-mllm", description=plain(__doc__))
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an expected error (or set VIQ_MLLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "text_lm (a GPT on text), vlm (the discrete VLM on code shards), viq (a ViQ tokenizer stage: "
         "stage1 / proximal / fsq / decoder, each with init.from=PREVIOUS_RUN_DIR).",
     )
-    train.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    train.add_argument("recipe", type=existing, help="path to a YAML recipe (see recipes/)")
     train.add_argument("--nproc", type=int, default=0, help="launch N local processes through torchrun")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     train.set_defaults(func=_train)
@@ -187,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "manifest.json (fingerprint, counts, checksums) and report.json (skipped inputs and why) into --out. "
         "Rerun the same command after a crash: finished shards are kept, the rest is redone identically.",
     )
-    tok.add_argument("--viq", required=True, help="ViQ tokenizer folder (save_pretrained output)")
-    tok.add_argument("--input", required=True, help="image folder, .jsonl, or webdataset .tar shard(s)")
+    tok.add_argument("--viq", required=True, type=existing, help="ViQ tokenizer folder (save_pretrained output)")
+    tok.add_argument("--input", required=True, type=existing, help="image folder, .jsonl, or webdataset .tar shard(s)")
     tok.add_argument("--out", required=True, help="output folder for the shards")
     tok.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
     tok.add_argument("--nproc", type=int, default=0, help="launch N processes (torchrun); shards split by rank")
@@ -201,16 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     ext = sub.add_parser("extend-vocab", help="add the layout's special tokens and one token per ViQ code",
                          description="Write an extended tokenizer of the same kind (SentencePiece .model or HF "
                          "folder) and vocab.json (the id layout and fingerprints) into --out.")
-    ext.add_argument("--text-tokenizer", required=True, help="SentencePiece .model file or HF tokenizer folder")
-    ext.add_argument("--viq", required=True, help="ViQ tokenizer folder (its preset sets the number of codes)")
+    ext.add_argument("--text-tokenizer", required=True, type=existing, help="SentencePiece .model file or HF tokenizer folder")
+    ext.add_argument("--viq", required=True, type=existing, help="ViQ tokenizer folder (its preset sets the number of codes)")
     ext.add_argument("--out", required=True)
     ext.set_defaults(func=_extend_vocab)
 
     rsz = sub.add_parser("resize-vocab", help="grow a checkpoint's embedding and output layer to a vocab.json",
                          description="Old rows are kept bit-identical; new rows are drawn from the old rows' "
                          "mean and covariance (--init mean-cov, default) or set to their mean (--init mean).")
-    rsz.add_argument("--checkpoint", required=True, help="a checkpoint folder (checkpoints/step_XXXXXXXX)")
-    rsz.add_argument("--vocab", required=True, help="folder with vocab.json from extend-vocab")
+    rsz.add_argument("--checkpoint", required=True, type=existing, help="a checkpoint folder (checkpoints/step_XXXXXXXX)")
+    rsz.add_argument("--vocab", required=True, type=existing, help="folder with vocab.json from extend-vocab")
     rsz.add_argument("--out", required=True)
     rsz.add_argument("--init", choices=["mean-cov", "mean"], default="mean-cov")
     rsz.add_argument("--seed", type=int, default=0)
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "or trained here: the HF config is then rebuilt from model.json, Qwen2 with qkv biases, "
                           "Llama without). Strict: every tensor must map.")
     conv.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
-    conv.add_argument("--input", required=True)
+    conv.add_argument("--input", required=True, type=existing)
     conv.add_argument("--output", required=True)
     conv.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate the shapes for")
     conv.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate the shapes for")
@@ -233,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "sequence greedily (a caption when --prompt is empty, an answer otherwise). Without: "
                          "continues --prompt with a text GPT checkpoint (trained here or converted from HF), "
                          "tokenized with --tokenizer.")
-    gen.add_argument("--checkpoint", required=True, help="checkpoints/step_XXXXXXXX, or a converted checkpoint")
-    gen.add_argument("--image", default=None, help="image for a VLM checkpoint")
+    gen.add_argument("--checkpoint", required=True, type=existing, help="checkpoints/step_XXXXXXXX, or a converted checkpoint")
+    gen.add_argument("--image", default=None, type=existing, help="image for a VLM checkpoint")
     gen.add_argument("--tokenizer", default=None, help="text models: HF tokenizer folder, SentencePiece .model, "
                      "or bytes (checked against the checkpoint's tokenizer fingerprint)")
     gen.add_argument("--prompt", default="", help="text to continue, or the question for chat VLMs")
@@ -275,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]  # overrides may follow --nproc
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except EXPECTED_ERRORS as error:
+        if debugging(args.debug):
+            raise
+        return fail(f"viq-mllm {args.command}", error)
 
 
 if __name__ == "__main__":

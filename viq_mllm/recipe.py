@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from viq_mllm.vocab import MAX_TP
 
 
-
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``1e-3`` as a string; recipes mean a float (YAML 1.2 behaviour)."""
 

@@ -7,7 +7,6 @@ Reported per variant: median real (non-padding) tokens/s, padding fraction, step
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -16,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from viq_mllm.bench.report import markdown_table, publish
+from viq_mllm.console import Parser, plain
 from viq_mllm.data.synthetic import make_vlm_assets
 from viq_mllm.metrics import read_metrics
 
@@ -33,7 +33,7 @@ def run(run_dir: Path, assets: dict, pack: bool, steps: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="viq-mllm bench packing", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="viq-mllm bench packing", description=plain(__doc__))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default="runs/bench_packing")
     args = parser.parse_args(argv)

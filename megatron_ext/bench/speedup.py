@@ -34,8 +34,8 @@ import torch
 
 from megatron_ext.bench.flops import EncoderShape, GPTShape, encoder_step_flops, llm_step_flops, predicted_speedup
 from megatron_ext.model.gpt import build_gpt, transformer_config
-from megatron_ext.training.parallel import device, init_distributed, shutdown
 from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
+from megatron_ext.training.parallel import device, init_distributed, shutdown
 from megatron_ext.vlm.model import (
     ContinuousVisualEmbedding,
     VisionLanguageModel,
@@ -44,6 +44,7 @@ from megatron_ext.vlm.model import (
     vlm_forward_step,
 )
 from viq_mllm.bench.report import markdown_table, publish, timed, write_json
+from viq_mllm.console import Parser, plain
 from viq_mllm.data.layout import Document, SequenceBuilder
 from viq_mllm.data.packing import collate, pack
 from viq_mllm.recipe import VisualSection, recipe_from_dict
@@ -265,7 +266,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="viq-mllm bench speedup", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="viq-mllm bench speedup", description=plain(__doc__))
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant (medians)")
     parser.add_argument("--frozen-encoder", action="store_true", help="baseline encoder forward-only")

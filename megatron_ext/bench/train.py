@@ -30,7 +30,6 @@ it has none.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import multiprocessing
 import resource
@@ -40,11 +39,12 @@ from typing import Callable
 
 import torch
 
-from megatron_ext.patches import cpu_compat
 from megatron_ext.model.gpt import build_gpt, transformer_config
-from megatron_ext.training.parallel import device, init_distributed, shutdown
+from megatron_ext.patches import cpu_compat
 from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
+from megatron_ext.training.parallel import device, init_distributed, shutdown
 from viq_mllm.bench.report import markdown_table, median_interval, publish, timed, write_json
+from viq_mllm.console import Parser, plain
 from viq_mllm.recipe import recipe_from_dict
 
 Phases = tuple[Callable[[], object], Callable[[], object]]  # (gradients, update) of one training step
@@ -297,7 +297,7 @@ def format_modes(runs: dict[str, list[dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="viq-mllm bench train", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="viq-mllm bench train", description=plain(__doc__))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per side (median reported)")
     parser.add_argument("--out", default="runs/bench_train", help="writes bench_train.json here")

@@ -21,8 +21,8 @@ from typing import Union
 
 import torch
 
-from megatron_ext.training import checkpoint
 from megatron_ext.model.gpt import build_gpt, gpt_from_checkpoint, transformer_config
+from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import init_distributed, shutdown
 from viq_mllm.recipe import ModelSection, ParallelSection, RecipeError, TrainSection, check_layout, recipe_from_dict
 from viq_mllm.vocab import padded_vocab_size

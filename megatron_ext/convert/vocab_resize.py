@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.training import checkpoint
 from megatron_ext.model.gpt import build_gpt, transformer_config
+from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import init_distributed, shutdown
 from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
 from viq_mllm.vocab import Vocab

@@ -25,8 +25,8 @@ from megatron_ext import patches
 from megatron_ext.model import init
 from megatron_ext.model.attention import SDPACoreAttention
 from megatron_ext.model.cross_entropy import vocab_parallel_cross_entropy
-from megatron_ext.training.parallel import Layout, device
 from megatron_ext.model.swiglu import SwiGLUMLP
+from megatron_ext.training.parallel import Layout, device
 from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import time
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,15 +27,16 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext.training import checkpoint
 from megatron_ext import patches
 from megatron_ext.patches import cpu_compat
+from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import Layout, device
+from viq_mllm.console import progress
 from viq_mllm.metrics import MetricsLog
 from viq_mllm.recipe import ModelSection, Recipe, dump_recipe
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FloatingPointError):
     """Raised when more than ``train.max_nan_skips`` steps had a NaN/inf loss."""
 
 
@@ -322,6 +323,4 @@ def run_training(
 def _progress(layout: Layout, recipe: Recipe, start: int):
     if layout.rank != 0 or not recipe.log.progress:
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=recipe.train.steps, initial=start, desc=recipe.run.name, unit="step", dynamic_ncols=True)
+    return progress(recipe.train.steps, desc=recipe.run.name, unit="step", initial=start)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from megatron_ext.model.gpt import build_gpt, transformer_config
-from megatron_ext.training.parallel import init_distributed
 from megatron_ext.training.loop import build_trainer, initialize_from, run_training
+from megatron_ext.training.parallel import init_distributed
 from viq_mllm.data.text import TokenWindows, micro_batches, read_text_files, stdlib_docs_corpus
 from viq_mllm.recipe import Recipe
 from viq_mllm.vocab import padded_vocab_size

@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_ext.training import checkpoint
 from megatron_ext.model.gpt import gpt_from_checkpoint
+from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import Layout, device, init_distributed
 from megatron_ext.vlm.model import VisionLanguageModel, packed_params
 from megatron_ext.vlm.train import build_vlm

@@ -25,8 +25,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import nn
 
-from megatron_ext.training.parallel import device
 from megatron_ext.training.loop import masked_loss
+from megatron_ext.training.parallel import device
 from viq_mllm.recipe import VisualSection
 from viq_mllm.vocab import Vocab
 

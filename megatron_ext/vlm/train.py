@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from megatron_ext.model.gpt import build_gpt, transformer_config
-from megatron_ext.training.parallel import Layout, device, init_distributed
 from megatron_ext.training.loop import build_trainer, initialize_from, run_training
+from megatron_ext.training.parallel import Layout, device, init_distributed
 from megatron_ext.vlm.model import (
     ContinuousVisualEmbedding,
     VisionLanguageModel,

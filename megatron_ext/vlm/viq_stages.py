@@ -20,11 +20,11 @@ from typing import Iterator
 
 import torch
 
-from megatron_ext.vlm import inference
-from megatron_ext.training import checkpoint
 from megatron_ext.model.gpt import build_gpt, transformer_config
-from megatron_ext.training.parallel import Layout, device, init_distributed
+from megatron_ext.training import checkpoint
 from megatron_ext.training.loop import build_trainer, check_same_model, masked_loss, run_training
+from megatron_ext.training.parallel import Layout, device, init_distributed
+from megatron_ext.vlm import inference
 from megatron_ext.vlm.model import ContinuousVisualEmbedding, VisionLanguageModel, packed_params
 from viq_mllm.data.captioned import CaptionedImages, images_for_step, load_captioned
 from viq_mllm.data.layout import projected_caption_document
@@ -32,8 +32,8 @@ from viq_mllm.data.multimodal import PackedDataset, PackedSource
 from viq_mllm.data.packing import pack
 from viq_mllm.recipe import Recipe
 from viq_mllm.viq.config import ViQConfig
-from viq_mllm.viq.train.objectives import StageModel
 from viq_mllm.viq.preprocess import Preprocessed
+from viq_mllm.viq.train.objectives import StageModel
 from viq_mllm.viq.train.stage_io import evaluate_stage, held_out_images, load_adapters, save_stage, starting_tokenizer
 from viq_mllm.viq.train.stages import trainable
 from viq_mllm.viq.train.teachers import build_teacher

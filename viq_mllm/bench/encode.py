@@ -9,7 +9,6 @@ default); one-by-one = ``encode([image])`` per image. On CPU so400m runs a quart
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -20,6 +19,7 @@ import time
 import numpy as np
 
 from viq_mllm.bench.report import markdown_table, publish, write_json
+from viq_mllm.console import Parser, plain
 
 ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 1.0, 2.0, 0.5)
 
@@ -121,7 +121,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="viq-mllm bench encode", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="viq-mllm bench encode", description=plain(__doc__))
     parser.add_argument("--archs", nargs="+", default=["tiny", "so400m"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
     parser.add_argument("--images", type=int, default=16,

@@ -8,7 +8,6 @@ model to the last image, run twice in alternating order on the same PNG files (m
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from viq_mllm.bench.report import markdown_table, publish
+from viq_mllm.console import Parser, plain
 from viq_mllm.data.extract import run_tokenize
 from viq_mllm.viq import ViQTokenizer
 
@@ -85,7 +85,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="viq-mllm bench tokenize", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="viq-mllm bench tokenize", description=plain(__doc__))
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--out", default="runs/bench_tokenize")

@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from viq_mllm.console import progress
 from viq_mllm.data.shards import MANIFEST, REPORT, SHARD_NAME, CodeSample, sha256_of, write_shard
 from viq_mllm.data.sources import SourceRecord, TarMember, list_sources
 from viq_mllm.viq import ViQTokenizer
@@ -133,11 +134,7 @@ def run_tokenize(viq_dir: str | Path, src: str | Path, out: str | Path, workers:
 
 
 def _progress_bar(total: int, show: bool):
-    if not show:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", desc="tokenize", dynamic_ncols=True)
+    return progress(total, desc="tokenize", unit="img") if show else None
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 from viq_mllm.metrics import MetricsLog
 from viq_mllm.recipe import Recipe, TrainSection, dump_recipe
 from viq_mllm.viq.preprocess import Preprocessed
+from viq_mllm.viq.tokenizer import ViQTokenizer
 from viq_mllm.viq.train.reconstruction import reconstruction_terms
 from viq_mllm.viq.train.stage_io import evaluate_stage, held_out_images, save_stage, starting_tokenizer
 from viq_mllm.viq.train.stages import trainable
 from viq_mllm.viq.train.teachers import PerceptualDistance
-from viq_mllm.viq.tokenizer import ViQTokenizer
 
 
 def lr_at(t: TrainSection, step: int) -> float:

@@ -22,8 +22,8 @@ from torch import nn
 from viq_mllm.recipe import Recipe
 from viq_mllm.viq.config import config_for
 from viq_mllm.viq.preprocess import Preprocessed
-from viq_mllm.viq.train.stages import Handoff, tokenizer_for_stage
 from viq_mllm.viq.tokenizer import ViQTokenizer
+from viq_mllm.viq.train.stages import Handoff, tokenizer_for_stage
 
 ADAPTERS_FILE = "adapters.safetensors"
 
