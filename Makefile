@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # the exact versions the tests and the documented demo numbers were measured with; `make lock` renews it
 LOCK := constraints.txt
 
-.PHONY: demo test bench lock
+.PHONY: demo test test-fast bench lock
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+# the in-process tests only (seconds to a few minutes): for the edit-test loop, not a substitute for `make test`
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not e2e" tests
 
 bench: $(STAMP)
 	$(BIN)/viq-mllm bench train --all-modes --out runs/bench_train

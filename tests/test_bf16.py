@@ -10,7 +10,7 @@ COMMON = ["train.steps=6", "train.decay_steps=6", "train.warmup_steps=2"]
 BF16 = [*COMMON, "train.precision=bf16"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_bf16_run_checkpoints_resumes_exactly_and_follows_fp32(tiny):
     straight = tiny("straight", *BF16)
     tiny("stopped", *BF16, "train.steps=3", "checkpoint.every=3")

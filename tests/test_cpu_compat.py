@@ -23,11 +23,18 @@ def test_redirection_mode_puts_every_cuda_request_on_the_cpu():
 
 
 def test_wgrad_accumulation_adds_the_weight_gradient():
+    """The stand-in adds to ``main_grad`` what autograd computes as the weight gradient of ``F.linear``, also from
+    bf16 activations into an fp32 buffer."""
     g = torch.Generator().manual_seed(5)
-    total_input, grad_output, main_grad = (torch.randn(shape, generator=g) for shape in ((9, 4), (9, 6), (6, 4)))
-    expected = main_grad + grad_output.t() @ total_input
-    cpu_compat._wgrad_gemm_accum(total_input, grad_output, main_grad)
-    torch.testing.assert_close(main_grad, expected)
+    for dtype in (torch.float32, torch.bfloat16):
+        total_input, grad_output = (torch.randn(shape, generator=g).to(dtype) for shape in ((9, 4), (9, 6)))
+        main_grad = torch.randn(6, 4, generator=g)
+        weight = torch.zeros(6, 4, requires_grad=True)
+        torch.nn.functional.linear(total_input.float(), weight).backward(grad_output.float())
+        expected = main_grad + weight.grad
+        cpu_compat._wgrad_gemm_accum(total_input, grad_output, main_grad)
+        assert main_grad.dtype == torch.float32
+        torch.testing.assert_close(main_grad, expected)
 
 
 def redirects() -> bool:

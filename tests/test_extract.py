@@ -133,7 +133,7 @@ def _many_images(root, count):
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_kill_9_then_rerun_gives_identical_shards(viq_dir, tmp_path):
     images = _many_images(tmp_path / "images", 120)
     args = ["tokenize", "--viq", str(viq_dir), "--input", str(images), "--shard-size", "3"]
@@ -158,7 +158,7 @@ def test_kill_9_then_rerun_gives_identical_shards(viq_dir, tmp_path):
     assert not list(killed.glob("*.tmp"))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_ranks_split_the_shards_and_agree_with_one(viq_dir, tmp_path):
     images = _many_images(tmp_path / "images", 10)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -118,7 +118,7 @@ def converted(request, tmp_path_factory):
     return root, model
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("tp", [1, 2])
 def test_logits_equal_hf(converted, tp):
     root, model = converted
@@ -165,7 +165,7 @@ def assert_close_per_tensor(ours: dict, theirs: dict, tol: float) -> None:
         assert rel < tol, (name, rel)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_training_step_gradients_equal_hf(stepped):
     """Every weight's gradient (SwiGLU, RoPE, fused QKV, tied or untied embeddings, biases) after our megatron
     training step, read from the DDP buffer it accumulates into, equals HF's for the same mean loss."""
@@ -175,7 +175,7 @@ def test_training_step_gradients_equal_hf(stepped):
     assert_close_per_tensor(ours["grads"], {name: p.grad for name, p in model.named_parameters()}, 1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_optimizer_step_equals_torch_reference_adamw(stepped):
     """The weights after one step (megatron's clipping by the global norm, padded rows included; weight decay on
     matrices only; the fused AdamW kernel apex_free selects) equal HF's model stepped by torch's single-tensor
@@ -198,7 +198,7 @@ def test_optimizer_step_equals_torch_reference_adamw(stepped):
     assert_close_per_tensor(updates, {name: (p - before[name]).detach() for name, p in hf.named_parameters()}, 1e-3)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_round_trip_reproduces_every_tensor(converted):
     from safetensors.torch import load_file
 
@@ -235,7 +235,7 @@ def smollm2_hf_dir(path):
         pytest.fail(str(err))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_real_smollm2_greedy_generation_matches_hf(tmp_path):
     model, tokenizer = smollm2_hf_dir(tmp_path / "hf")
     viq_mllm("convert", "hf-to-mcore", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "mcore"))
@@ -252,7 +252,7 @@ def test_real_smollm2_greedy_generation_matches_hf(tmp_path):
         assert ours == theirs, (prompt, tokenizer.decode(ours), tokenizer.decode(theirs))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_model_trained_here_exports_to_hf_with_equal_logits(tmp_path):
     """No hf_config in a checkpoint trained from scratch: the exported config is rebuilt from model.json (the tiny
     recipe has qkv biases: Qwen2) and HF's own implementation must give our logits."""

@@ -16,7 +16,7 @@ def reference(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("single") / "run", *STEPS)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "layout",
     [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.distributed_optimizer=true"]],

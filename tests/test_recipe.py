@@ -1,7 +1,7 @@
 """Recipes are rejected before any compute, with a message naming the field."""
 
 import pytest
-from conftest import TINY, viq_mllm
+from conftest import TINY
 
 from viq_mllm.recipe import RecipeError, load_recipe
 
@@ -38,11 +38,16 @@ def test_overrides_are_typed_yaml_scalars():
     assert (recipe.train.steps, recipe.train.lr, recipe.log.wandb, recipe.model.qkv_bias) == (7, 1e-3, "disabled", False)
 
 
-def test_cli_rejects_before_launching(tmp_path):
+def test_cli_rejects_before_launching(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    from viq_mllm import cli
+
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("torchrun was launched"))
     run_dir = tmp_path / "never"
-    proc = viq_mllm("train", TINY, "--nproc", "2", "parallel.tp=3", f"run.dir={run_dir}", check=False)
-    assert proc.returncode == 2
-    assert "parallel.tp=3" in proc.stderr and "num_attention_heads" in proc.stderr
+    assert cli.main(["train", TINY, "--nproc", "2", "parallel.tp=3", f"run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.tp=3" in err and "num_attention_heads" in err
     assert not run_dir.exists()
 
 

@@ -23,7 +23,7 @@ def three_steps(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_run_dir_contents(three_steps):
     run_dir = three_steps
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
@@ -39,7 +39,7 @@ def test_run_dir_contents(three_steps):
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_generate_checks_the_tokenizer(three_steps, tmp_path):
     """``generate`` takes the run's own tokenizer spec and refuses another one, naming both fingerprints."""
     from viq_mllm.vocab.text_tokenizers import train_sentencepiece
@@ -57,7 +57,7 @@ def test_generate_checks_the_tokenizer(three_steps, tmp_path):
     assert missing.returncode != 0 and "no such file or folder" in missing.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_text_run_starts_from_init_checkpoint_and_refuses_another_network(three_steps, tmp_path):
     """Same seed, same first batch: from the 3-step weights the first loss is lower than from a fresh init (which
     is the first run's first loss, exactly)."""
@@ -104,7 +104,7 @@ def _run_with_nan(run_dir, bad_steps, *overrides):
     return proc.stdout, read_metrics(run_dir)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_nan_steps_are_skipped_and_counted(tmp_path):
     _, rows = _run_with_nan(tmp_path / "r", [2, 3], "train.steps=5", "train.warmup_steps=2")
     assert [r["skipped"] for r in rows] == [False, True, True, False, False]
@@ -114,7 +114,7 @@ def test_nan_steps_are_skipped_and_counted(tmp_path):
     assert all(r["loss"] == r["loss"] for r in (rows[0], rows[3], rows[4]))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_too_many_nan_steps_abort(tmp_path):
     out, rows = _run_with_nan(tmp_path / "r", [2, 3, 4, 5], "train.steps=5", "train.warmup_steps=2",
                               "train.max_nan_skips=2")

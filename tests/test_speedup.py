@@ -74,7 +74,7 @@ def test_baseline_fills_exactly_the_discrete_visual_positions():
     assert vectors.shape == (int(discrete["visual"].sum()), 32) == (discrete["codes"].shape[0], 32)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_speedup_benchmark_writes_the_table(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "viq_mllm", "bench", "speedup", "--preset", "tiny", "--rounds", "1",

@@ -120,7 +120,7 @@ def chain(stage_assets):
     return runs
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_each_stage_logs_its_loss_terms_finite_and_leaves_a_loadable_tokenizer(chain):
     for stage, run in chain.items():
         assert len(run["rows"]) == 3
@@ -141,7 +141,7 @@ def test_each_stage_logs_its_loss_terms_finite_and_leaves_a_loadable_tokenizer(c
     assert {"psnr", "ssim", "psnr_patch_mean_baseline", "ssim_patch_mean_baseline", "codebook_usage"} <= set(rec)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_language_model_stays_frozen(chain, stage_assets):
     from megatron_ext.model.gpt import gpt_from_checkpoint
     from megatron_ext.training.parallel import init_distributed, shutdown
@@ -159,7 +159,7 @@ def test_the_language_model_stays_frozen(chain, stage_assets):
     assert not torch.equal(first.vit.blocks[0].mlp.fc1.weight, last.vit.blocks[0].mlp.fc1.weight)  # the ViT trained
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_image_only_steps_train_the_tokenizer_terms_without_the_language_model(chain, stage_assets, tmp_path):
     from viq_mllm.metrics import read_metrics
 
@@ -175,7 +175,7 @@ def test_image_only_steps_train_the_tokenizer_terms_without_the_language_model(c
         assert row["loss"] == pytest.approx(row["loss_aux"], rel=1e-6) and row["real_tokens"] == 0
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage, previous, keys, extra", [
     ("proximal", "stage1", ("loss", "loss_distill", "loss_rec"), ["viq.text_every=2", "viq.images_per_step=4"]),
     ("decoder", "fsq", ("loss", "loss_rec", "loss_perceptual"), []),  # the plain PyTorch loop
@@ -215,14 +215,14 @@ def test_stage_recipe_errors_name_the_field(override, message):
         load_recipe(ROOT / "recipes" / "viq_tiny_stage1.yaml", override, world_size=2)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_language_model_of_another_shape_is_refused_naming_the_field(stage_assets, tmp_path):
     proc = viq_mllm("train", *stage_args(stage_assets, "stage1", tmp_path / "run", None, "train.steps=1",
                                          "model.ffn_hidden_size=128"), check=False)
     assert proc.returncode != 0 and "model.ffn_hidden_size=128" in proc.stderr and "172" in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_image_only_steps_asking_for_more_images_than_there_are_are_refused(chain, stage_assets, tmp_path):
     proc = viq_mllm("train", *stage_args(stage_assets, "proximal", tmp_path / "run", chain["stage1"]["dir"],
                                          "train.steps=2", "viq.text_every=2", "viq.images_per_step=64"), check=False)
@@ -230,7 +230,7 @@ def test_image_only_steps_asking_for_more_images_than_there_are_are_refused(chai
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_stage1_without_a_teacher_trains_on_the_caption_loss_alone(stage_assets, tmp_path):
     from viq_mllm.metrics import read_metrics
 

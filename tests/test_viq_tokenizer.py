@@ -132,17 +132,39 @@ def test_visual_positions_table_of_the_reference(side, positions):
     assert PoolingProjector(8, 12)(torch.randn(side // 16, side // 16, 8)).shape == (positions, 12)
 
 
+def reference_pooling(proj: PoolingProjector, feats: torch.Tensor) -> torch.Tensor:
+    """The projector written out from its definition with the raw weight matrices, window by window: the 4 patches
+    of window (r, c) are (2r, 2c), (2r, 2c+1), (2r+1, 2c), (2r+1, 2c+1); each is scored from [x_k; mean x];
+    a softmax over k, channel by channel, weights the sum; begin, each row of windows then a row end, end."""
+    def linear(layer, v):
+        return v @ layer.weight.T + layer.bias
+
+    gelu = F.gelu
+    out = [proj.image_begin]
+    for r in range(feats.shape[0] // 2):
+        for c in range(feats.shape[1] // 2):
+            x = [linear(proj.proj1, feats[2 * r + i, 2 * c + j]) for i in (0, 1) for j in (0, 1)]
+            mean = sum(x) / 4
+            scores = [linear(proj.score[2], gelu(linear(proj.score[0], torch.cat([xk, mean])))) for xk in x]
+            exp = [torch.exp(s - torch.stack(scores).max(0).values) for s in scores]
+            pooled = sum(e * xk for e, xk in zip(exp, x)) / sum(exp)
+            out.append(linear(proj.proj2, gelu(pooled)))
+        out.append(proj.image_newline)
+    return torch.stack([*out, proj.image_end])
+
+
 def test_pooling_is_a_per_channel_softmax_over_each_window():
-    proj = PoolingProjector(4, 6, with_markers=False)
-    feats = torch.randn(2, 2, 4)
-    x = proj.proj1(feats).reshape(4, 6)
-    weights = proj.score(torch.cat([x, x.mean(0, keepdim=True).expand(4, 6)], -1)).softmax(0)
-    expected = proj.proj2(F.gelu((weights * x).sum(0)))
-    torch.testing.assert_close(proj(feats)[0], expected)
+    torch.manual_seed(0)
+    proj = PoolingProjector(4, 6)
+    feats = torch.randn(4, 6, 4)  # a 2 x 3 grid of windows
+    ours = proj(feats)
+    assert ours.shape == (visual_positions(4, 6), 6)
+    torch.testing.assert_close(ours, reference_pooling(proj, feats))
     with pytest.raises(ValueError, match="even patch grid"):
         proj(torch.randn(3, 2, 4))
 
 
+@pytest.mark.e2e
 def test_the_tokenizer_never_imports_megatron():
     code = ("import sys, numpy as np; from viq_mllm.viq import ViQTokenizer; "
             "t = ViQTokenizer.from_config('tiny'); t.encode([np.zeros((40, 40, 3), np.uint8)]); "
@@ -151,7 +173,10 @@ def test_the_tokenizer_never_imports_megatron():
 
 
 def test_fsq_presets_select_the_codebook():
-    for preset, levels in PRESETS.items():
+    """The codebook sizes the paper names for its presets (2k / 4k / 8k / 16k / 64k), one FSQ channel per level."""
+    paper = {"2k": 2304, "4k": 4096, "8k": 8192, "16k": 15360, "64k": 64000}
+    assert set(PRESETS) == set(paper)
+    for preset, size in paper.items():
         model = ViQTokenizer.from_config("tiny", preset=preset)
-        assert model.head.embedder.fsq.codebook_size == FSQ(levels).codebook_size
-        assert model.head.project_in.out_features == len(levels)
+        assert model.head.embedder.fsq.codebook_size == size
+        assert model.head.project_in.out_features == len(PRESETS[preset])

@@ -41,7 +41,7 @@ def single(vlm_assets, tmp_path_factory):
     return train_vlm_cli(tmp_path_factory.mktemp("single") / "run", vlm_assets, *STEPS)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
 def test_parallel_equals_single_process(vlm_assets, single, tmp_path, layout):
     rows = train_vlm_cli(tmp_path / "run", vlm_assets, *STEPS, layout, nproc=2)
@@ -50,7 +50,7 @@ def test_parallel_equals_single_process(vlm_assets, single, tmp_path, layout):
         assert abs(ours["loss"] - ref["loss"]) / ref["loss"] < 1e-3, (ours, ref)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_stop_and_resume_is_exact(vlm_assets, single, tmp_path):
     common = ["train.decay_steps=6", "train.warmup_steps=2", "checkpoint.every=3"]
     train_vlm_cli(tmp_path / "run", vlm_assets, *common, "train.steps=3")
@@ -60,7 +60,7 @@ def test_stop_and_resume_is_exact(vlm_assets, single, tmp_path):
         assert abs(ours["loss"] - ref["loss"]) < 1e-6
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_tensor_parallel_bf16_checkpoint_resumes_exactly(vlm_assets, tmp_path):
     """The GPU VLM recipes' layout (TP=2, distributed optimizer, bf16): the visual module, replicated over the TP
     ranks, must checkpoint with one main replica, and the resumed run equal the uninterrupted one."""
@@ -73,7 +73,7 @@ def test_tensor_parallel_bf16_checkpoint_resumes_exactly(vlm_assets, tmp_path):
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("mode", [["model.visual.group=1", "model.seq_length=1024"],
                                   ["model.visual.group=4", "model.seq_length=512"],
                                   ["model.visual.embedding=embedder"], ["model.visual.embedding=continuous"],
@@ -85,7 +85,7 @@ def test_other_visual_modes_train(vlm_assets, tmp_path, mode):
     assert all(0 <= r["padding_fraction"] < 0.5 and r["real_tokens"] <= r["tokens"] for r in rows)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sft_supervises_only_the_answers_and_learns(vlm_assets, tmp_path):
     rows = train_vlm_cli(tmp_path / "run", vlm_assets, *STEPS, "train.steps=10", "data.task=sft",
                          "model.seq_length=512")
@@ -105,6 +105,7 @@ def test_sft_supervises_only_the_answers_and_learns(vlm_assets, tmp_path):
         assert targets.tolist() == b.tokens[1:][b.loss_mask[:-1].bool()].tolist()
 
 
+@pytest.mark.e2e
 def test_shards_of_another_tokenizer_are_refused_before_training(vlm_assets, tmp_path):
     from viq_mllm.viq import ViQTokenizer
 
@@ -115,7 +116,7 @@ def test_shards_of_another_tokenizer_are_refused_before_training(vlm_assets, tmp
     assert "was extended for ViQ tokenizer" in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_init_checkpoint_of_another_vocabulary_is_refused(vlm_assets, tmp_path):
     from conftest import train_tiny
 

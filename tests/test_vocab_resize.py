@@ -66,7 +66,7 @@ def _logits(root, old, new, tp):
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("tp", [1, 2])
 def test_old_token_logits_unchanged(resized, tp):
     root, old, new = resized
@@ -77,7 +77,7 @@ def test_old_token_logits_unchanged(resized, tp):
     assert r["new"].shape[-1] == 3072 and r["old"].shape[-1] == 1024
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_new_rows_are_drawn_from_the_old_statistics(resized):
     root, old, new = resized
     r = _logits(root, old, new, 1)
