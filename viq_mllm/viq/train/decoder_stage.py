@@ -3,7 +3,7 @@
 Loss ``loss_rec + perceptual_weight * loss_perceptual`` (pixel MSE and an EfficientNet-Lite0 feature distance,
 ``teachers.PerceptualDistance``); only ``tokenizer.decoder`` trains. The release has no adversarial term in
 any stage and neither do we. Each step draws ``train.global_batch_size`` images as a pure function of
-``(seed, step)``; AdamW with linear warmup and cosine decay to ``train.min_lr``. Resumable: checkpoints
+``(seed, step)``; AdamW with megatron's warmup + cosine schedule (:mod:`viq_mllm.viq.train.loop`). Resumable: checkpoints
 (decoder weights, optimizer state, step) under ``RUN_DIR/checkpoints/step_XXXXXXXX``, loaded with
 ``weights_only=True``.
 """
@@ -11,31 +11,21 @@ any stage and neither do we. Each step draws ``train.global_batch_size`` images 
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from viq_mllm.metrics import MetricsLog
-from viq_mllm.recipe import Recipe, TrainSection, dump_recipe
+from viq_mllm.recipe import Recipe, dump_recipe
 from viq_mllm.viq.preprocess import Preprocessed
 from viq_mllm.viq.tokenizer import ViQTokenizer
+from viq_mllm.viq.train.loop import adamw, train_steps
 from viq_mllm.viq.train.reconstruction import reconstruction_terms
 from viq_mllm.viq.train.stage_io import evaluate_stage, held_out_images, save_stage, starting_tokenizer
 from viq_mllm.viq.train.stages import trainable
 from viq_mllm.viq.train.teachers import PerceptualDistance
-
-
-def lr_at(t: TrainSection, step: int) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``min_lr`` (megatron's schedule)."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    decay = t.decay_steps or t.steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, decay - t.warmup_steps))
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def _save(root: Path, step: int, tokenizer: ViQTokenizer, optimizer, keep_last: int) -> None:
@@ -80,40 +70,31 @@ def train_decoder_stage(recipe: Recipe) -> list[dict]:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tokenizer.to(device)
     perceptual = PerceptualDistance().to(device) if v.perceptual_weight > 0 else None
-    params = [p for p in tokenizer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                  weight_decay=t.weight_decay)
+    optimizer = adamw((p for p in tokenizer.parameters() if p.requires_grad), t)
     ckpt_root = run_dir / "checkpoints"
     start = _resume(ckpt_root, tokenizer, optimizer)
     log = MetricsLog(run_dir, start, recipe.log.tensorboard, recipe.log.wandb, recipe.log.wandb_project,
                      recipe.run.name)
-    rows = []
-    tokenizer.train()
-    for step in range(start, t.steps):
-        began = time.perf_counter()
-        lr = lr_at(t, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+
+    def loss_terms(step: int) -> dict[str, torch.Tensor]:
         chosen = images_for_step(items, t.seed, step, t.global_batch_size)
         batch = [Preprocessed(it.pixels.to(device), it.grid, it.source_size) for it in chosen]
         terms = reconstruction_terms(tokenizer, batch, perceptual)
         loss = terms["loss_rec"] + v.perceptual_weight * terms.get("loss_perceptual", 0.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.clip_grad or float("inf")))
-        optimizer.step()
-        elapsed = time.perf_counter() - began
-        patches = sum(it.grid[0] * it.grid[1] for it in batch)
-        row = {"step": step + 1, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm, "tokens": patches,
-               "step_time_s": elapsed, "tokens_per_s": patches / elapsed,
-               **{k: float(val.detach()) for k, val in terms.items()}}
-        rows.append(row)
+        patches = torch.tensor(float(sum(it.grid[0] * it.grid[1] for it in batch)))
+        return {"loss": loss, "tokens": patches, **terms}
+
+    def after_step(row: dict) -> None:
+        row["tokens_per_s"] = row["tokens"] / row["step_time_s"]
         log.log(row)
-        if recipe.log.progress and (step + 1) % 50 == 0:
-            print(f"decoder step {step + 1}/{t.steps}: loss {row['loss']:.4f}", flush=True)
+        if recipe.log.progress and row["step"] % 50 == 0:
+            print(f"decoder step {row['step']}/{t.steps}: loss {row['loss']:.4f}", flush=True)
         every = recipe.checkpoint.every
-        if every and ((step + 1) % every == 0 or step + 1 == t.steps):
-            _save(ckpt_root, step + 1, tokenizer, optimizer, recipe.checkpoint.keep_last)
+        if every and (row["step"] % every == 0 or row["step"] == t.steps):
+            _save(ckpt_root, row["step"], tokenizer, optimizer, recipe.checkpoint.keep_last)
+
+    tokenizer.train()
+    rows = train_steps(optimizer, t, start, loss_terms, after_step)
     log.close()
     tokenizer.cpu().eval()
     save_stage(run_dir, tokenizer, {}, handoff)

@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from viq_mllm.recipe import TrainSection
 from viq_mllm.viq.preprocess import Preprocessed
 from viq_mllm.viq.tokenizer import ViQTokenizer
+from viq_mllm.viq.train.loop import adamw, train_steps
 
 
 def reconstruct(model: ViQTokenizer, items: list[Preprocessed]) -> list[torch.Tensor]:
@@ -63,26 +65,24 @@ def reconstruction_terms(model: ViQTokenizer, items: list[Preprocessed], percept
 def train_reconstruction(model: ViQTokenizer, items: list[Preprocessed], steps: int, batch: int = 8,
                          lr: float = 2e-3, seed: int = 0,
                          on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
-    """AdamW with a cosine schedule over ``steps``; returns the per-step losses. The model is left in eval mode."""
+    """Every parameter on pixel MSE, ``batch`` images a step drawn with ``seed``: AdamW, 5% warmup then cosine to
+    0 (:mod:`viq_mllm.viq.train.loop`); returns the per-step losses. The model is left in eval mode."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    losses = []
-    for step in range(steps):
-        chosen = rng.sample(items, min(batch, len(items)))
-        loss = reconstruction_terms(model, chosen)["loss_rec"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+    t = TrainSection(steps=steps, lr=lr, min_lr=0.0, warmup_steps=max(1, steps // 20), weight_decay=0.01,
+                     adam_beta2=0.999, clip_grad=1.0, seed=seed)
+
+    def loss_terms(step: int) -> dict[str, torch.Tensor]:
+        return {"loss": reconstruction_terms(model, rng.sample(items, min(batch, len(items))))["loss_rec"]}
+
+    def after_step(row: dict) -> None:
         if on_step is not None:
-            on_step(step, losses[-1])
+            on_step(row["step"] - 1, row["loss"])
+
+    model.train()
+    rows = train_steps(adamw(model.parameters(), t), t, 0, loss_terms, after_step)
     model.eval()
-    return losses
+    return [row["loss"] for row in rows]
 
 
 @torch.no_grad()
