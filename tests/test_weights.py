@@ -97,6 +97,16 @@ def release_encoder(rope_inner=32, levels=5):
     return state
 
 
+def release_embedder(model: ViQTokenizer) -> dict:
+    fsq = model.head.embedder.fsq
+    return {
+        "ori_codebook.weight": fsq.indices_to_codes(torch.arange(fsq.codebook_size)),
+        **linear("projector_1", C, 5), **mlp("projector_2", 4 * C, 4 * C, C), **mlp("projector_3.0", C, C, C),
+        **norm("projector_3.1.norm", C), **mlp("projector_3.1.mlp", C, 2 * C, C),
+        "_weight": torch.randn(C), "_bias": torch.randn(C),
+    }
+
+
 def test_release_encoder_import_then_embedder_agrees():
     model = ViQTokenizer.from_config("tiny", preset="16k")
     source = release_encoder()
@@ -106,13 +116,7 @@ def test_release_encoder_import_then_embedder_agrees():
     assert sorted(report.loaded) == sorted(in_scope)
     assert torch.equal(model.head.embedder.post.affine_bias, source["fusion_block.vq_low_affine_bias"])
 
-    fsq = model.head.embedder.fsq
-    embedder_file = {
-        "ori_codebook.weight": fsq.indices_to_codes(torch.arange(fsq.codebook_size)),
-        **linear("projector_1", C, 5), **mlp("projector_2", 4 * C, 4 * C, C), **mlp("projector_3.0", C, C, C),
-        **norm("projector_3.1.norm", C), **mlp("projector_3.1.mlp", C, 2 * C, C),
-        "_weight": torch.randn(C), "_bias": torch.randn(C),
-    }
+    embedder_file = release_embedder(model)
     import_weights(model, embedder_file, "viq_embedder")
     assert torch.equal(model.head.embedder.project_out.weight, embedder_file["projector_1.weight"])
     assert torch.equal(model.head.embedder.post.layers[1].mlp.fc1.weight, embedder_file["projector_3.1.mlp.fc1.weight"])
@@ -129,3 +133,26 @@ def test_torch_files_load_with_weights_only(tmp_path):
     path = tmp_path / "siglip.bin"
     torch.save(open_clip_siglip2(), path)
     assert import_weights(ViQTokenizer.from_config("tiny"), path, "siglip2_open_clip").ok
+
+
+def test_import_viq_writes_a_loadable_tokenizer_with_the_release_tensors(tmp_path, capsys):
+    from viq_mllm import cli
+
+    release = tmp_path / "release"
+    release.mkdir()
+    encoder, embedder = release_encoder(), release_embedder(ViQTokenizer.from_config("tiny", preset="16k"))
+    torch.save(encoder, release / "model_viq_fsq.pth")
+    torch.save(embedder, release / "embedder.pth")
+    assert cli.main(["import-viq", "--release", str(release), "--out", str(tmp_path / "viq"), "--config", "tiny"]) == 0
+    assert "model_viq_fsq.pth: loaded" in capsys.readouterr().out
+    loaded = ViQTokenizer.from_pretrained(tmp_path / "viq")
+    assert torch.equal(loaded.vit.blocks[1].attn.qkv.weight, encoder["blocks.1.attn.qkv.weight"])
+    assert torch.equal(loaded.head.embedder.project_out.weight, embedder["projector_1.weight"])
+
+
+def test_import_viq_of_a_folder_without_the_encoder_file_is_one_line(tmp_path, capsys):
+    from viq_mllm import cli
+
+    assert cli.main(["import-viq", "--release", str(tmp_path), "--out", str(tmp_path / "viq")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "no model_viq_fsq.pth" in err[0]

@@ -1,9 +1,10 @@
-"""The ``viq-mllm`` command.
+"""``viq-mllm``: train multimodal LLMs on discrete ViQ image codes with megatron-core. Extract codes offline
+(tokenize), extend a text vocabulary with them (extend-vocab, resize-vocab), train any recipe (train), move
+weights to and from Hugging Face (convert, import-viq), generate, and benchmark; each command has --help.
 
     viq-mllm train RECIPE.yaml [--nproc N] [key=value ...]
     viq-mllm demo [--out DIR]
-    viq-mllm viq-chain [--out DIR]
-    viq-mllm bench train|encode [...]
+    viq-mllm bench speedup|train|tokenize|encode|packing [...]
 
 ``--nproc N`` validates the recipe for a world of N processes, then re-launches this command under
 ``torchrun --standalone`` (gloo on CPU, NCCL on GPU). On a cluster, call
@@ -130,6 +131,18 @@ def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
     return ids, tokenizer.decode(ids)
 
 
+def _import_viq(args: argparse.Namespace) -> int:
+    from viq_mllm.viq.weights import import_release
+
+    tokenizer, reports = import_release(args.release, args.config, args.preset)
+    tokenizer.save_pretrained(args.out)
+    for name, report in reports.items():
+        print(f"{name}: {report}")
+    print(f"wrote {args.out}: ViQ {args.config} {args.preset} ({tokenizer.fingerprint}); the pixel decoder is not "
+          "in the release: train it with the decoder stage (recipes/viq_*_decoder*.yaml)")
+    return 0
+
+
 def _viq_chain(args: argparse.Namespace) -> int:
     from viq_mllm.viq_chain import run_chain
 
@@ -161,12 +174,7 @@ def _bench(args: argparse.Namespace) -> int:
     return module.main(args.rest + (["--out", args.out] if args.out else []))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="viq-mllm", description=plain(__doc__))
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an expected error (or set VIQ_MLLM_DEBUG=1)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub) -> None:
     train = sub.add_parser(
         "train",
         help="run a recipe (resumes from run.dir/checkpoints if present)",
@@ -181,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     train.set_defaults(func=_train)
 
+
+def _add_tokenize(sub) -> None:
     tok = sub.add_parser(
         "tokenize",
         help="extract ViQ codes offline into webdataset shards (resumable)",
@@ -199,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refuse larger images before decoding (decompression bombs)")
     tok.set_defaults(func=_tokenize)
 
+
+def _add_extend_vocab(sub) -> None:
     ext = sub.add_parser("extend-vocab", help="add the layout's special tokens and one token per ViQ code",
                          description="Write an extended tokenizer of the same kind (SentencePiece .model or HF "
                          "folder) and vocab.json (the id layout and fingerprints) into --out.")
@@ -207,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--out", required=True)
     ext.set_defaults(func=_extend_vocab)
 
+
+def _add_resize_vocab(sub) -> None:
     rsz = sub.add_parser("resize-vocab", help="grow a checkpoint's embedding and output layer to a vocab.json",
                          description="Old rows are kept bit-identical; new rows are drawn from the old rows' "
                          "mean and covariance (--init mean-cov, default) or set to their mean (--init mean).")
@@ -217,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     rsz.add_argument("--seed", type=int, default=0)
     rsz.set_defaults(func=_resize_vocab)
 
+
+def _add_convert(sub) -> None:
     conv = sub.add_parser("convert", help="HF <-> megatron-core checkpoints (Llama, Qwen2)",
                           description="hf-to-mcore: an HF model folder -> a megatron checkpoint (model.json + "
                           "dist_checkpointing, any TP/PP). mcore-to-hf: back, from any text GPT checkpoint (converted, "
@@ -229,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate the shapes for")
     conv.set_defaults(func=_convert)
 
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="greedy generation: a VLM on an image, or a text GPT on a prompt",
                          description="With --image: encodes it with the checkpoint's ViQ tokenizer and continues the "
                          "sequence greedily (a caption when --prompt is empty, an answer otherwise). Without: "
@@ -243,10 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output-ids", default=None, help="also write the generated ids to this file")
     gen.set_defaults(func=_generate)
 
+
+def _add_import_viq(sub) -> None:
+    imp = sub.add_parser("import-viq", help="the authors' released ViQ weights -> a tokenizer folder",
+                         description="Strict import of model_viq_fsq.pth (encoder and head) and, if present, "
+                         "embedder.pth from --release into a ViQ tokenizer saved to --out (every tensor must map; the "
+                         "report lists what was loaded, resized and ignored).")
+    imp.add_argument("--release", required=True, type=existing, help="folder with model_viq_fsq.pth [embedder.pth]")
+    imp.add_argument("--out", required=True, help="output folder (ViQTokenizer.from_pretrained loads it)")
+    imp.add_argument("--config", default="giant", choices=["tiny", "so400m", "giant"],
+                     help="architecture of the release (default giant, the released one)")
+    imp.add_argument("--preset", default="16k", help="FSQ preset of the release (default 16k)")
+    imp.set_defaults(func=_import_viq)
+
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="the end-to-end job on offline real data")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     demo.set_defaults(func=_demo)
 
+
+def _add_viq_chain(sub) -> None:
     chain = sub.add_parser(
         "viq-chain", help="train a tiny ViQ tokenizer through all four stages (SmolLM2-135M, real offline data)",
         description="stage 1 (text-aligned, EfficientNet-Lite0 teacher) -> stage 2-1 (proximal) -> stage 2-2 (FSQ) "
@@ -255,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--out", default="runs/viq_chain", help="output directory (default: runs/viq_chain)")
     chain.set_defaults(func=_viq_chain)
 
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser(
         "bench",
         help="benchmarks: speedup (discrete vs continuous vs text), train (ours vs HF), tokenize (offline "
@@ -266,6 +303,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="output directory")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="viq-mllm", description=plain(__doc__))
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an expected error (or set VIQ_MLLM_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_tokenize(sub)
+    _add_extend_vocab(sub)
+    _add_resize_vocab(sub)
+    _add_convert(sub)
+    _add_generate(sub)
+    _add_import_viq(sub)
+    _add_demo(sub)
+    _add_viq_chain(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -5,7 +5,7 @@ prefixes of theirs it knowingly ignores. Every tensor of the source must land on
 (after the declared transforms), and every parameter in scope must be filled; otherwise
 :class:`WeightImportError` lists the missing, unexpected and mis-shaped keys. Nothing is loaded on error.
 
-Formats (``reference/VIQ_REFERENCE.md`` sections 2-4):
+Formats (the release's own key names; ``viq-mllm import-viq`` imports a release folder):
 
 - ``siglip2_open_clip``: ``visual.trunk.*`` (timm names) -> ``vit.*``; text tower ignored.
 - ``siglip2_timm``: timm names at the top level -> ``vit.*``.
@@ -189,3 +189,24 @@ def _check_codebook(model: torch.nn.Module, table: torch.Tensor) -> None:
             f"the checkpoint's code table {tuple(table.shape)} is not our FSQ table {tuple(ours.shape)} "
             f"(levels {fsq.levels_list}): wrong preset?"
         )
+
+
+#: the authors' release: file name -> its format (the encoder file is required, the embedder optional)
+RELEASE_FILES = {"model_viq_fsq.pth": "viq_encoder", "embedder.pth": "viq_embedder"}
+
+
+def import_release(release: Union[str, Path], config: str = "giant", preset: str = "16k"):
+    """A :class:`ViQTokenizer` with the authors' released encoder (``model_viq_fsq.pth``) and, where present,
+    its code embedder (``embedder.pth``); returns ``(tokenizer, {file: report})``. The release has no pixel
+    decoder of ours: the tokenizer's decoder keeps its initialisation (train it with the decoder stage)."""
+    from viq_mllm.viq.tokenizer import ViQTokenizer
+
+    folder = Path(release)
+    if not (folder / "model_viq_fsq.pth").is_file():
+        raise FileNotFoundError(f"{folder}: no model_viq_fsq.pth; pass the folder of the authors' released weights")
+    tokenizer = ViQTokenizer.from_config(config, preset=preset)
+    reports = {}
+    for name, fmt in RELEASE_FILES.items():
+        if (folder / name).is_file():
+            reports[name] = import_weights(tokenizer, folder / name, fmt)
+    return tokenizer.eval(), reports
