@@ -48,7 +48,7 @@ def vlm_overrides(assets: dict) -> list[str]:
             f"model.visual.viq={assets['viq']}"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # built once for the whole suite (tests/ is one directory)
 def vlm_assets(tmp_path_factory):
     return make_vlm_assets(tmp_path_factory.mktemp("vlm_assets"))
 

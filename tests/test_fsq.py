@@ -1,4 +1,5 @@
-"""FSQ against the reference's formulas (VIQ_REFERENCE.md 3.4), exhaustively for every preset."""
+"""FSQ against the formulas of the authors' release (bounded tanh, rounding, mixed-radix index with the first level
+least significant; docs/concepts.md), exhaustively for every preset."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Golden-angle 2D RoPE against the reference's formulas (VIQ_REFERENCE.md 3.3)."""
+"""Golden-angle 2D RoPE against the formulas of the authors' release, written out independently."""
 
 import math
 

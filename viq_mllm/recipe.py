@@ -52,7 +52,7 @@ class RunSection(_Section):
 
 
 class VisualSection(_Section):
-    """How visual positions become hidden vectors (contract 4 of DESIGN.md).
+    """How visual positions become hidden vectors (docs/concepts.md, visual positions).
 
     ``table``: each code has a row of the extended embedding table; a position is the sum of its ``group``
     codes' rows, each scaled elementwise by a learned per-slot vector. ``embedder``: codes -> the ViQ code

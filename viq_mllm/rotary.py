@@ -16,7 +16,7 @@ class _Rotate(torch.autograd.Function):
 
     Writes each half of a fresh contiguous output with one multiply and one ``addcmul_`` (no temporaries, no
     concatenation) and saves only ``cos``/``sin``: on the strided query/key views of megatron's fused QKV output
-    this is ~6% of a CPU attention step faster than the concatenating formula (docs/benchmarks.md). Query and key
+    this is faster than the concatenating formula (docs/benchmarks.md). Query and key
     go through one node: one Python forward and backward instead of two, which a small model's step notices.
     """
 

@@ -1,7 +1,7 @@
 """Core attention through ``torch.nn.functional.scaled_dot_product_attention``, packed sequences included.
 
 megatron-core's local ``DotProductAttention`` materialises the score matrix with baddbmm + masked_fill + softmax
-(~70% of a tiny model's CPU step) and refuses packed sequences. This drop-in replacement (plugged into the
+(most of a tiny model's CPU step: docs/benchmarks.md) and refuses packed sequences. This drop-in replacement (plugged into the
 layer spec's ``core_attention`` slot) calls SDPA and accepts ``PackedSeqParams(qkv_format="thd")``: the packed
 row attends causally *within* each document only, via a block-diagonal causal mask built from ``cu_seqlens``.
 
@@ -23,7 +23,7 @@ the rotary embedding to query and key: the same rotation as megatron's ``apply_r
 halves, positions restarting at every document of a packed row), with one cos/sin table per sequence layout
 (for a packed row shared by all layers of the step, as is its mask: :class:`LayoutMemo`), and half-width tables
 instead of megatron's per-call ``cos``/``sin`` of broadcast ``[s, 1, 1, d]`` frequencies, ``rotate_half`` and
-concatenations (5x slower per call on CPU).
+concatenations (several times slower per call on CPU).
 """
 
 from __future__ import annotations
@@ -190,8 +190,8 @@ class SDPACoreAttention(DotProductAttention):
     def _rotary(self, query, key, cu, position_dim: int):
         """Rotate query and key, whose positions run along ``position_dim``: 0 for thd ``[t, heads, hn]``, 2 for
         ``[b, heads, s, hn]``. The rotation writes a fresh contiguous tensor, so the latter reaches SDPA with each
-        head's rows in order rather than megatron's ``[s, b, heads, hn]`` seen through a permute (the tiny bench
-        step 1.6% faster, one-process A/B; no measurable change at 20M)."""
+        head's rows in order rather than megatron's ``[s, b, heads, hn]`` seen through a permute (faster for SDPA's
+        CPU kernels at small sizes)."""
         if self.rope is None:
             return query, key
         cos, sin = self.rope(cu, query.shape[position_dim], query.dtype, query.device)

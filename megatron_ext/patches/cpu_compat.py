@@ -2,7 +2,7 @@
 the CPU (:mod:`megatron_ext.patches.apex_free` swaps megatron's fallback optimizer kernels, on any device).
 
 megatron-core assumes CUDA at ~570 call sites (``torch.cuda.current_device()``, ``device="cuda"``, ``.cuda()``,
-asserts on ``'torch.cuda.FloatTensor'``); no config flag avoids them (``reference/MEGATRON_ON_CPU.md``).
+asserts on ``'torch.cuda.FloatTensor'``); no config flag avoids them.
 :func:`install` redirects each of them to the CPU, once per process, after the gloo process group exists and
 before any model is built. It does nothing when CUDA is available, so GPU runs see stock megatron-core.
 
@@ -19,7 +19,7 @@ What it changes, and who needs it:
 6. ``fused_weight_gradient_mlp_cuda`` (apex's CUDA extension behind ``gradient_accumulation_fusion``): an
    ``addmm_`` that GEMM-accumulates :class:`~megatron_ext.model.swiglu.SwiGLUMLP`'s weight gradient straight into DDP's
    ``main_grad`` buffer, as on GPU, instead of allocating the gradient and adding it to the buffer afterwards
-   (~0.5% of the 20M ``bench train`` step). megatron's own linear layers run without the fusion on CPU, as
+   (docs/benchmarks.md). megatron's own linear layers run without the fusion on CPU, as
    torch's ``F.linear`` (:mod:`megatron_ext.patches.plain_linear`).
 7. ``clip_grads``' functions run inside the mode when called from native code (see below): the only CUDA sites
    of megatron's optimizer step.
@@ -27,7 +27,7 @@ What it changes, and who needs it:
 The optimizer kernels megatron lacks without apex or TE (gradient norm, scaling, fused Adam) are not a CPU matter:
 :mod:`megatron_ext.patches.apex_free` replaces them on CPU and GPU alike.
 
-The mode costs ~1-2 us per torch call (the dispatch alone ~1 us). Model code and torch's optimizers never name CUDA
+The mode costs a Python dispatch on every torch call. Model code and torch's optimizers never name CUDA
 (checked over the test suite: every rewrite happens in construction, schedules, megatron's optimizer wrapper and
 checkpoints), so :func:`native` runs without it forward steps (and with them the backward of model code: autograd
 runs each node in the thread-local state of the forward that built it, torch-function modes included), the

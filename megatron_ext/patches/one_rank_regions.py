@@ -5,7 +5,7 @@ functions of ``megatron.core.tensor_parallel.mappings``: ``copy_to_tensor_model_
 column-parallel GEMM (identity forward, all-reduce of the gradient backward), ``reduce_from_..`` after a
 row-parallel GEMM and the embedding, and the gather / scatter pair. On a one-rank group each is the identity both
 ways (megatron's own ``_reduce``, ``_gather_*`` and ``_split_*`` return their input unchanged), yet each call is a
-Python ``autograd.Function``: a forward apply and a Python backward node per call, ~30 us together on CPU. A
+Python ``autograd.Function``: a forward apply and a Python backward node per call. A
 Llama layer passes through three of them (QKV, attention output, MLP output), the embedding and the output layer
 one each. TP=1 is the common layout of models below a few billion parameters, with any number of data-parallel
 ranks, so this is the case of most runs, on GPU as on CPU.

@@ -15,7 +15,7 @@ layers are its own).
 :func:`install` wraps the function where ``layers`` calls it: in that case it returns ``F.linear(input, weight)``
 and adds the bias in a second operation, as megatron does (a fused ``addmm`` would round once where megatron
 rounds twice), so values and gradients are bit-identical (``tests/test_plain_linear.py``); otherwise megatron's
-function runs. The tiny ``bench train`` step is ~2% faster (docs/benchmarks.md).
+function runs. What it saves is in docs/benchmarks.md (``bench train``).
 
     >>> x, w = torch.randn(5, 2, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)  # [s, b, h], [o, h]
     >>> out = plain_when_possible(layers.linear_with_grad_accumulation_and_async_allreduce)(x, w, None,

@@ -123,8 +123,8 @@ def finalize_alone(model: list[DistributedDataParallel], num_tokens: torch.Tenso
 
     Alone, every group megatron's version reduces over (data-parallel replicas, pipeline stages, tensor-parallel
     ranks) holds one rank, so each of its collectives is the identity; it still sends three of them through the
-    process group (~80 us each on gloo) and walks every module for MoE router state, which these models lack
-    (``transformer_config`` builds no experts). About 1% of a step of the tiny ``bench train`` model.
+    process group and walks every module for MoE router state, which these models lack (``transformer_config``
+    builds no experts).
     """
     if num_tokens is not None and num_tokens > 0:
         for chunk in model:

@@ -1,6 +1,6 @@
 """The multimodal sequence layout: captions and chat turns around image blocks, with loss masks.
 
-An image block (contract 4 of DESIGN.md) is ``<|image_start|>``, then for each row of visual positions the
+An image block (docs/concepts.md, visual positions) is ``<|image_start|>``, then for each row of visual positions the
 positions followed by ``<|row_end|>``, then ``<|image_end|>``. A visual position covers ``G`` codes:
 
 - ``G = 16`` (default): a 2x2 window of patches x 4 sub-codes; an ``h x w`` patch grid gives ``h/2`` rows of

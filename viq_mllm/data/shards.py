@@ -1,4 +1,4 @@
-"""Code shards (contract 2 of DESIGN.md): webdataset tar files of ViQ codes, written byte-for-byte reproducibly.
+"""Code shards (docs/concepts.md): webdataset tar files of ViQ codes, written byte-for-byte reproducibly.
 
 One shard ``codes-00003.tar`` holds, per sample with key ``000001234`` (the input's global index)::
 

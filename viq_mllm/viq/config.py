@@ -47,7 +47,7 @@ class ViQConfig:
         if self.width % self.heads:
             raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
         if self.subtokens != 4:
-            raise ValueError("the head-wise quantizer uses 4 sub-codes per patch (contract 1 of DESIGN.md)")
+            raise ValueError("the head-wise quantizer uses 4 sub-codes per patch (docs/concepts.md, codes)")
         if self.patch != 16:
             raise ValueError("ViQ uses 16-px patches")
 

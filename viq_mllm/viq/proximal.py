@@ -2,7 +2,7 @@
 
 ``P(t) = t / max(||t||_inf, 1e-6)`` pushes every token onto the surface of ``[-1, 1]^m`` (its largest
 coordinate becomes exactly +-1). It is fully differentiable, has no loss term, and progressively compacts
-the feature space before the FSQ stage replaces it (``reference/VIQ_REFERENCE.md`` 3.5).
+the feature space before the FSQ stage replaces it (as in the authors' release; docs/tokenizer.md).
 """
 
 from __future__ import annotations

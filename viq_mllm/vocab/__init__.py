@@ -1,4 +1,4 @@
-"""The extended vocabulary (contract 3 of DESIGN.md): id mapping, text tokenizers, extended tokenizer files."""
+"""The extended vocabulary (docs/concepts.md): id mapping, text tokenizers, extended tokenizer files."""
 
 from viq_mllm.vocab.ids import CODE_TOKEN, MAX_TP, SPECIAL_TOKENS, Vocab, padded_vocab_size
 

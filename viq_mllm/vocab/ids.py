@@ -1,6 +1,6 @@
 """The extended vocabulary: text tokens, then layout special tokens, then one token per ViQ code, then padding.
 
-The only module that does id arithmetic. Layout of ids (contract 3 of DESIGN.md)::
+The only module that does id arithmetic. Layout of ids (docs/concepts.md)::
 
     [0, text_size)                          the text tokenizer's own ids
     [text_size, code_offset)                special tokens: <|image_start|>, <|image_end|>, <|row_end|>
