@@ -58,3 +58,38 @@ def test_shipped_recipes_are_valid():
     assert len(recipes) >= 4
     for path in recipes:
         load_recipe(path)
+
+
+def test_a_base_file_is_merged_below_the_recipe_section_by_section(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "shape.yaml").write_text(
+        "model: {num_layers: 2, hidden_size: 32, ffn_hidden_size: 64, num_attention_heads: 4, seq_length: 16}\n"
+        "data: {kind: text, text_files: [a.txt, b.txt]}\n")
+    (tmp_path / "run.yaml").write_text(
+        "base: models/shape.yaml\nrun: {dir: r}\ntrain: {steps: 3}\nmodel: {seq_length: 64}\n"
+        "data: {text_files: [c.txt]}\n")
+    recipe = load_recipe(tmp_path / "run.yaml", ["model.hidden_size=48"])
+    assert (recipe.model.num_layers, recipe.model.hidden_size, recipe.model.seq_length) == (2, 48, 64)
+    assert recipe.data.text_files == ["c.txt"]  # lists are replaced, not concatenated
+
+
+def test_base_files_that_include_each_other_or_are_missing_are_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(RecipeError, match="include each other"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: [missing.yaml]\n")
+    with pytest.raises(RecipeError, match=r"missing.yaml \(base of .*c.yaml\)"):
+        load_recipe(tmp_path / "c.yaml")
+
+
+def test_the_gpu_recipes_share_the_qwen_presets_of_the_hf_configs():
+    """Qwen2.5-0.5B / 1.5B / 7B as their HF config.json files give them (hidden, layers, heads, kv heads, MLP)."""
+    from pathlib import Path
+
+    hf = {"0.5b": (896, 24, 14, 2, 4864), "1.5b": (1536, 28, 12, 2, 8960), "7b": (3584, 28, 28, 4, 18944)}
+    for size, shape in hf.items():
+        for name in (f"qwen2.5_{size}_text_gpu.yaml", f"vlm_qwen2.5_{size}_gpu.yaml"):
+            m = load_recipe(Path(TINY).parent / name).model
+            assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.num_query_groups,
+                    m.ffn_hidden_size) == shape, name
