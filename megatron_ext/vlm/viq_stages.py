@@ -29,6 +29,7 @@ from megatron_ext.vlm.model import ContinuousVisualEmbedding, VisionLanguageMode
 from viq_mllm.data.captioned import CaptionedImages, images_for_step, load_captioned
 from viq_mllm.data.layout import projected_caption_document
 from viq_mllm.data.multimodal import PackedDataset, PackedSource
+from viq_mllm.data.order import rank_micro_batches
 from viq_mllm.data.packing import pack
 from viq_mllm.recipe import Recipe
 from viq_mllm.viq.config import ViQConfig
@@ -148,11 +149,10 @@ def image_micro_batches(images: list[Preprocessed], recipe: Recipe, layout: Layo
     """This rank's micro-batches of an image-only step: the step's images split evenly over every rank's
     micro-batches, in order."""
     t = recipe.train
-    per_rank = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
-    size = len(images) // (per_rank * layout.dp_size)
-    for m in range(per_rank):
-        start = (layout.dp_rank * per_rank + m) * size
-        chosen = images[start : start + size]
+    micro_batches = t.global_batch_size // t.micro_batch_size  # over all ranks
+    size = len(images) // micro_batches
+    for positions in rank_micro_batches(0, size * micro_batches, size, layout.dp_rank, layout.dp_size):
+        chosen = [images[i] for i in positions]
         yield {"image_only": True, "pixels": [it.pixels for it in chosen], "grids": [it.grid for it in chosen]}
 
 

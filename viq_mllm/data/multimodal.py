@@ -14,9 +14,9 @@ from typing import Iterator
 import torch
 
 from viq_mllm.data.layout import Document, caption_document, chat_document
+from viq_mllm.data.order import rank_micro_batches, sample_index
 from viq_mllm.data.packing import Row, collate
 from viq_mllm.data.shards import CodeSample, CodeShards
-from viq_mllm.data.text import sample_index
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
 
@@ -76,7 +76,5 @@ class PackedDataset:
     def micro_batches(self, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
                       ) -> Iterator[dict[str, torch.Tensor]]:
         """The packed micro-batches (``micro_batch`` rows flattened into one thd sequence) of one DP rank."""
-        per_rank = global_batch // dp_size
-        first = step * global_batch + dp_rank * per_rank
-        for start in range(first, first + per_rank, micro_batch):
-            yield collate([self.row_at(p) for p in range(start, start + micro_batch)])
+        for positions in rank_micro_batches(step, global_batch, micro_batch, dp_rank, dp_size):
+            yield collate([self.row_at(p) for p in positions])

@@ -15,13 +15,13 @@ Example (seq_length 4, bytes tokenizer)::
 from __future__ import annotations
 
 import ast
-import functools
 import sysconfig
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from viq_mllm.data.order import rank_micro_batches, sample_index
 from viq_mllm.vocab.text_tokenizers import TextTokenizer
 
 
@@ -86,23 +86,10 @@ class TokenWindows:
         }
 
 
-def sample_index(position: int, num_samples: int, seed: int) -> int:
-    """The sample read at a global position: a fresh permutation per epoch, seeded by (seed, epoch)."""
-    epoch, offset = divmod(position, num_samples)
-    return int(_permutation(num_samples, seed, epoch)[offset])
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-
-
 def micro_batches(
     dataset: TokenWindows, seed: int, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The micro-batches one data-parallel rank reads at one optimizer step."""
-    per_rank = global_batch // dp_size
-    first = step * global_batch + dp_rank * per_rank
-    for start in range(first, first + per_rank, micro_batch):
-        items = [dataset[sample_index(p, len(dataset), seed)] for p in range(start, start + micro_batch)]
+    for positions in rank_micro_batches(step, global_batch, micro_batch, dp_rank, dp_size):
+        items = [dataset[sample_index(p, len(dataset), seed)] for p in positions]
         yield {key: torch.stack([item[key] for item in items]) for key in items[0]}
