@@ -73,6 +73,7 @@ def megatron_single():
 def tiny_trainer(layout, distributed_optimizer: bool = False):
     """A 2-layer GPT's trainer, built in this process (vocabulary 128, 3 micro-batches of 2 x 16 tokens)."""
     from megatron_ext.model.gpt import build_gpt, transformer_config
+    from megatron_ext.training.checkpoint import VocabRecord
     from megatron_ext.training.loop import build_trainer
     from viq_mllm.recipe import recipe_from_dict
 
@@ -85,7 +86,7 @@ def tiny_trainer(layout, distributed_optimizer: bool = False):
     })
     config = transformer_config(recipe.model, recipe.parallel, recipe.train)
     gpt = build_gpt(config, recipe.model, recipe.parallel, 128, layout, 0)
-    return build_trainer(recipe, layout, gpt, {"text_size": 128, "padded_size": 128, "text_fingerprint": "-"})
+    return build_trainer(recipe, layout, gpt, VocabRecord(text_size=128, padded_size=128, text_fingerprint="-"))
 
 
 def micro_batches(seed: int) -> list[dict]:

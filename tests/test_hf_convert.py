@@ -32,7 +32,7 @@ LOGITS = textwrap.dedent(
         logits = gpt(tokens, torch.arange(tokens.shape[1])[None].expand_as(tokens), None)
     full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
     if layout.rank == 0:
-        torch.save(full[..., : meta["vocab"]["text_size"]], out)
+        torch.save(full[..., : meta.vocab.text_size], out)
     shutdown()
     """
 )
@@ -52,16 +52,16 @@ STEP = textwrap.dedent(
     gpt, meta = gpt_from_checkpoint(ckpt, layout)
     tokens = torch.load(tokens_file)
     b, s = tokens.shape[0], tokens.shape[1] - 1
-    recipe = recipe_from_dict({"run": {"dir": "-"}, "model": meta["model"], "train": {
+    recipe = recipe_from_dict({"run": {"dir": "-"}, "model": meta.model.model_dump(), "train": {
         "steps": 1, "micro_batch_size": b, "global_batch_size": b, **train}})
-    trainer = build_trainer(recipe, layout, gpt.train(), meta["vocab"])
+    trainer = build_trainer(recipe, layout, gpt.train(), meta.vocab)
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(b, s),
              "position_ids": torch.arange(s).expand(b, s)}
     forward_backward(trainer, iter([batch]))  # the DDP gradient buffer: mean loss over the supervised tokens
     grads = {name: p.main_grad.clone() for name, p in trainer.model.module.named_parameters()}
     optimizer_step(trainer)
     weights = {name: p.detach().clone() for name, p in trainer.model.module.named_parameters()}
-    ctx = shapes_of(ModelSection(**meta["model"]), meta["vocab"]["text_size"])
+    ctx = shapes_of(meta.model, meta.vocab.text_size)
     torch.save({"grads": apply(mappings(ctx), grads, ctx, "to_hf"),
                 "weights": apply(mappings(ctx), weights, ctx, "to_hf"),
                 "fused": [g["fused"] for g in trainer.optimizer.param_groups]}, out)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from viq_mllm.viq import FSQ, PRESETS, PoolingProjector, ViQTokenizer, visual_positions
+from viq_mllm.viq import PRESETS, PoolingProjector, ViQTokenizer, visual_positions
 from viq_mllm.viq.preprocess import ImageInputError
 from viq_mllm.viq.proximal import linf_project
 from viq_mllm.viq.vit import varlen_attention

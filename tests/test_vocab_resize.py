@@ -23,7 +23,7 @@ LOGITS = textwrap.dedent(
     results = {}
     for name, path in (("old", old), ("new", new)):
         gpt, meta = gpt_from_checkpoint(path, layout, seed=123)
-        tokens = (torch.arange(48) * 7 % meta["vocab"]["text_size"])[None]
+        tokens = (torch.arange(48) * 7 % meta.vocab.text_size)[None]
         with torch.no_grad():
             logits = gpt(tokens, torch.arange(48)[None], None)
         results[name] = tensor_parallel.gather_from_tensor_model_parallel_region(logits)[0]
@@ -95,9 +95,10 @@ def test_new_rows_are_drawn_from_the_old_statistics(resized):
 
 def test_mismatched_text_vocabulary_is_refused(tmp_path):
     from megatron_ext.convert.vocab_resize import VocabMismatch, check_compatible
+    from megatron_ext.training.checkpoint import VocabRecord
     from viq_mllm.vocab import Vocab
 
     vocab = Vocab.build(500, 2304, "viq-a", "text-aaaa")
-    meta = {"vocab": {"text_size": 257, "text_fingerprint": "bytes-utf8-v1", "padded_size": 1024}}
+    have = VocabRecord(text_size=257, text_fingerprint="bytes-utf8-v1", padded_size=1024)
     with pytest.raises(VocabMismatch, match="257 ids .*bytes-utf8-v1.* built on 500 ids .*text-aaaa"):
-        check_compatible(meta, vocab, tmp_path)
+        check_compatible(have, vocab, tmp_path)

@@ -77,8 +77,8 @@ def _convert(args: argparse.Namespace) -> int:
 
     if args.direction == "hf-to-mcore":
         meta = hf_to_mcore(args.input, args.output, tp=args.tp, pp=args.pp)
-        print(f"wrote {args.output}: {meta['hf_config']['architectures'][0]}, vocabulary {meta['vocab']['text_size']} "
-              f"padded to {meta['vocab']['padded_size']} (loads at any TP/PP; checked for TP={args.tp} PP={args.pp})")
+        print(f"wrote {args.output}: {meta.hf_config['architectures'][0]}, vocabulary {meta.vocab.text_size} "
+              f"padded to {meta.vocab.padded_size} (loads at any TP/PP; checked for TP={args.tp} PP={args.pp})")
     else:
         mcore_to_hf(args.input, args.output)
         print(f"wrote {args.output} (config.json + model.safetensors, vocabulary padding stripped)")
@@ -103,8 +103,8 @@ def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:
     from viq_mllm.viq import ViQTokenizer
 
     model, tokenizer, meta = load_for_inference(args.checkpoint)
-    codes = ViQTokenizer.from_pretrained(meta["vocab"]["viq_dir"]).encode([args.image])[0]
-    prompt = prompt_document(tokenizer, codes, args.prompt, meta["model"]["visual"]["group"])
+    codes = ViQTokenizer.from_pretrained(meta.vocab.viq_dir).encode([args.image])[0]
+    prompt = prompt_document(tokenizer, codes, args.prompt, meta.model.visual.group)
     ids = greedy(model, tokenizer, prompt, args.max_new_tokens)
     return ids, tokenizer.text.decode(ids)
 
@@ -121,13 +121,13 @@ def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
         raise FileNotFoundError(f"--tokenizer {path}: no such file or folder")
     spec = "bytes" if args.tokenizer == "bytes" else f"{'sentencepiece' if path.suffix == '.model' else 'hf'}:{path}"
     tokenizer = load_text_tokenizer(spec)
-    trained_with = read_meta(args.checkpoint)["vocab"].get("text_fingerprint")
+    trained_with = read_meta(args.checkpoint).vocab.text_fingerprint
     if trained_with is not None and tokenizer.fingerprint != trained_with:
         raise ValueError(f"--tokenizer {args.tokenizer} is {tokenizer.fingerprint}, the checkpoint was trained "
                          f"with {trained_with}; pass the tokenizer of its run (its recipe.yaml: data.tokenizer)")
     gpt, meta = load_text_model(args.checkpoint)
     ids = greedy_text(gpt, tokenizer.encode(args.prompt), args.max_new_tokens, tokenizer.eod,
-                      meta["vocab"]["text_size"])
+                      meta.vocab.text_size)
     return ids, tokenizer.decode(ids)
 
 

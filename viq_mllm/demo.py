@@ -99,8 +99,8 @@ def evaluate_vlm(out: Path, checkpoint: Path) -> dict:
 
     model, tokenizer, meta = load_for_inference(checkpoint)
     try:
-        group = meta["model"]["visual"]["group"]
-        samples = list(CodeShards(out / "shards" / "eval", expected_fingerprint=meta["vocab"]["viq_fingerprint"]))
+        group = meta.model.visual.group
+        samples = list(CodeShards(out / "shards" / "eval", expected_fingerprint=meta.vocab.viq_fingerprint))
         shift = len(samples) // 2
         matched = [caption_document(tokenizer.text, tokenizer.vocab, s.codes, s.text["caption"], group) for s in samples]
         mismatched = [caption_document(tokenizer.text, tokenizer.vocab, samples[(i + shift) % len(samples)].codes,

@@ -34,6 +34,7 @@ import torch
 
 from megatron_ext.bench.flops import EncoderShape, GPTShape, encoder_step_flops, llm_step_flops, predicted_speedup
 from megatron_ext.model.gpt import build_gpt, transformer_config
+from megatron_ext.training.checkpoint import VocabRecord
 from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
 from megatron_ext.training.parallel import device, init_distributed, shutdown
 from megatron_ext.vlm.model import (
@@ -117,8 +118,8 @@ def _trainer(preset: Preset, llm: dict, seq: int, vocab_size: int, visual_factor
     with torch.device(device()):  # the 1.2B encoder of the gpu preset is initialised where it runs
         visual = visual_factory(gpt)
     model = VisionLanguageModel(gpt, visual)
-    meta = {"text_size": vocab_size, "padded_size": padded_vocab_size(vocab_size), "text_fingerprint": "bench"}
-    return build_trainer(recipe, layout, model, meta, packed=True)
+    vocab = VocabRecord(text_size=vocab_size, padded_size=padded_vocab_size(vocab_size), text_fingerprint="bench")
+    return build_trainer(recipe, layout, model, vocab, packed=True)
 
 
 def bench_one(preset: Preset, llm_name: str, seq: int, rounds: int, trained_encoder: bool, layout) -> dict:

@@ -41,6 +41,7 @@ import torch
 
 from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.patches import cpu_compat
+from megatron_ext.training.checkpoint import VocabRecord
 from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
 from megatron_ext.training.parallel import device, init_distributed, shutdown
 from viq_mllm.bench.report import markdown_table, median_interval, publish, timed, write_json
@@ -98,7 +99,7 @@ def _our_side(cfg: dict, rounds: int, layout) -> Phases:
     recipe = _recipe(cfg, steps=rounds + 10)
     ours = build_trainer(recipe, layout, build_gpt(transformer_config(recipe.model, recipe.parallel, recipe.train),
                                                    recipe.model, recipe.parallel, cfg["vocab"], layout, 0),
-                         {"text_size": cfg["vocab"], "padded_size": cfg["vocab"], "text_fingerprint": "random"})
+                         VocabRecord(text_size=cfg["vocab"], padded_size=cfg["vocab"], text_fingerprint="random"))
     batch = _batch(cfg)
     return lambda: forward_backward(ours, iter([batch])), lambda: optimizer_step(ours)
 

@@ -213,9 +213,10 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -
     if model.tie_embeddings:
         weights.pop("lm_head.weight", None)  # a saved copy of the tied embedding
     state = apply(mappings(ctx), weights, ctx, "to_mcore")
-    meta = {"model": model.model_dump(mode="json"), "hf_config": config, "converted_for": {"tp": tp, "pp": pp},
-            "vocab": {"text_size": ctx.vocab, "padded_size": ctx.padded_vocab, "vocab_fingerprint": None,
-                      "text_fingerprint": hf_tokenizer_fingerprint(hf_dir)}}
+    meta = checkpoint.CheckpointMeta(
+        model=model, hf_config=config, converted_for={"tp": tp, "pp": pp},
+        vocab=checkpoint.VocabRecord(text_size=ctx.vocab, padded_size=ctx.padded_vocab,
+                                     text_fingerprint=hf_tokenizer_fingerprint(hf_dir)))
     layout = init_distributed(1, 1, 0)
     try:
         gpt = build_gpt(transformer_config(model, ParallelSection(), TrainSection(steps=1)), model, ParallelSection(),
@@ -233,11 +234,11 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -
 def mcore_to_hf(ckpt: str | Path, out: str | Path) -> dict:
     ckpt, out = Path(ckpt), Path(out)
     meta = checkpoint.read_meta(ckpt)
-    if meta["model"].get("visual") is not None:
+    if meta.model.visual is not None:
         raise ConversionError(f"{ckpt}: a VLM checkpoint; its vocabulary holds ViQ codes, which no HF text model has")
-    model = ModelSection(**meta["model"])
-    ctx = shapes_of(model, meta["vocab"]["text_size"])
-    config = meta.get("hf_config") or hf_config(model, ctx.vocab)  # trained here, or converted from HF
+    model = meta.model
+    ctx = shapes_of(model, meta.vocab.text_size)
+    config = meta.hf_config or hf_config(model, ctx.vocab)  # trained here, or converted from HF
     try:
         gpt, _ = gpt_from_checkpoint(ckpt, init_distributed(1, 1, 0))
         state = {k: v.detach().clone() for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}

@@ -24,7 +24,7 @@ import torch
 from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import init_distributed, shutdown
-from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
+from viq_mllm.recipe import ParallelSection, TrainSection
 from viq_mllm.vocab import Vocab
 
 
@@ -56,15 +56,14 @@ def grow(table: torch.Tensor, text_size: int, used: int, init: str, cov_scale: f
     return out
 
 
-def check_compatible(meta: dict, vocab: Vocab, source: Path) -> None:
-    have = meta["vocab"]
-    if have["text_size"] != vocab.text_size or have["text_fingerprint"] != vocab.text_fingerprint:
+def check_compatible(have: checkpoint.VocabRecord, vocab: Vocab, source: Path) -> None:
+    if have.text_size != vocab.text_size or have.text_fingerprint != vocab.text_fingerprint:
         raise VocabMismatch(
-            f"{source} was trained with a text vocabulary of {have['text_size']} ids ({have['text_fingerprint']}), "
+            f"{source} was trained with a text vocabulary of {have.text_size} ids ({have.text_fingerprint}), "
             f"but the extended vocabulary is built on {vocab.text_size} ids ({vocab.text_fingerprint})"
         )
-    if have.get("vocab_fingerprint"):
-        raise VocabMismatch(f"{source} already has an extended vocabulary ({have['vocab_fingerprint']})")
+    if have.vocab_fingerprint:
+        raise VocabMismatch(f"{source} already has an extended vocabulary ({have.vocab_fingerprint})")
 
 
 def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path, init: str = "mean-cov",
@@ -72,8 +71,8 @@ def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path
     source, out = Path(source), Path(out)
     meta = checkpoint.read_meta(source)
     vocab = Vocab.load(vocab_dir)
-    check_compatible(meta, vocab, source)
-    model = ModelSection(**meta["model"])
+    check_compatible(meta.vocab, vocab, source)
+    model = meta.model
     layout = init_distributed(tp=1, pp=1, seed=seed)
     try:
         config = transformer_config(model, ParallelSection(), TrainSection(steps=1))
@@ -85,12 +84,13 @@ def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path
                 tables.append(gpt.output_layer.weight)
             for i, table in enumerate(tables):
                 table.copy_(grow(table, vocab.text_size, vocab.size, init, cov_scale, seed + i))
-        new_meta = {"model": meta["model"], "vocab": {"text_size": vocab.text_size, "padded_size": vocab.padded_size,
-                    "text_fingerprint": vocab.text_fingerprint, "vocab_fingerprint": vocab.fingerprint},
-                    "resized_from": str(source.resolve())}
+        new_meta = checkpoint.CheckpointMeta(
+            model=model, resized_from=str(source.resolve()),
+            vocab=checkpoint.VocabRecord(text_size=vocab.text_size, padded_size=vocab.padded_size,
+                                         text_fingerprint=vocab.text_fingerprint, vocab_fingerprint=vocab.fingerprint))
         checkpoint.save_model(out, gpt, new_meta)
     finally:
         shutdown()
-    print(f"wrote {out}: embedding {meta['vocab']['padded_size']} -> {vocab.padded_size} rows "
+    print(f"wrote {out}: embedding {meta.vocab.padded_size} -> {vocab.padded_size} rows "
           f"({vocab.text_size} kept, {vocab.size - vocab.text_size} new, init {init})")
     return new_meta

@@ -26,6 +26,7 @@ from megatron_ext.model import init
 from megatron_ext.model.attention import SDPACoreAttention
 from megatron_ext.model.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ext.model.swiglu import SwiGLUMLP
+from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import Layout, device
 from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
 
@@ -132,16 +133,13 @@ def build_gpt(
     return gpt.to(device())
 
 
-def gpt_from_checkpoint(path, layout: Layout, seed: int = 0) -> tuple[GPTModel, dict]:
+def gpt_from_checkpoint(path, layout: Layout, seed: int = 0) -> tuple[GPTModel, checkpoint.CheckpointMeta]:
     """A GPT shaped by a checkpoint's ``model.json``, built for the current TP/PP layout, with its weights loaded
     (torch_dist checkpoints reshard on load). Returns (model in eval mode, the checkpoint's meta)."""
-    from megatron_ext.training import checkpoint
-    from viq_mllm.recipe import ModelSection, TrainSection
-
     meta = checkpoint.read_meta(path)
-    model = ModelSection(**meta["model"])
+    model = meta.model
     parallel = ParallelSection(tp=layout.tp_size, pp=layout.pp_size)
     gpt = build_gpt(transformer_config(model, parallel, TrainSection(steps=1)), model, parallel,
-                    meta["vocab"]["padded_size"], layout, seed)
+                    meta.vocab.padded_size, layout, seed)
     checkpoint.load_model(path, gpt)
     return gpt.eval(), meta

@@ -24,9 +24,40 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from pydantic import BaseModel, ConfigDict
+
+from viq_mllm.recipe import ModelSection
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 META_FILE = "model.json"
+
+
+class VocabRecord(BaseModel):
+    """A checkpoint's embedding rows: ``text_size`` text ids, ``padded_size`` rows in all, and the fingerprints
+    of the text tokenizer, extended vocabulary and ViQ tokenizer it was trained with (None where one does not
+    apply); a VLM's also names the folders of its vocabulary and ViQ tokenizer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    text_size: int
+    padded_size: int
+    text_fingerprint: Optional[str] = None
+    vocab_fingerprint: Optional[str] = None
+    viq_fingerprint: Optional[str] = None
+    vocab_dir: Optional[str] = None
+    viq_dir: Optional[str] = None
+
+
+class CheckpointMeta(BaseModel):
+    """``model.json``, what every checkpoint holds besides its tensors: the network (``model``), the embedding
+    rows (``vocab``), and where a conversion came from (the HF ``config.json``, the layout it was checked for,
+    the checkpoint a vocabulary resize started from)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: ModelSection
+    vocab: VocabRecord
+    hf_config: Optional[dict] = None
+    converted_for: Optional[dict] = None
+    resized_from: Optional[str] = None
 
 
 def _rng_state() -> dict:
@@ -70,7 +101,7 @@ def _sharded_state(model, optimizer, scheduler, step: int, counters: dict, is_lo
 
 
 def save(ckpt_root: Path, step: int, model, optimizer, scheduler, keep_last: int, counters: dict,
-         meta: dict) -> Path:
+         meta: CheckpointMeta) -> Path:
     """Write ``step_XXXXXXXX`` (with ``model.json`` = ``meta``) and point ``latest`` at it; keep the newest
     ``keep_last`` checkpoints."""
     path = ckpt_root / f"step_{step:08d}"
@@ -92,19 +123,18 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, keep_last: int
     return path
 
 
-def write_meta(path: Path, meta: dict) -> None:
-    """``model.json``: what a checkpoint holds (model shape, vocabulary sizes and fingerprints)."""
-    (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+def write_meta(path: Path, meta: CheckpointMeta) -> None:
+    (path / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2, sort_keys=True))
 
 
-def read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> CheckpointMeta:
     file = Path(path) / META_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no {META_FILE}; is this a checkpoint directory (checkpoints/step_XXXXXXXX)?")
-    return json.loads(file.read_text())
+    return CheckpointMeta.model_validate(json.loads(file.read_text()))
 
 
-def save_model(path: Path, model, meta: dict) -> None:
+def save_model(path: Path, model, meta: CheckpointMeta) -> None:
     """A model-only checkpoint (e.g. after a vocabulary resize), loadable at any TP/PP by :func:`load_model`."""
     if dist.get_rank() == 0:
         shutil.rmtree(path, ignore_errors=True)

@@ -49,7 +49,7 @@ class Trainer:
     model: DistributedDataParallel
     optimizer: object
     scheduler: OptimizerParamScheduler
-    meta: dict  # written as model.json into every checkpoint
+    meta: checkpoint.CheckpointMeta  # written as model.json into every checkpoint
     schedule_shape: tuple[int, int]  # (seq_length, micro_batch_size) the pipeline schedule communicates
 
     @property
@@ -57,12 +57,11 @@ class Trainer:
         return self.model.module
 
 
-def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab_meta: dict,
+def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab: checkpoint.VocabRecord,
                   packed: bool = False) -> Trainer:
     """Wrap a megatron model in DDP and build the optimizer and warmup + cosine schedule of the recipe.
 
-    ``vocab_meta`` describes the embedding rows (``text_size``, ``padded_size``, ``text_fingerprint`` and, for
-    multimodal models, ``vocab_fingerprint``); it goes into every checkpoint's ``model.json``. ``packed``: each
+    ``vocab`` describes the embedding rows; it goes into every checkpoint's ``model.json``. ``packed``: each
     micro-batch is one thd sequence of ``micro_batch_size`` rows (the schedule then sees batch 1).
 
     bf16 / fp8 runs hold every parameter in bf16, as Megatron-LM's ``Float16Module`` does: megatron's local-spec
@@ -113,7 +112,7 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab_
         wd_incr_steps=t.steps,
         wd_incr_style="constant",
     )
-    meta = {"model": recipe.model.model_dump(mode="json"), "vocab": vocab_meta}
+    meta = checkpoint.CheckpointMeta(model=recipe.model, vocab=vocab)
     seq, mbs = recipe.model.seq_length, t.micro_batch_size
     return Trainer(recipe, layout, ddp, optimizer, scheduler, meta, (seq * mbs, 1) if packed else (seq, mbs))
 
@@ -203,21 +202,21 @@ class CheckpointMismatch(ValueError):
     """A checkpoint made for another vocabulary or tokenizer."""
 
 
-def check_same_vocab(found: dict, expected: dict, where: Path) -> None:
+def check_same_vocab(found: checkpoint.VocabRecord, expected: checkpoint.VocabRecord, where: Path) -> None:
     """Refuse a checkpoint whose vocabulary differs, showing both fingerprints."""
     for key in ("text_fingerprint", "vocab_fingerprint", "padded_size"):
-        if found.get(key) != expected.get(key):
+        if getattr(found, key) != getattr(expected, key):
             raise CheckpointMismatch(
-                f"{where}: checkpoint {key} is {found.get(key)!r}, this run expects {expected.get(key)!r}; "
+                f"{where}: checkpoint {key} is {getattr(found, key)!r}, this run expects {getattr(expected, key)!r}; "
                 "point run.dir / init.checkpoint at a checkpoint of the same vocabulary (or resize-vocab it)"
             )
 
 
-def check_same_model(model: ModelSection, found: dict, where: Path) -> None:
+def check_same_model(model: ModelSection, found: ModelSection, where: Path) -> None:
     """Refuse ``init.checkpoint`` when its ``model.json`` describes another network than the recipe's model
     section, naming the field (dropout, sequence length and the init scale may change between runs)."""
     ours = model.model_dump(mode="json")
-    for key, value in found.items():
+    for key, value in found.model_dump(mode="json").items():
         if key in ("visual", "seq_length", "hidden_dropout", "attention_dropout", "init_std") or key not in ours:
             continue
         same = math.isclose(ours[key], value, rel_tol=1e-6) if isinstance(value, float) else ours[key] == value
@@ -225,7 +224,8 @@ def check_same_model(model: ModelSection, found: dict, where: Path) -> None:
             raise CheckpointMismatch(f"model.{key}={ours[key]!r} but init.checkpoint={where} has {value!r}")
 
 
-def initialize_from(recipe: Recipe, vocab_meta: dict, target: Callable[[dict], torch.nn.Module]) -> None:
+def initialize_from(recipe: Recipe, vocab: checkpoint.VocabRecord,
+                    target: Callable[[checkpoint.CheckpointMeta], torch.nn.Module]) -> None:
     """Load ``init.checkpoint``'s weights into ``target(its model.json)`` (a freshly built model, or the part of it
     the checkpoint holds), after checking it is the same vocabulary (both fingerprints shown otherwise) and network.
     Nothing to do without ``init.checkpoint``, or when ``run.dir`` has a checkpoint to resume from."""
@@ -233,8 +233,8 @@ def initialize_from(recipe: Recipe, vocab_meta: dict, target: Callable[[dict], t
         return
     path = Path(recipe.init.checkpoint)
     meta = checkpoint.read_meta(path)
-    check_same_vocab(meta["vocab"], vocab_meta, path)
-    check_same_model(recipe.model, meta["model"], path)
+    check_same_vocab(meta.vocab, vocab, path)
+    check_same_model(recipe.model, meta.model, path)
     checkpoint.load_model(path, target(meta))
 
 
@@ -257,7 +257,7 @@ def run_training(
     start, counters = 0, {"nan_skips": 0}
     resume_from = checkpoint.latest(ckpt_root)
     if resume_from is not None:
-        check_same_vocab(checkpoint.read_meta(resume_from)["vocab"], trainer.meta["vocab"], resume_from)
+        check_same_vocab(checkpoint.read_meta(resume_from).vocab, trainer.meta.vocab, resume_from)
         start, counters = checkpoint.load(
             resume_from, trainer.unwrapped, trainer.optimizer, trainer.scheduler
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from megatron_ext.model.gpt import build_gpt, transformer_config
+from megatron_ext.training.checkpoint import VocabRecord
 from megatron_ext.training.loop import build_trainer, initialize_from, run_training
 from megatron_ext.training.parallel import init_distributed
 from viq_mllm.data.text import TokenWindows, micro_batches, read_text_files, stdlib_docs_corpus
@@ -19,10 +20,10 @@ def train_text_lm(recipe: Recipe) -> list[dict]:
     dataset = TokenWindows(documents, tokenizer, m.seq_length)
     config = transformer_config(m, p, t)
     model = build_gpt(config, m, p, padded_vocab_size(tokenizer.vocab_size), layout, t.seed)
-    vocab_meta = {"text_size": tokenizer.vocab_size, "padded_size": padded_vocab_size(tokenizer.vocab_size),
-                  "text_fingerprint": tokenizer.fingerprint, "vocab_fingerprint": None}
-    initialize_from(recipe, vocab_meta, lambda meta: model)  # e.g. a converted HF checkpoint
-    trainer = build_trainer(recipe, layout, model, vocab_meta)
+    vocab = VocabRecord(text_size=tokenizer.vocab_size, padded_size=padded_vocab_size(tokenizer.vocab_size),
+                        text_fingerprint=tokenizer.fingerprint)
+    initialize_from(recipe, vocab, lambda meta: model)  # e.g. a converted HF checkpoint
+    trainer = build_trainer(recipe, layout, model, vocab)
 
     def batches(step: int):
         return micro_batches(

@@ -23,11 +23,12 @@ from viq_mllm.recipe import recipe_from_dict
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
 
-def load_for_inference(ckpt: str | Path) -> tuple[VisionLanguageModel, MultimodalTokenizer, dict]:
+def load_for_inference(ckpt: str | Path) -> tuple[VisionLanguageModel, MultimodalTokenizer,
+                                                 checkpoint.CheckpointMeta]:
     ckpt = Path(ckpt)
     meta = checkpoint.read_meta(ckpt)
-    vocab_dir, model = meta["vocab"].get("vocab_dir"), meta["model"]
-    if not vocab_dir or not model.get("visual"):
+    vocab_dir, model = meta.vocab.vocab_dir, meta.model.model_dump(mode="json")
+    if not vocab_dir or not meta.model.visual:
         raise ValueError(f"{ckpt}: not a VLM checkpoint (its model.json names no vocabulary / visual section)")
     recipe = recipe_from_dict({
         "kind": "vlm", "run": {"dir": str(ckpt)}, "model": model, "train": {"steps": 1},

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext.model.gpt import build_gpt, transformer_config
+from megatron_ext.training.checkpoint import VocabRecord
 from megatron_ext.training.loop import build_trainer, initialize_from, run_training
 from megatron_ext.training.parallel import Layout, device, init_distributed
 from megatron_ext.vlm.model import (
@@ -43,12 +44,12 @@ def load_data(recipe: Recipe, tokenizer: MultimodalTokenizer, expected_viq: str)
     return PackedDataset(sources, recipe.train.seed)
 
 
-def vocab_meta(recipe: Recipe, tokenizer: MultimodalTokenizer) -> dict:
+def vocab_record(recipe: Recipe, tokenizer: MultimodalTokenizer) -> VocabRecord:
     v = tokenizer.vocab
-    return {"text_size": v.text_size, "padded_size": v.padded_size, "text_fingerprint": v.text_fingerprint,
-            "vocab_fingerprint": v.fingerprint, "viq_fingerprint": v.viq_fingerprint,
-            "vocab_dir": str(Path(recipe.data.vocab).resolve()),
-            "viq_dir": str(Path(recipe.model.visual.viq).resolve())}
+    return VocabRecord(text_size=v.text_size, padded_size=v.padded_size, text_fingerprint=v.text_fingerprint,
+                       vocab_fingerprint=v.fingerprint, viq_fingerprint=v.viq_fingerprint,
+                       vocab_dir=str(Path(recipe.data.vocab).resolve()),
+                       viq_dir=str(Path(recipe.model.visual.viq).resolve()))
 
 
 def build_vlm(recipe: Recipe, tokenizer: MultimodalTokenizer, layout: Layout) -> VisionLanguageModel:
@@ -103,10 +104,10 @@ def train_vlm(recipe: Recipe) -> list[dict]:
         )
     dataset = load_data(recipe, tokenizer, expected_viq)
     vlm = build_vlm(recipe, tokenizer, layout)
-    meta = vocab_meta(recipe, tokenizer)
+    vocab = vocab_record(recipe, tokenizer)
     # a VLM checkpoint, or a GPT one (resize-vocab's output)
-    initialize_from(recipe, meta, lambda found: vlm if found["model"].get("visual") else vlm.gpt)
-    trainer = build_trainer(recipe, layout, vlm, meta, packed=True)
+    initialize_from(recipe, vocab, lambda found: vlm if found.model.visual else vlm.gpt)
+    trainer = build_trainer(recipe, layout, vlm, vocab, packed=True)
     if layout.rank == 0:
         padding = [round(s.padding_fraction, 4) for s in dataset.sources]
         print(f"packed {sum(len(s.rows) for s in dataset.sources)} rows of {m.seq_length} positions; "

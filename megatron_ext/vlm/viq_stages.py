@@ -45,10 +45,10 @@ class LanguageModelMismatch(ValueError):
     """init.checkpoint is not the language model the recipe describes."""
 
 
-def check_language_model(recipe: Recipe, meta: dict, text_fingerprint: str) -> None:
+def check_language_model(recipe: Recipe, meta: checkpoint.CheckpointMeta, text_fingerprint: str) -> None:
     """The recipe's model section and text tokenizer must be those of ``init.checkpoint``."""
-    check_same_model(recipe.model, meta["model"], recipe.init.checkpoint)
-    found = meta["vocab"].get("text_fingerprint")
+    check_same_model(recipe.model, meta.model, recipe.init.checkpoint)
+    found = meta.vocab.text_fingerprint
     if found is not None and found != text_fingerprint:
         raise LanguageModelMismatch(f"data.tokenizer={recipe.data.tokenizer} is {text_fingerprint}, "
                                     f"init.checkpoint={recipe.init.checkpoint} was made with {found}")
@@ -166,7 +166,7 @@ def train_viq_stage(recipe: Recipe) -> list[dict]:
     text = load_text_tokenizer(recipe.data.tokenizer)
     lm_meta = checkpoint.read_meta(Path(recipe.init.checkpoint))
     check_language_model(recipe, lm_meta, text.fingerprint)
-    padded = lm_meta["vocab"]["padded_size"]
+    padded = lm_meta.vocab.padded_size
     vlm, handoff = build_stage_model(recipe, layout, padded)
     loaded_adapters = load_adapters(recipe, adapters(vlm))
     cfg = vlm.visual.encoder.tokenizer.config
@@ -174,12 +174,12 @@ def train_viq_stage(recipe: Recipe) -> list[dict]:
     sources = [PackedSource(pack(part.documents, recipe.model.seq_length), s.weight)
                for part, s in zip(parts, recipe.data.sources)]
     dataset, data = PackedDataset(sources, t.seed), CaptionedImages.merge(parts)
-    meta = {"text_size": lm_meta["vocab"]["text_size"], "padded_size": padded, "text_fingerprint": text.fingerprint,
-            "vocab_fingerprint": None}
+    vocab = checkpoint.VocabRecord(text_size=lm_meta.vocab.text_size, padded_size=padded,
+                                   text_fingerprint=text.fingerprint)
     if checkpoint.latest(Path(recipe.run.dir) / "checkpoints") is None:
         checkpoint.load_model(Path(recipe.init.checkpoint), vlm.gpt)
     vlm.gpt.requires_grad_(v.train_lm)
-    trainer = build_trainer(recipe, layout, vlm, meta, packed=True)
+    trainer = build_trainer(recipe, layout, vlm, vocab, packed=True)
     if layout.rank == 0:
         print(f"viq {v.stage}: {len(data.documents)} captioned images in {sum(len(s.rows) for s in sources)} rows "
               f"({len(data.skipped)} skipped); {'carried over: ' + handoff.summary() if handoff else 'fresh tokenizer'}"
