@@ -93,3 +93,15 @@ def test_the_gpu_recipes_share_the_qwen_presets_of_the_hf_configs():
             m = load_recipe(Path(TINY).parent / name).model
             assert (m.hidden_size, m.num_layers, m.num_attention_heads, m.num_query_groups,
                     m.ffn_hidden_size) == shape, name
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"kind": "vlm", "run": {"dir": "r"}, "train": {"steps": 1}, "model": {}}, "data: required field is missing"),
+    ({"run": {"dir": "r"}, "train": {"steps": 1}, "viq": {"stage": "stage1"}}, "viq: unknown key"),
+    ({"kind": "ocr", "run": {"dir": "r"}}, "kind: 'ocr' is not one of text_lm, vlm, viq"),
+])
+def test_each_run_kind_has_its_own_sections(raw, message):
+    from viq_mllm.recipe import recipe_from_dict
+
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(raw)

@@ -24,7 +24,7 @@ import torch
 from megatron_ext.model.gpt import build_gpt, gpt_from_checkpoint, transformer_config
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import init_distributed, shutdown
-from viq_mllm.recipe import ModelSection, ParallelSection, RecipeError, TrainSection, check_layout, recipe_from_dict
+from viq_mllm.recipe import ModelSection, ParallelSection, RecipeError, TrainSection, check_model_layout
 from viq_mllm.vocab import padded_vocab_size
 from viq_mllm.vocab.text_tokenizers import hf_tokenizer_fingerprint
 
@@ -195,10 +195,8 @@ def apply(table: list[Mapping], source: dict, ctx: Shapes, direction: str) -> di
 
 
 def check_parallel(model: ModelSection, tp: int, pp: int) -> None:
-    recipe = recipe_from_dict({"run": {"dir": "-"}, "model": model.model_dump(), "train": {"steps": 1},
-                               "parallel": {"tp": tp, "pp": pp}})
     try:
-        check_layout(recipe)
+        check_model_layout(model, ParallelSection(tp=tp, pp=pp))
     except RecipeError as err:
         raise ConversionError(str(err)) from None
 

@@ -19,7 +19,7 @@ from megatron_ext.vlm.model import VisionLanguageModel, packed_params
 from megatron_ext.vlm.train import build_vlm
 from viq_mllm.data.layout import Document, SequenceBuilder
 from viq_mllm.data.packing import collate, pack
-from viq_mllm.recipe import recipe_from_dict
+from viq_mllm.recipe import ParallelSection, TrainSection
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
 
@@ -27,16 +27,11 @@ def load_for_inference(ckpt: str | Path) -> tuple[VisionLanguageModel, Multimoda
                                                  checkpoint.CheckpointMeta]:
     ckpt = Path(ckpt)
     meta = checkpoint.read_meta(ckpt)
-    vocab_dir, model = meta.vocab.vocab_dir, meta.model.model_dump(mode="json")
-    if not vocab_dir or not meta.model.visual:
+    if not meta.vocab.vocab_dir or not meta.model.visual:
         raise ValueError(f"{ckpt}: not a VLM checkpoint (its model.json names no vocabulary / visual section)")
-    recipe = recipe_from_dict({
-        "kind": "vlm", "run": {"dir": str(ckpt)}, "model": model, "train": {"steps": 1},
-        "data": {"kind": "codes", "sources": [{"path": "unused"}], "vocab": vocab_dir},
-    })
-    tokenizer = MultimodalTokenizer.from_dir(vocab_dir)
+    tokenizer = MultimodalTokenizer.from_dir(meta.vocab.vocab_dir)
     layout: Layout = init_distributed(tp=1, pp=1, seed=0)
-    vlm = build_vlm(recipe, tokenizer, layout)
+    vlm = build_vlm(meta.model, ParallelSection(), TrainSection(steps=1), tokenizer, layout)
     checkpoint.load_model(ckpt, vlm)
     return vlm.eval(), tokenizer, meta
 

@@ -27,7 +27,7 @@ from viq_mllm.data.multimodal import PackedDataset, PackedSource, documents_from
 from viq_mllm.data.packing import pack
 from viq_mllm.data.shards import CodeShards, FingerprintMismatch
 from viq_mllm.data.sources import TarMember
-from viq_mllm.recipe import Recipe
+from viq_mllm.recipe import ModelSection, ParallelSection, Recipe, TrainSection
 from viq_mllm.viq import ViQTokenizer
 from viq_mllm.viq.preprocess import preprocess
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
@@ -52,8 +52,9 @@ def vocab_record(recipe: Recipe, tokenizer: MultimodalTokenizer) -> VocabRecord:
                        viq_dir=str(Path(recipe.model.visual.viq).resolve()))
 
 
-def build_vlm(recipe: Recipe, tokenizer: MultimodalTokenizer, layout: Layout) -> VisionLanguageModel:
-    m, p, t = recipe.model, recipe.parallel, recipe.train
+def build_vlm(m: ModelSection, p: ParallelSection, t: TrainSection, tokenizer: MultimodalTokenizer,
+              layout: Layout) -> VisionLanguageModel:
+    """The VLM of a model section (``visual`` set) for this layout; weights depend on ``t.seed`` only."""
     gpt = build_gpt(transformer_config(m, p, t), m, p, tokenizer.vocab.padded_size, layout, t.seed)
     visual = None
     if layout.first_stage:
@@ -103,7 +104,7 @@ def train_vlm(recipe: Recipe) -> list[dict]:
             f"model.visual.viq={m.visual.viq} is {expected_viq}"
         )
     dataset = load_data(recipe, tokenizer, expected_viq)
-    vlm = build_vlm(recipe, tokenizer, layout)
+    vlm = build_vlm(recipe.model, recipe.parallel, recipe.train, tokenizer, layout)
     vocab = vocab_record(recipe, tokenizer)
     # a VLM checkpoint, or a GPT one (resize-vocab's output)
     initialize_from(recipe, vocab, lambda found: vlm if found.model.visual else vlm.gpt)

@@ -10,28 +10,32 @@ Overrides are parsed as YAML scalars (``train.steps=6`` is an int, ``train.lr=3e
 ``log.wandb=disabled`` a string) and then type-checked strictly: ``train.steps=six`` is rejected, never coerced.
 """
 
-from viq_mllm.recipe.checks import check_layout
+from viq_mllm.recipe.checks import check_layout, check_model_layout
 from viq_mllm.recipe.compose import apply_override, dump_recipe, load_recipe, read_composed, recipe_from_dict
 from viq_mllm.recipe.sections import (
-                                      CheckpointSection,
-                                      CodesDataSection,
-                                      CodeSource,
-                                      DataSection,
-                                      ImagesDataSection,
-                                      InitSection,
-                                      LogSection,
-                                      ModelSection,
-                                      ParallelSection,
-                                      Recipe,
-                                      RecipeError,
-                                      RunSection,
-                                      TokenizerSpec,
-                                      TrainSection,
-                                      ViQSection,
-                                      VisualSection,
+    RECIPE_KINDS,
+    CheckpointSection,
+    CodesDataSection,
+    CodeSource,
+    DataSection,
+    ImagesDataSection,
+    InitSection,
+    LogSection,
+    ModelSection,
+    ParallelSection,
+    Recipe,
+    RecipeError,
+    RunSection,
+    TextLMRecipe,
+    TokenizerSpec,
+    TrainSection,
+    ViQRecipe,
+    ViQSection,
+    VisualSection,
+    VLMRecipe,
 )
 
-__all__ = ["CheckpointSection", "CodeSource", "CodesDataSection", "DataSection", "ImagesDataSection", "InitSection",
-           "LogSection", "ModelSection", "ParallelSection", "Recipe", "RecipeError", "RunSection", "TokenizerSpec",
-           "TrainSection", "ViQSection", "VisualSection", "apply_override", "check_layout", "dump_recipe",
-           "load_recipe", "read_composed", "recipe_from_dict"]
+__all__ = ["RECIPE_KINDS", "CheckpointSection", "CodeSource", "CodesDataSection", "DataSection", "ImagesDataSection",
+           "InitSection", "LogSection", "ModelSection", "ParallelSection", "Recipe", "RecipeError", "RunSection",
+           "TextLMRecipe", "TokenizerSpec", "TrainSection", "ViQRecipe", "ViQSection", "VLMRecipe", "VisualSection",
+           "apply_override", "check_layout", "check_model_layout", "dump_recipe", "load_recipe", "read_composed", "recipe_from_dict"]

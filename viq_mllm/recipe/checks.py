@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from viq_mllm.recipe.sections import Recipe, RecipeError, TrainSection
+from viq_mllm.recipe.sections import ModelSection, ParallelSection, Recipe, RecipeError, TrainSection
 from viq_mllm.vocab import MAX_TP
 
 
@@ -18,17 +18,7 @@ def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:
         if p.tp * p.pp > 1:
             raise RecipeError("viq.stage=decoder trains without a language model: parallel.tp and parallel.pp must be 1")
         return
-    if p.tp > MAX_TP:
-        raise RecipeError(f"parallel.tp={p.tp}: at most {MAX_TP} (vocabulary padding is 128 x {MAX_TP})")
-    for name, value in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.query_groups)):
-        if value % p.tp:
-            raise RecipeError(f"parallel.tp={p.tp}: model.{name}={value} is not divisible by it")
-    if m.num_attention_heads % m.query_groups:
-        raise RecipeError(
-            f"model.num_query_groups={m.query_groups} does not divide model.num_attention_heads={m.num_attention_heads}"
-        )
-    if m.num_layers % p.pp:
-        raise RecipeError(f"parallel.pp={p.pp}: model.num_layers={m.num_layers} is not divisible by it")
+    check_model_layout(m, p)
     if p.sequence_parallel and p.transformer_impl != "transformer_engine":
         raise RecipeError("parallel.sequence_parallel=true needs parallel.transformer_impl=transformer_engine")
     if t.precision == "fp8" and p.transformer_impl != "transformer_engine":
@@ -49,6 +39,21 @@ def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:
             )
 
 
+def check_model_layout(m: ModelSection, p: ParallelSection) -> None:
+    """Whether megatron-core can split this network over ``p.tp`` tensor and ``p.pp`` pipeline ranks."""
+    if p.tp > MAX_TP:
+        raise RecipeError(f"parallel.tp={p.tp}: at most {MAX_TP} (vocabulary padding is 128 x {MAX_TP})")
+    for name, value in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.query_groups)):
+        if value % p.tp:
+            raise RecipeError(f"parallel.tp={p.tp}: model.{name}={value} is not divisible by it")
+    if m.num_attention_heads % m.query_groups:
+        raise RecipeError(
+            f"model.num_query_groups={m.query_groups} does not divide model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_layers % p.pp:
+        raise RecipeError(f"parallel.pp={p.pp}: model.num_layers={m.num_layers} is not divisible by it")
+
+
 def _check_schedule(t: TrainSection) -> None:
     decay = t.decay_steps or t.steps
     if t.warmup_steps >= decay:
@@ -61,15 +66,9 @@ def _check_schedule(t: TrainSection) -> None:
 
 
 def _check_kind(recipe: Recipe) -> None:
-    wants = {"text_lm": "text", "vlm": "codes", "viq": "images"}[recipe.kind]
-    if recipe.data.kind != wants:
-        raise RecipeError(f"kind={recipe.kind} needs data.kind={wants}, got data.kind={recipe.data.kind}")
-    if (recipe.kind == "viq") != (recipe.viq is not None):
-        raise RecipeError("a viq section goes with kind=viq (and kind=viq needs one: viq.stage, ...)")
-    needs_model = recipe.kind != "viq" or recipe.viq.stage != "decoder"
-    if needs_model and recipe.model is None:
-        raise RecipeError("model: required field is missing (the language model's shape)")
     if recipe.kind == "viq":
+        if recipe.viq.stage != "decoder" and recipe.model is None:
+            raise RecipeError("model: required field is missing (the language model's shape)")
         _check_viq(recipe)
         return
     visual = recipe.model.visual

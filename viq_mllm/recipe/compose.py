@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from viq_mllm.recipe.checks import check_layout
-from viq_mllm.recipe.sections import Recipe, RecipeError
+from viq_mllm.recipe.sections import RECIPE_KINDS, Recipe, RecipeError
 
 
 class _Loader(yaml.SafeLoader):
@@ -80,27 +80,30 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def recipe_from_dict(raw: dict) -> Recipe:
+    """The recipe model of ``raw``'s kind (``text_lm`` when absent), validated."""
+    kind = raw.get("kind", "text_lm")
+    if kind not in RECIPE_KINDS:
+        raise RecipeError(f"invalid recipe:\n  kind: {kind!r} is not one of {', '.join(RECIPE_KINDS)}")
     try:
-        return Recipe.model_validate(raw)
+        return RECIPE_KINDS[kind].model_validate({**raw, "kind": kind})
     except ValidationError as err:
-        raise RecipeError("invalid recipe:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+        described = (_describe(RECIPE_KINDS[kind], e) for e in err.errors())
+        raise RecipeError("invalid recipe:\n" + "\n".join(described)) from None
 
 
-def _describe(error: dict) -> str:
+def _describe(recipe_class: type[BaseModel], error: dict) -> str:
     loc = error["loc"]
-    if loc[:1] == ("data",) and len(loc) > 2:  # pydantic puts the data section's kind (its union tag) in the path
-        loc = loc[:1] + loc[2:]
     field = ".".join(str(p) for p in loc)
     if error["type"] == "extra_forbidden":
-        hint = _did_you_mean(error["loc"])
+        hint = _did_you_mean(recipe_class, loc)
         return f"  {field}: unknown key{hint}"
     if error["type"] == "missing":
         return f"  {field}: required field is missing"
     return f"  {field}: {error['msg']} (got {error.get('input')!r})"
 
 
-def _did_you_mean(loc: tuple) -> str:
-    model: Any = Recipe
+def _did_you_mean(recipe_class: type[BaseModel], loc: tuple) -> str:
+    model: Any = recipe_class
     for part in loc[:-1]:
         field = model.model_fields.get(part)
         if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):

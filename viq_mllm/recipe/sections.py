@@ -86,7 +86,7 @@ class CodeSource(_Section):
 class CodesDataSection(_Section):
     """Packed multimodal sequences from code shards (``viq-mllm tokenize``) in an extended vocabulary."""
 
-    kind: Literal["codes"]
+    kind: Literal["codes"] = "codes"
     sources: list[CodeSource] = Field(min_length=1)
     vocab: str
     task: Literal["pretrain", "sft"] = "pretrain"
@@ -100,7 +100,7 @@ class ImagesDataSection(_Section):
     (the decoder stage draws uniformly from all their images). ``tokenizer`` is the language model's text
     tokenizer (``hf:DIR``, ``sentencepiece:FILE`` or ``bytes``)."""
 
-    kind: Literal["images"]
+    kind: Literal["images"] = "images"
     sources: list[CodeSource] = Field(min_length=1)
     tokenizer: TokenizerSpec = "bytes"
 
@@ -194,15 +194,42 @@ class LogSection(_Section):
     progress: bool = True
 
 
-class Recipe(_Section):
-    kind: Literal["text_lm", "vlm", "viq"] = "text_lm"
+class _RunSections(_Section):
+    """What every run kind has."""
+
     run: RunSection
-    model: Optional[ModelSection] = None
-    data: Union[DataSection, CodesDataSection, ImagesDataSection] = Field(default_factory=DataSection,
-                                                                         discriminator="kind")
-    viq: Optional[ViQSection] = None
     init: InitSection = InitSection()
     train: TrainSection
     parallel: ParallelSection = ParallelSection()
     checkpoint: CheckpointSection = CheckpointSection()
     log: LogSection = LogSection()
+
+
+class TextLMRecipe(_RunSections):
+    """``kind: text_lm``: a GPT trained on text."""
+
+    kind: Literal["text_lm"] = "text_lm"
+    model: ModelSection
+    data: DataSection = DataSection()
+
+
+class VLMRecipe(_RunSections):
+    """``kind: vlm``: the discrete VLM (or the continuous baseline) on packed code shards."""
+
+    kind: Literal["vlm"]
+    model: ModelSection
+    data: CodesDataSection
+
+
+class ViQRecipe(_RunSections):
+    """``kind: viq``: one ViQ tokenizer stage; the decoder stage has no language model (no ``model``)."""
+
+    kind: Literal["viq"]
+    model: Optional[ModelSection] = None
+    data: ImagesDataSection
+    viq: ViQSection
+
+
+#: one model per run kind, chosen by ``kind`` (``text_lm`` when absent)
+Recipe = Annotated[Union[TextLMRecipe, VLMRecipe, ViQRecipe], Field(discriminator="kind")]
+RECIPE_KINDS: dict[str, type[_RunSections]] = {"text_lm": TextLMRecipe, "vlm": VLMRecipe, "viq": ViQRecipe}
