@@ -2,8 +2,7 @@
 
 megatron stores the gate and up projections as one ``linear_fc1.weight`` of ``[2 f, h]`` per tensor-parallel
 rank (gate rows first, then up rows), computes one ``[n, 2 f]`` GEMM and applies ``silu(gate) * up`` to its two
-strided halves. On CPU that costs more than two ``[n, f]`` GEMMs on contiguous outputs (docs/benchmarks.md: a
-20M-parameter training step takes 1014 ms with megatron's MLP, 995 ms with this one). :class:`SwiGLUMLP`
+strided halves. On CPU that costs more than two ``[n, f]`` GEMMs on contiguous outputs. :class:`SwiGLUMLP`
 keeps the parameter (same name, shape, sharding and checkpoint) and computes, in one autograd function,
 
     gate = x @ W[:f].T,   up = x @ W[f:].T,   y = silu(gate) * up
