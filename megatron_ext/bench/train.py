@@ -130,6 +130,16 @@ def _measured_step(phases: Phases) -> tuple[float, float, int]:
     return gradients, update, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def refault_probe(megabytes: int = 64) -> int:
+    """Minor page faults of touching a freed ``megabytes`` block again: thousands where glibc gave it back to the
+    system (the default for blocks this large), ~0 where it keeps freed memory (:func:`keep_freed_memory`)."""
+    for _ in range(2):  # 4-byte floats: allocate, touch, free; the heap settles on the second
+        torch.ones(megabytes << 18)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(megabytes << 18)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def _serve(conn, side: str, cfg: dict, rounds: int, keep_freed: bool) -> None:
     """A side in a process of its own: built once, then one measured step per request."""
     if keep_freed:
@@ -138,8 +148,8 @@ def _serve(conn, side: str, cfg: dict, rounds: int, keep_freed: bool) -> None:
     try:
         phases = _our_side(cfg, rounds, layout) if side == "ours" else _hf_side(cfg)
         conn.send("built")
-        while conn.recv() == "step":
-            conn.send(_measured_step(phases))
+        while (request := conn.recv()) in ("step", "probe"):
+            conn.send(_measured_step(phases) if request == "step" else refault_probe())
     finally:
         if layout is not None:
             shutdown()
@@ -166,6 +176,11 @@ class _Remote:
 
     def __call__(self) -> tuple[float, float, int]:
         self.conn.send("step")
+        return self._receive()
+
+    def probe(self) -> int:
+        """:func:`refault_probe` in the side's process."""
+        self.conn.send("probe")
         return self._receive()
 
     def close(self) -> None:
