@@ -27,13 +27,33 @@ from viq_mllm.recipe import load_recipe
 EXPECTED_ERRORS = (OSError, ValueError, ArithmeticError)
 
 
+def _relaunched(args: argparse.Namespace) -> int | None:
+    """With ``--nproc N`` (and not already inside torchrun): this same command in N processes through
+    ``torchrun --standalone``, returning its exit status; otherwise None (run here)."""
+    if not args.nproc or "LOCAL_RANK" in os.environ:
+        return None
+    rest, skip = [], False
+    for item in args.argv:
+        if skip or item.startswith("--nproc="):
+            skip = False
+            continue
+        skip = item == "--nproc"
+        if not skip:
+            rest.append(item)
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={args.nproc}", "-m", "viq_mllm", *rest])
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def _train(args: argparse.Namespace) -> int:
     world = args.nproc if args.nproc else int(os.environ.get("WORLD_SIZE", "1"))
     recipe = load_recipe(args.recipe, args.overrides, world_size=world)
-    if args.nproc and "LOCAL_RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "viq_mllm", "train", args.recipe, *args.overrides]
-        return subprocess.call(cmd)
+    relaunched = _relaunched(args)
+    if relaunched is not None:
+        return relaunched
     from megatron_ext.training.jobs import run_recipe
 
     run_recipe(recipe)
@@ -41,18 +61,29 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    if args.nproc and "LOCAL_RANK" not in os.environ:
-        forwarded = ["--viq", args.viq, "--input", args.input, "--out", args.out, "--workers", str(args.workers),
-                     "--shard-size", str(args.shard_size), "--max-tokens", str(args.max_tokens),
-                     "--max-source-pixels", str(args.max_source_pixels)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "viq_mllm", "tokenize", *forwarded]
-        return subprocess.call(cmd)
+    relaunched = _relaunched(args)
+    if relaunched is not None:
+        return relaunched
     from viq_mllm.data.extract import run_tokenize
 
+    rank, world = _rank_and_world()
     run_tokenize(args.viq, args.input, args.out, workers=args.workers, shard_size=args.shard_size,
-                 max_tokens=args.max_tokens, max_source_pixels=args.max_source_pixels,
-                 rank=int(os.environ.get("RANK", 0)), world=int(os.environ.get("WORLD_SIZE", 1)))
+                 max_tokens=args.max_tokens, max_source_pixels=args.max_source_pixels, rank=rank, world=world)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    relaunched = _relaunched(args)
+    if relaunched is not None:
+        return relaunched
+    from megatron_ext.data.prepared import prepare
+
+    rank, world = _rank_and_world()
+    record = prepare(args.shards, args.vocab, args.out, args.task, args.seq_length, args.group, args.truncate,
+                     not args.one_per_row, rank=rank, world=world)
+    if rank == 0:
+        print(f"wrote {args.out}: {record['documents']} documents in {record['rows']} rows of {args.seq_length} "
+              f"(padding {record['padding_fraction']:.1%}; key {record['key']})")
     return 0
 
 
@@ -210,6 +241,27 @@ def _add_tokenize(sub) -> None:
     tok.set_defaults(func=_tokenize)
 
 
+def _add_prepare(sub) -> None:
+    prep = sub.add_parser(
+        "prepare", help="code shards -> memory-mapped training documents with their packing (resumable)",
+        description="Turn a code-shard set into megatron-core indexed datasets (tokens, loss mask, visual flags, "
+        "codes, image locators; one sequence per document) and pack them into rows once. A VLM recipe whose "
+        "data.sources names --out reads rows lazily from these files; its task, sequence length, group, "
+        "vocabulary and ViQ tokenizer must be the ones given here. Rerun after a crash: finished parts are "
+        "kept; the same inputs give byte-identical files.")
+    prep.add_argument("--shards", required=True, type=existing, help="a code-shard folder (viq-mllm tokenize)")
+    prep.add_argument("--vocab", required=True, type=existing, help="the extended vocabulary folder (extend-vocab)")
+    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument("--task", choices=["pretrain", "sft"], default="pretrain",
+                      help="pretrain: the caption after the image is supervised; sft: the assistant's answers")
+    prep.add_argument("--seq-length", type=int, required=True, help="model.seq_length of the runs that read it")
+    prep.add_argument("--group", type=int, choices=[1, 4, 16], default=16, help="model.visual.group")
+    prep.add_argument("--truncate", action="store_true", help="cut documents longer than a row (data.truncate)")
+    prep.add_argument("--one-per-row", action="store_true", help="no packing: one document per row (data.pack)")
+    prep.add_argument("--nproc", type=int, default=0, help="launch N processes (torchrun); shards split by rank")
+    prep.set_defaults(func=_prepare)
+
+
 def _add_extend_vocab(sub) -> None:
     ext = sub.add_parser("extend-vocab", help="add the layout's special tokens and one token per ViQ code",
                          description="Write an extended tokenizer of the same kind (SentencePiece .model or HF "
@@ -311,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_tokenize(sub)
+    _add_prepare(sub)
     _add_extend_vocab(sub)
     _add_resize_vocab(sub)
     _add_convert(sub)
@@ -325,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if extra and args.command == "train" and all("=" in item and not item.startswith("-") for item in extra):
         args.overrides = [*args.overrides, *extra]  # overrides may follow --nproc
     elif extra:

@@ -53,10 +53,10 @@ def fail(prog: str, error: BaseException) -> int:
     return 2
 
 
-def progress(total: int, desc: str, unit: str, initial: int = 0):
+def progress(total: int, desc: str, unit: str, initial: int = 0, disable: bool = False):
     """A tqdm bar: redrawn freely on a terminal, one line every ``LOG_INTERVAL_S`` seconds in a file or CI log."""
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty, disable=disable,
                 mininterval=0.1 if tty else LOG_INTERVAL_S)

@@ -305,8 +305,8 @@ def run_training(
         if log is not None:
             log.log(row)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)  # redraws (postfix included) at the bar's interval, not every step
         every = recipe.checkpoint.every
         if every and ((step + 1) % every == 0 or step + 1 == t.steps):
             checkpoint.save(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.data.prepared import PREPARED, PreparedRows
 from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.training.checkpoint import VocabRecord
 from megatron_ext.training.loop import build_trainer, initialize_from, run_training
@@ -34,12 +35,20 @@ from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
 
 def load_data(recipe: Recipe, tokenizer: MultimodalTokenizer, expected_viq: str) -> PackedDataset:
+    """Each source is a prepared directory (``viq-mllm prepare``: memory-mapped, read row by row) or a code-shard
+    set (read and packed in memory at start-up)."""
     data, model = recipe.data, recipe.model
     sources = []
     for source in data.sources:
-        shards = CodeShards(source.path, expected_fingerprint=expected_viq)
-        docs = documents_from_shards(shards, tokenizer, data.task, model.visual.group)
-        rows = pack(docs, model.seq_length, data.truncate, one_per_row=not data.pack)
+        if (Path(source.path) / PREPARED).is_file():
+            rows = PreparedRows(source.path)
+            rows.check(viq_fingerprint=expected_viq, vocab_fingerprint=tokenizer.vocab.fingerprint, task=data.task,
+                       seq_length=model.seq_length, group=model.visual.group, truncate=data.truncate,
+                       pack=data.pack)
+        else:
+            shards = CodeShards(source.path, expected_fingerprint=expected_viq)
+            docs = documents_from_shards(shards, tokenizer, data.task, model.visual.group)
+            rows = pack(docs, model.seq_length, data.truncate, one_per_row=not data.pack)
         sources.append(PackedSource(rows, source.weight))
     return PackedDataset(sources, recipe.train.seed)
 

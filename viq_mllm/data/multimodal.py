@@ -8,6 +8,7 @@ a resumed run reads exactly what an uninterrupted one would, from the step numbe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -21,16 +22,19 @@ from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
 
 def documents_from_shards(shards: CodeShards, tokenizer: MultimodalTokenizer, task: str, group: int) -> list[Document]:
-    docs = []
-    for sample in shards:
-        docs.append(_document(shards, sample, tokenizer, task, group))
-        docs[-1].image = sample.path
-    return docs
+    return [sample_document(shards.directory, sample, tokenizer, task, group) for sample in shards]
 
 
-def _document(shards: CodeShards, sample: CodeSample, tokenizer: MultimodalTokenizer, task: str, group: int
-              ) -> Document:
-    where = f"{shards.directory}: sample {sample.key} ({sample.source})"
+def sample_document(directory, sample: CodeSample, tokenizer: MultimodalTokenizer, task: str, group: int
+                    ) -> Document:
+    """The training document of one code sample: a caption after the image (pretraining) or its conversation
+    (SFT), with the source image's locator for the continuous baseline."""
+    document = _document(f"{directory}: sample {sample.key} ({sample.source})", sample, tokenizer, task, group)
+    document.image = sample.path
+    return document
+
+
+def _document(where: str, sample: CodeSample, tokenizer: MultimodalTokenizer, task: str, group: int) -> Document:
     if task == "pretrain":
         caption = sample.text.get("caption")
         if not caption:
@@ -50,11 +54,15 @@ def _caption_as_chat(caption: str | None) -> list[dict] | None:
 
 @dataclass
 class PackedSource:
-    rows: list[Row]
+    rows: Sequence[Row]  # a list, or rows read on demand (prepared data)
     weight: float
 
     @property
     def padding_fraction(self) -> float:
+        """From the rows' own record where they have one (prepared data), else counted over every row."""
+        known = getattr(self.rows, "padding_fraction", None)
+        if known is not None:
+            return known
         total = sum(r.seq_length for r in self.rows)
         return 1.0 - sum(r.used for r in self.rows) / total
 

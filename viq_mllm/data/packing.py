@@ -51,22 +51,30 @@ def truncate(document: Document, length: int) -> Document:
     return Document(document.tokens[:length], document.visual[:length], document.codes[:visual_kept], mask)
 
 
+def fit(document: Document, seq_length: int, allow_truncation: bool, name: str) -> Document:
+    """``document`` if it fits a row, truncated if allowed, else an error naming it."""
+    if len(document) <= seq_length:
+        return document
+    if not allow_truncation:
+        raise ValueError(
+            f"{name} has {len(document)} positions, more than model.seq_length={seq_length}; raise the "
+            "sequence length, lower the image resolution, or set data.truncate=true"
+        )
+    return truncate(document, seq_length)
+
+
+def row_documents(lengths: list[int], seq_length: int, one_per_row: bool = False) -> list[list[int]]:
+    """Which documents (by index, ascending) share each row."""
+    if one_per_row:
+        return [[i] for i in range(len(lengths))]
+    return [sorted(b) for b in first_fit_decreasing(lengths, seq_length)]
+
+
 def pack(documents: list[Document], seq_length: int, allow_truncation: bool = False, one_per_row: bool = False
          ) -> list[Row]:
-    fitted = []
-    for i, doc in enumerate(documents):
-        if len(doc) > seq_length:
-            if not allow_truncation:
-                raise ValueError(
-                    f"document {i} has {len(doc)} positions, more than model.seq_length={seq_length}; raise the "
-                    "sequence length, lower the image resolution, or set data.truncate=true"
-                )
-            doc = truncate(doc, seq_length)
-        fitted.append(doc)
-    if one_per_row:
-        return [Row([doc], seq_length) for doc in fitted]
-    bins = first_fit_decreasing([len(d) for d in fitted], seq_length)
-    return [Row([fitted[i] for i in sorted(b)], seq_length) for b in bins]
+    fitted = [fit(doc, seq_length, allow_truncation, f"document {i}") for i, doc in enumerate(documents)]
+    return [Row([fitted[i] for i in b], seq_length)
+            for b in row_documents([len(d) for d in fitted], seq_length, one_per_row)]
 
 
 def collate(rows: list[Row], pad_id: int = 0) -> dict[str, torch.Tensor]:
