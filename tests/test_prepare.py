@@ -88,3 +88,22 @@ def test_a_vlm_run_on_prepared_data_gives_the_losses_of_a_run_on_the_shards(vlm_
     assert [r["step"] for r in on_prepared] == [1, 2, 3, 4]
     for a, b in zip(on_prepared, on_shards):
         assert a["loss"] == b["loss"] and a["real_tokens"] == b["real_tokens"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_yields_the_micro_batches_of_the_step_whatever_the_workers(vlm_assets, tmp_path, workers):
+    """Against ``PackedDataset.micro_batches`` (built in this process, step by step), also from a resumed step."""
+    from viq_mllm.data.loader import MicroBatchLoader
+    from viq_mllm.data.multimodal import PackedDataset, PackedSource
+
+    run_prepare(vlm_assets, tmp_path / "p")
+    dataset = PackedDataset([PackedSource(PreparedRows(tmp_path / "p"), 1.0)], seed=3)
+    shape = dict(global_batch=8, micro_batch=2, dp_rank=1, dp_size=2)
+    loader = MicroBatchLoader(dataset, **shape, workers=workers)
+    for step in (0, 1, 2, 5, 6):
+        ours = list(loader(step))
+        reference = list(dataset.micro_batches(step, 8, 2, 1, 2))
+        assert len(ours) == len(reference) == 2
+        for a, b in zip(ours, reference):
+            assert a.keys() == b.keys()
+            assert all(a[k] == b[k] if k == "images" else torch.equal(a[k], b[k]) for k in a), step

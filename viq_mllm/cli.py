@@ -193,6 +193,7 @@ BENCHMARKS = {
     "speedup": "megatron_ext.bench.speedup",
     "train": "megatron_ext.bench.train",
     "packing": "megatron_ext.bench.packing",
+    "data": "megatron_ext.bench.data",
     "tokenize": "viq_mllm.bench.tokenize",
     "encode": "viq_mllm.bench.encode",
 }
@@ -347,7 +348,8 @@ def _add_bench(sub) -> None:
     bench = sub.add_parser(
         "bench",
         help="benchmarks: speedup (discrete vs continuous vs text), train (ours vs HF), tokenize (offline "
-        "extraction), encode (ViQ packed vs one-by-one), packing (packed vs unpacked VLM batches)",
+        "extraction), encode (ViQ packed vs one-by-one), packing (packed vs unpacked VLM batches), data (prepare, "
+        "start-up and loader at scale)",
         description="Benchmarks print a table and write JSON under --out. Arguments after the benchmark name "
         "are passed to it (use `viq-mllm bench train --help`).",
     )

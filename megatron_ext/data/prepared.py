@@ -156,6 +156,11 @@ def _finish(out: Path, parts: Path, count: int, inputs: dict, key: str, seq_leng
     return record
 
 
+def _open(prefix: Path) -> IndexedDataset:
+    """Memory-mapped, unless the data file is empty (no locators recorded), which cannot be mapped."""
+    return IndexedDataset(str(prefix), mmap=prefix.with_suffix(".bin").stat().st_size > 0)
+
+
 class PreparedRows(Sequence):
     """The packed rows of a prepared directory, each built from the memory-mapped files when read."""
 
@@ -167,7 +172,7 @@ class PreparedRows(Sequence):
         self.inputs = self.record["inputs"]
         self.seq_length, self.group = self.inputs["seq_length"], self.inputs["group"]
         self.padding_fraction = self.record["padding_fraction"]
-        self._fields = {f: IndexedDataset(str(self.directory / f)) for f in FIELDS}
+        self._fields = {f: _open(self.directory / f) for f in FIELDS}
         self._rows = np.load(self.directory / "rows.npy", mmap_mode="r")
         self._offsets = np.load(self.directory / "row_offsets.npy", mmap_mode="r")
 

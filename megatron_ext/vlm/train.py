@@ -7,6 +7,7 @@ checkpoint has the same vocabulary; each mismatch is refused with both fingerpri
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from megatron_ext.vlm.model import (
     viq_fingerprint,
     vlm_forward_step,
 )
+from viq_mllm.data.loader import MicroBatchLoader
 from viq_mllm.data.multimodal import PackedDataset, PackedSource, documents_from_shards
 from viq_mllm.data.packing import pack
 from viq_mllm.data.shards import CodeShards, FingerprintMismatch
@@ -79,23 +81,22 @@ def build_vlm(m: ModelSection, p: ParallelSection, t: TrainSection, tokenizer: M
 
 class PixelSource:
     """The continuous baseline's image loader: the raw images the code shards were made from (image files or
-    members of webdataset image shards), decoded and preprocessed (cached) with the ViQ tokenizer's own
-    preprocessing, so the patch grids equal the code grids."""
+    members of webdataset image shards), decoded and preprocessed with the ViQ tokenizer's own preprocessing, so
+    the patch grids equal the code grids. It runs where the micro-batches are built (DataLoader workers, with
+    ``data.workers``) and keeps the last ``cached`` images only, so its memory does not grow with the data."""
 
-    def __init__(self, viq_dir: str, vocab):
+    def __init__(self, viq_dir: str, vocab, cached: int = 256):
         config = ViQTokenizer.from_pretrained(viq_dir).config
         self.base, self.max_pixels, self.vocab = config.image_base, config.max_pixels, vocab
-        self._cache: dict[str, tuple] = {}
+        self.load = functools.lru_cache(maxsize=cached)(self._decode)
 
-    def load(self, path: str | None):
+    def _decode(self, path: str | None) -> tuple:
         if path is None:
             raise ValueError("these code shards do not record where their images are (made by an older "
                              "`viq-mllm tokenize`); re-tokenize to train the continuous baseline")
-        if path not in self._cache:
-            source = TarMember.from_locator(path).read() if "::" in path else path  # webdataset image shards
-            item = preprocess(source, self.base, self.max_pixels)
-            self._cache[path] = (item.pixels, item.grid)
-        return self._cache[path]
+        source = TarMember.from_locator(path).read() if "::" in path else path  # webdataset image shards
+        item = preprocess(source, self.base, self.max_pixels)
+        return item.pixels, item.grid
 
     def attach(self, batch: dict) -> dict:
         loaded = [self.load(p) for p in batch.pop("images")]
@@ -124,11 +125,12 @@ def train_vlm(recipe: Recipe) -> list[dict]:
               f"padding fraction per source {padding}", flush=True)
 
     pixels = PixelSource(m.visual.viq, tokenizer.vocab) if m.visual.embedding == "continuous" else None
-
-    def batches(step: int):
-        for batch in dataset.micro_batches(step, t.global_batch_size, t.micro_batch_size, layout.dp_rank,
-                                           layout.dp_size):
-            yield pixels.attach(batch) if pixels else {k: v for k, v in batch.items() if k != "images"}
-
+    batches = MicroBatchLoader(dataset, t.global_batch_size, t.micro_batch_size, layout.dp_rank, layout.dp_size,
+                               workers=recipe.data.workers, transform=pixels.attach if pixels else without_images)
     return run_training(trainer, batches, tokens_per_step=t.global_batch_size * m.seq_length,
                         forward_step=vlm_forward_step)
+
+
+def without_images(batch: dict) -> dict:
+    """A discrete model's micro-batch: the source-image locators are the baseline's only."""
+    return {k: v for k, v in batch.items() if k != "images"}

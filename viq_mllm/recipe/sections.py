@@ -92,6 +92,7 @@ class CodesDataSection(_Section):
     task: Literal["pretrain", "sft"] = "pretrain"
     truncate: bool = False
     pack: bool = True  # false: one document per row (padding to seq_length), for comparison
+    workers: int = Field(default=2, ge=0)  # DataLoader processes building the micro-batches (0: in the step's)
 
 
 class ImagesDataSection(_Section):
