@@ -30,6 +30,7 @@ with the index (a few bytes per document), not with the data.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -136,11 +137,15 @@ def _wait_for_parts(parts: Path, count: int, key: str, timeout_s: float = 86400)
 
 def _finish(out: Path, parts: Path, count: int, inputs: dict, key: str, seq_length: int, pack: bool) -> dict:
     """Merge the parts, pack once, write ``prepared.json`` last, drop the parts."""
-    for field, dtype in FIELDS.items():
-        builder = IndexedDatasetBuilder(str(out / f"{field}.bin"), dtype=dtype)
-        for s in range(count):
-            builder.add_index(str(parts / f"{_part_name(s)}.{field}"))
-        builder.finalize(str(out / f"{field}.idx"))
+    gc.freeze()  # megatron's add_index runs gc.collect() per part: seconds each over a process holding torch
+    try:
+        for field, dtype in FIELDS.items():
+            builder = IndexedDatasetBuilder(str(out / f"{field}.bin"), dtype=dtype)
+            for s in range(count):
+                builder.add_index(str(parts / f"{_part_name(s)}.{field}"))
+            builder.finalize(str(out / f"{field}.idx"))
+    finally:
+        gc.unfreeze()
     tokens = IndexedDataset(str(out / "tokens"))
     lengths = np.array(tokens.sequence_lengths, dtype=np.int64)  # a copy: the index is unmapped with ``tokens``
     del tokens

@@ -81,7 +81,7 @@ class SequenceBuilder:
         self.vocab = vocab
         self.tokens: list[int] = []
         self.visual: list[bool] = []
-        self.codes: list[torch.Tensor] = []
+        self.codes: list[torch.Tensor] = []  # [n, G] blocks of code ids, one per image
         self.target: list[bool] = []  # is this position a prediction target (of the previous position)?
 
     def text(self, ids: list[int], supervised: bool) -> None:
@@ -90,15 +90,14 @@ class SequenceBuilder:
         self.target += [supervised] * len(ids)
 
     def image(self, codes: np.ndarray, group: int) -> None:
-        grid = self.vocab.codes_to_ids(code_groups(codes, group))
+        grid = self.vocab.codes_to_ids(code_groups(codes, group))  # [rows, per_row, G]
         self.text([self.vocab.special("image_start")], False)
-        for row in grid:
-            for position in row:
-                self.tokens.append(int(position[0]))
-                self.visual.append(True)
-                self.target.append(False)
-                self.codes.append(position)
-            self.text([self.vocab.special("row_end")], False)
+        row_end, per_row = self.vocab.special("row_end"), grid.shape[1]
+        for first_ids in grid[:, :, 0].tolist():  # a visual position's id is its first code's
+            self.tokens += [*first_ids, row_end]
+            self.visual += [True] * per_row + [False]
+            self.target += [False] * (per_row + 1)
+        self.codes.append(grid.reshape(-1, grid.shape[-1]))
         self.text([self.vocab.special("image_end")], False)
 
     def projected_image(self, rows: int, cols: int, placeholder: int) -> None:
@@ -113,8 +112,7 @@ class SequenceBuilder:
     def build(self) -> Document:
         tokens = torch.tensor(self.tokens, dtype=torch.long)
         target = torch.tensor(self.target + [False], dtype=torch.float32)
-        group = self.codes[0].numel() if self.codes else 1
-        codes = torch.stack(self.codes) if self.codes else torch.zeros(0, group, dtype=torch.long)
+        codes = torch.cat(self.codes) if self.codes else torch.zeros(0, 1, dtype=torch.long)
         return Document(tokens, torch.tensor(self.visual), codes, target[1:])
 
 
