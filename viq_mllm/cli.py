@@ -14,10 +14,12 @@ weights to and from Hugging Face (convert, import-viq), generate, and benchmark;
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from viq_mllm.console import Parser, debugging, existing, fail, plain
 from viq_mllm.recipe import load_recipe
@@ -44,8 +46,18 @@ def _relaunched(args: argparse.Namespace) -> int | None:
                             f"--nproc_per_node={args.nproc}", "-m", "viq_mllm", *rest])
 
 
-def _rank_and_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def _on_every_rank(job: Callable[[argparse.Namespace, int, int], int]) -> Callable[[argparse.Namespace], int]:
+    """A command whose ranks split the work: relaunched under torchrun with ``--nproc N``, otherwise run here as
+    ``job(args, rank, world)`` with torchrun's (or a single process's) rank and world size."""
+
+    @functools.wraps(job)
+    def run(args: argparse.Namespace) -> int:
+        relaunched = _relaunched(args)
+        if relaunched is not None:
+            return relaunched
+        return job(args, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+    return run
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -60,25 +72,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenize(args: argparse.Namespace) -> int:
-    relaunched = _relaunched(args)
-    if relaunched is not None:
-        return relaunched
+@_on_every_rank
+def _tokenize(args: argparse.Namespace, rank: int, world: int) -> int:
     from viq_mllm.data.extract import run_tokenize
 
-    rank, world = _rank_and_world()
     run_tokenize(args.viq, args.input, args.out, workers=args.workers, shard_size=args.shard_size,
                  max_tokens=args.max_tokens, max_source_pixels=args.max_source_pixels, rank=rank, world=world)
     return 0
 
 
-def _prepare(args: argparse.Namespace) -> int:
-    relaunched = _relaunched(args)
-    if relaunched is not None:
-        return relaunched
+@_on_every_rank
+def _prepare(args: argparse.Namespace, rank: int, world: int) -> int:
     from megatron_ext.data.prepared import prepare
 
-    rank, world = _rank_and_world()
     record = prepare(args.shards, args.vocab, args.out, args.task, args.seq_length, args.group, args.truncate,
                      not args.one_per_row, rank=rank, world=world)
     if rank == 0:
