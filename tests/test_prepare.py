@@ -107,3 +107,13 @@ def test_a_loader_yields_the_micro_batches_of_the_step_whatever_the_workers(vlm_
         for a, b in zip(ours, reference):
             assert a.keys() == b.keys()
             assert all(a[k] == b[k] if k == "images" else torch.equal(a[k], b[k]) for k in a), step
+
+
+@pytest.mark.e2e
+def test_two_ranks_prepare_the_same_files_as_one(vlm_assets, tmp_path):
+    from conftest import viq_mllm
+
+    run_prepare(vlm_assets, tmp_path / "one")
+    viq_mllm("prepare", "--shards", str(vlm_assets["shards"]), "--vocab", str(vlm_assets["vocab"]),
+             "--seq-length", str(SEQ), "--out", str(tmp_path / "two"), "--nproc", "2")
+    assert digests(tmp_path / "two") == digests(tmp_path / "one")

@@ -119,7 +119,11 @@ def evaluate_vlm(out: Path, checkpoint: Path) -> dict:
             "matched_lower_fraction": wins / len(samples), "eval_images": len(samples), "generated": generated}
 
 
-def plot_losses(out: Path, panels: dict[str, list[Path]]) -> None:
+def plot_losses(out: Path, panels: list[tuple[str, list[Path], str]]) -> None:
+    """``loss_curves.png``: one panel per ``(title, run dirs, x)``, x ``"step"`` or ``"time"`` (the training
+    steps' cumulative wall-clock seconds, where the speed-up shows)."""
+    import itertools
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,13 +132,15 @@ def plot_losses(out: Path, panels: dict[str, list[Path]]) -> None:
     from viq_mllm.metrics import read_metrics
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
-    for ax, (name, run_dirs) in zip(axes, panels.items()):
+    for ax, (name, run_dirs, x) in zip(axes, panels):
         for run_dir in run_dirs:
             rows = read_metrics(run_dir)
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=run_dir.name, linewidth=0.8)
+            xs = ([r["step"] for r in rows] if x == "step"
+                  else list(itertools.accumulate(r["step_time_s"] for r in rows)))
+            ax.plot(xs, [r["loss"] for r in rows], label=run_dir.name, linewidth=0.8)
         ax.legend(fontsize=8)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_xlabel("step" if x == "step" else "training time (s)")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -219,8 +225,9 @@ def run_demo(out: str | Path, vlm_steps: int = 500, text_steps: int = 300, token
     summary["discrete_vlm"] = evaluate_vlm(out, out / "vlm_pretrain" / "checkpoints" / f"step_{vlm_steps:08d}")
     summary["discrete_vlm"].update(first_loss=vlm_rows[0]["loss"], final_loss=vlm_rows[-1]["loss"],
                                    median_tokens_per_s=sorted(r["tokens_per_s"] for r in vlm_rows)[len(vlm_rows) // 2])
-    plot_losses(out, {"text LM": [out / "text_lm"], "VLM: discrete codes vs continuous encoder":
-                      [out / "vlm_pretrain", out / "baseline_pretrain"]})
+    vlms = [out / "vlm_pretrain", out / "baseline_pretrain"]
+    plot_losses(out, [("text LM", [out / "text_lm"], "step"), ("VLM: discrete codes vs continuous encoder", vlms, "step"),
+                      ("the same against training time", vlms, "time")])
     plot_captions(out, summary["discrete_vlm"]["generated"])
     summary["seconds"] = time.perf_counter() - began
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
