@@ -79,11 +79,12 @@ def test_data_prepared_for_another_recipe_is_refused_naming_the_field(vlm_assets
 
 @pytest.mark.e2e
 def test_a_vlm_run_on_prepared_data_gives_the_losses_of_a_run_on_the_shards(vlm_assets, tmp_path):
+    """The prepared run also builds its micro-batches in two DataLoader workers; the reference in this process."""
     seq = load_recipe(VLM, [f"data.vocab={vlm_assets['vocab']}"]).model.seq_length
     prepare(vlm_assets["shards"], vlm_assets["vocab"], tmp_path / "prepared", "pretrain", seq, show_progress=False)
     steps = ["train.steps=4", "train.warmup_steps=1", "checkpoint.every=0"]
     on_shards = train_vlm_cli(tmp_path / "shards_run", vlm_assets, *steps)
-    on_prepared = train_vlm_cli(tmp_path / "prepared_run", vlm_assets, *steps,
+    on_prepared = train_vlm_cli(tmp_path / "prepared_run", vlm_assets, *steps, "data.workers=2",
                                 f"data.sources=[{{path: {tmp_path / 'prepared'}}}]")
     assert [r["step"] for r in on_prepared] == [1, 2, 3, 4]
     for a, b in zip(on_prepared, on_shards):
