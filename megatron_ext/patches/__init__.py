@@ -34,6 +34,7 @@ from megatron_ext.patches import apex_free, cpu_compat, one_rank_regions, plain_
 
 GPU_OPT_IN = "VIQ_MLLM_GPU_PATCHES"
 OPTIONAL = ("apex_free", "one_rank_regions", "plain_linear", "cross_entropy")
+# cross_entropy has no installer: transformer_config reads enabled("cross_entropy") to pick the loss
 _INSTALLERS = {"apex_free": apex_free.install, "one_rank_regions": one_rank_regions.install,
                "plain_linear": plain_linear.install}
 _installed: list[str] | None = None
@@ -62,7 +63,8 @@ def install() -> list[str]:
         _installed = ["cpu_compat"] if cpu_compat.install() else []
         for name in OPTIONAL:
             if enabled(name):
-                _INSTALLERS.get(name, lambda: None)()
+                if name in _INSTALLERS:
+                    _INSTALLERS[name]()
                 _installed.append(name)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"megatron-core patches: {', '.join(_installed) or 'none'} "

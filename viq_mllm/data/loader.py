@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from viq_mllm.data.multimodal import PackedDataset
 from viq_mllm.data.order import rank_micro_batches
-from viq_mllm.data.packing import collate
 
 
 class _RankMicroBatches(Dataset):
@@ -33,7 +31,7 @@ class _RankMicroBatches(Dataset):
     def __getitem__(self, index: int) -> dict:
         step, micro = divmod(index, self.per_step)
         positions = rank_micro_batches(step, *self.shape)[micro]
-        return self.transform(collate([self.dataset.row_at(p) for p in positions]))
+        return self.transform(self.dataset.batch_at(positions))
 
 
 class MicroBatchLoader:
@@ -58,7 +56,7 @@ class MicroBatchLoader:
         first = step * self.items.per_step
         loader = DataLoader(self.items, batch_size=None, sampler=_From(first), num_workers=self.workers,
                             prefetch_factor=self.prefetch if self.workers else None,
-                            collate_fn=lambda item: item, generator=torch.Generator().manual_seed(0))
+                            collate_fn=lambda item: item)
         return iter(loader)
 
 

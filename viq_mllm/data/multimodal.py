@@ -85,4 +85,8 @@ class PackedDataset:
                       ) -> Iterator[dict[str, torch.Tensor]]:
         """The packed micro-batches (``micro_batch`` rows flattened into one thd sequence) of one DP rank."""
         for positions in rank_micro_batches(step, global_batch, micro_batch, dp_rank, dp_size):
-            yield collate([self.row_at(p) for p in positions])
+            yield self.batch_at(positions)
+
+    def batch_at(self, positions: range) -> dict[str, torch.Tensor]:
+        """The rows at these global positions as one packed micro-batch."""
+        return collate([self.row_at(p) for p in positions])
