@@ -76,8 +76,8 @@ def test_bad_inputs_are_reported_and_awkward_ones_encoded(viq_dir, messy_folder,
         assert rows % 2 == 0 and cols % 2 == 0 and four == 4 and sample.codes.dtype == np.uint16
         assert int(sample.codes.max()) < 4096
     assert samples["photo.jpg"].text == {"caption": "A random photo."}
-    assert samples["rotated.jpg"].source_size == (100, 40)
-    assert samples["panorama.png"].grid[1] > 4 * samples["panorama.png"].grid[0]
+    assert samples["rotated.jpg"].images[0].source_size == (100, 40)
+    assert samples["panorama.png"].images[0].grid[1] > 4 * samples["panorama.png"].images[0].grid[0]
     # the codes are the tokenizer's own encode of the same file
     direct = ViQTokenizer.from_pretrained(viq_dir).encode([messy_folder / "photo.jpg"])[0]
     assert np.array_equal(samples["photo.jpg"].codes, direct.numpy())
@@ -100,7 +100,7 @@ def test_webdataset_reads_our_shards(viq_dir, messy_folder, tmp_path):
     ours = list(read_shard(tmp_path / "out" / "codes-00000.tar"))
     theirs = list(wds.WebDataset(str(tmp_path / "out" / "codes-00000.tar"), shardshuffle=False))
     assert [s["__key__"] for s in theirs] == [s.key for s in ours]
-    assert np.array_equal(np.load(io.BytesIO(theirs[0]["codes.npy"])), ours[0].codes)
+    assert np.array_equal(np.load(io.BytesIO(theirs[0]["0.codes.npy"])), ours[0].codes)
 
 
 def test_jsonl_and_tar_inputs(viq_dir, tmp_path):
@@ -111,6 +111,11 @@ def test_jsonl_and_tar_inputs(viq_dir, tmp_path):
                                          json.dumps({"image": "missing.png", "caption": "Gone."}) + "\n")
     manifest = run_tokenize(viq_dir, tmp_path / "data.jsonl", tmp_path / "j", show_progress=False)
     assert manifest["samples"] == 1 and manifest["skipped"] == 1
+    records = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
+    (tmp_path / "data.json").write_text(json.dumps(records))  # the same records as one JSON list
+    run_tokenize(viq_dir, tmp_path / "data.json", tmp_path / "l", show_progress=False)
+    (from_lines,), (from_list,) = CodeShards(tmp_path / "j"), CodeShards(tmp_path / "l")
+    assert from_lines.text == from_list.text and np.array_equal(from_lines.codes, from_list.codes)
     with tarfile.open(tmp_path / "in.tar", "w") as tar:
         tar.add(tmp_path / "a.png", arcname="k1.png")
         info = tarfile.TarInfo("k1.txt")
@@ -122,7 +127,7 @@ def test_jsonl_and_tar_inputs(viq_dir, tmp_path):
     from viq_mllm.data.sources import TarMember
 
     # the recorded location reads back the raw image bytes (what the continuous baseline decodes)
-    assert TarMember.from_locator(sample.path).read() == (tmp_path / "a.png").read_bytes()
+    assert TarMember.from_locator(sample.images[0].path).read() == (tmp_path / "a.png").read_bytes()
 
 
 def _many_images(root, count):

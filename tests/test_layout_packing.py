@@ -47,7 +47,7 @@ def test_g16_positions_equal_the_continuous_baseline(h, w):
 
 def test_caption_document_hand_built():
     tok = WordTokenizer()
-    doc = caption_document(tok, VOCAB, grid(2, 4), "a red pig", 16)
+    doc = caption_document(tok, VOCAB, [grid(2, 4)], "a red pig", 16)
     a, red, pig = 10, 11, 12
     assert doc.tokens.tolist() == [S, OFF + 0, OFF + 8, R, E, a, red, pig, 1]
     assert doc.visual.tolist() == [False, True, True, False, False, False, False, False, False]
@@ -63,7 +63,7 @@ def test_sft_mask_covers_only_assistant_answers():
              {"from": "gpt", "value": "a pig"},
              {"from": "human", "value": "colour ?"},
              {"from": "gpt", "value": "pink"}]
-    doc = chat_document(tok, VOCAB, grid(2, 2), turns, 16)
+    doc = chat_document(tok, VOCAB, [grid(2, 2)], turns, 16)
     w = tok.words
     expected = ([w["User:"], w["look"], S, OFF, R, E, w["what"], w["is"], w["it"], 1]
                 + [w["Assistant:"], w["a"], w["pig"], 1]
@@ -75,6 +75,38 @@ def test_sft_mask_covers_only_assistant_answers():
     assert supervised == {11, 12, 13, 19, 20}
 
 
+def test_each_placeholder_takes_the_next_image_and_text_only_chats_have_none():
+    tok = WordTokenizer()
+    small, wide = grid(2, 2), grid(2, 4) + 40  # one and two visual positions; distinct codes
+    turns = [{"from": "human", "value": "compare <image> with <image> please"}, {"from": "gpt", "value": "same"}]
+    doc = chat_document(tok, VOCAB, [small, wide], turns, 16)
+    w = tok.words
+    expected = ([w["User:"], w["compare"], S, OFF, R, E, w["with"], S, OFF + 40, OFF + 48, R, E, w["please"], 1]
+                + [w["Assistant:"], w["same"], 1])
+    assert doc.tokens.tolist() == expected
+    assert doc.codes.shape == (3, 16) and doc.codes[1, 0] == OFF + 40  # the second block holds the second image
+    assert {i + 1 for i, m in enumerate(doc.loss_mask.tolist()) if m} == {15, 16}
+    text_only = chat_document(tok, VOCAB, [], [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], 16)
+    assert text_only.tokens.tolist() == [w["User:"], w["hi"], 1, w["Assistant:"], w["yo"], 1]
+    assert not text_only.visual.any() and text_only.codes.shape[0] == 0
+
+
+@pytest.mark.parametrize("values, images", [(["<image> <image> two?"], 1), (["<image> one"], 2), (["none"], 2),
+                                            (["<image>"], 0)])
+def test_a_placeholder_count_that_differs_from_the_images_is_refused(values, images):
+    turns = [{"from": "human", "value": v} for v in values] + [{"from": "gpt", "value": "x"}]
+    with pytest.raises(ValueError, match=r"placeholder\(s\) for"):
+        chat_document(WordTokenizer(), VOCAB, [grid(2, 2)] * images, turns, 16)
+
+
+def test_caption_after_two_images_and_plain_text():
+    tok = WordTokenizer()
+    doc = caption_document(tok, VOCAB, [grid(2, 2), grid(2, 2)], "two pigs", 16)
+    assert doc.tokens.tolist() == [S, OFF, R, E, S, OFF, R, E, 10, 11, 1]
+    assert doc.loss_mask.tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0]  # the caption only, after the last image
+    assert caption_document(tok, VOCAB, [], "two pigs", 16).tokens.tolist() == [10, 11, 1]
+
+
 def test_first_fit_decreasing():
     assert first_fit_decreasing([5, 4, 3], 8) == [[0, 2], [1]]
     assert first_fit_decreasing([2, 2, 2, 2], 4) == [[0, 1], [2, 3]]
@@ -82,7 +114,7 @@ def test_first_fit_decreasing():
 
 def test_pack_refuses_or_truncates_long_documents():
     tok = WordTokenizer()
-    doc = caption_document(tok, VOCAB, grid(4, 4), "a b c d e f", 16)
+    doc = caption_document(tok, VOCAB, [grid(4, 4)], "a b c d e f", 16)
     with pytest.raises(ValueError, match=r"document 0 has 15 positions, more than model.seq_length=10"):
         pack([doc], 10)
     (row,) = pack([doc], 10, allow_truncation=True)
@@ -91,7 +123,7 @@ def test_pack_refuses_or_truncates_long_documents():
 
 def test_collate_restarts_positions_and_isolates_documents():
     tok = WordTokenizer()
-    docs = [caption_document(tok, VOCAB, grid(2, 2), text, 16) for text in ("x y z", "p", "q r")]
+    docs = [caption_document(tok, VOCAB, [grid(2, 2)], text, 16) for text in ("x y z", "p", "q r")]
     rows = pack(docs, 12)
     batch = collate(rows)
     lengths = [len(d) for r in rows for d in r.documents]
@@ -112,7 +144,7 @@ def test_blending_follows_the_weights_and_is_a_function_of_the_position():
     from viq_mllm.data.multimodal import PackedDataset, PackedSource
 
     tok = WordTokenizer()
-    make = lambda text: pack([caption_document(tok, VOCAB, grid(2, 2), text, 16)], 32)  # noqa: E731
+    make = lambda text: pack([caption_document(tok, VOCAB, [grid(2, 2)], text, 16)], 32)  # noqa: E731
     a, b = PackedSource(make("a") + make("a a"), 3.0), PackedSource(make("b") + make("b b"), 1.0)
     data = PackedDataset([a, b], seed=5)
     drawn = [data.row_at(p) for p in range(4000)]

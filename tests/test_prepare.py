@@ -38,7 +38,7 @@ def test_prepared_rows_equal_the_in_memory_rows(vlm_assets, tmp_path, group, one
     for ours, theirs in zip(rows, expected):
         assert [len(d) for d in ours.documents] == [len(d) for d in theirs.documents]
         for a, b in zip(ours.documents, theirs.documents):
-            assert a.image == b.image and a.image is not None
+            assert a.images == b.images and len(a.images) == 1 and a.images[0] is not None
             for name in ("tokens", "visual", "codes", "loss_mask"):
                 assert torch.equal(getattr(a, name), getattr(b, name)), name
     for key, value in collate(list(rows)).items():
@@ -118,3 +118,90 @@ def test_two_ranks_prepare_the_same_files_as_one(vlm_assets, tmp_path):
     viq_mllm("prepare", "--shards", str(vlm_assets["shards"]), "--vocab", str(vlm_assets["vocab"]),
              "--seq-length", str(SEQ), "--out", str(tmp_path / "two"), "--nproc", "2")
     assert digests(tmp_path / "two") == digests(tmp_path / "one")
+
+
+def llava_records(images) -> list:
+    """LLaVA-style records: one image, two images, text-only, and four that must be reported and skipped."""
+    ask = lambda question, answer: [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]  # noqa: E731
+    return [
+        {"id": "one", "image": f"{images}/img000.png", "conversations": ask("<image>\nWhat shape?", "A square.")},
+        {"id": "two", "image": [f"{images}/img001.png", f"{images}/img002.png"],
+         "conversations": ask("Is <image> the same as <image>?", "No.")},
+        {"id": "text", "conversations": ask("Say hi.", "Hi.")},
+        {"id": "mismatch", "image": f"{images}/img003.png", "conversations": ask("<image> or <image>?", "One.")},
+        {"id": "lost", "image": [f"{images}/img004.png", f"{images}/gone.png"], "conversations": ask("<image><image>", "?")},
+        {"id": "bad-image-field", "image": 7, "conversations": ask("<image>", "?")},
+        "not an object",
+    ]
+
+
+def test_llava_json_with_several_and_no_images_is_tokenized_and_prepared(vlm_assets, tmp_path):
+    """Tokenize -> prepare (SFT) on LLaVA JSON: the skipped records are named with their reason; each image's codes
+    are the tokenizer's own encode of its file; prepared documents equal the in-memory ones, image blocks and
+    source images in placeholder order."""
+    import json
+
+    from viq_mllm.data.extract import run_tokenize
+    from viq_mllm.data.layout import IMAGE_PLACEHOLDER
+    from viq_mllm.viq import ViQTokenizer
+
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "llava.json").write_text(json.dumps(llava_records("images")))
+    manifest = run_tokenize(vlm_assets["viq"], tmp_path / "meta" / "llava.json", tmp_path / "shards",
+                            image_root=vlm_assets["root"], show_progress=False)
+    assert manifest["inputs"] == 7 and manifest["samples"] == 3 and manifest["skipped"] == 4
+    reasons = [r["reason"] for r in json.loads((tmp_path / "shards" / "report.json").read_text())["skipped"]]
+    assert "(id mismatch): 2 <image> placeholder(s) for 1 image(s)" in reasons[0]
+    assert "(id lost): image 1 (" in reasons[1] and "gone.png" in reasons[1]
+    assert "'image' must be a path or a list of paths" in reasons[2] and "expected a JSON object" in reasons[3]
+
+    samples = {s.source.split("(id ")[1][:-1]: s for s in CodeShards(tmp_path / "shards")}
+    assert {k: len(s.images) for k, s in samples.items()} == {"one": 1, "two": 2, "text": 0}
+    files = [vlm_assets["root"] / "images" / f"img00{i}.png" for i in (1, 2)]
+    direct = ViQTokenizer.from_pretrained(vlm_assets["viq"]).encode(files)
+    for image, file, codes in zip(samples["two"].images, files, direct):
+        assert image.path == str(file.resolve()) and (image.codes == codes.numpy()).all()
+
+    tokenizer = MultimodalTokenizer.from_dir(vlm_assets["vocab"])
+    expected = documents_from_shards(CodeShards(tmp_path / "shards"), tokenizer, "sft", 16)
+    prepare(tmp_path / "shards", vlm_assets["vocab"], tmp_path / "p", "sft", SEQ, show_progress=False)
+    rows = PreparedRows(tmp_path / "p")
+    ours = sorted((d for r in rows for d in r.documents), key=lambda d: d.tokens.tolist())
+    for a, b in zip(ours, sorted(expected, key=lambda d: d.tokens.tolist()), strict=True):
+        assert a.images == b.images and all(torch.equal(getattr(a, n), getattr(b, n))
+                                            for n in ("tokens", "visual", "codes", "loss_mask"))
+    starts = {len(d.images): int((d.tokens == tokenizer.vocab.special("image_start")).sum()) for d in ours}
+    assert starts == {0: 0, 1: 1, 2: 2}
+    two = next(d for d in ours if len(d.images) == 2)
+    words = tokenizer.text.decode([t for t in two.tokens.tolist() if t < tokenizer.vocab.text_size])
+    assert IMAGE_PLACEHOLDER not in words and "the same as" in words
+
+
+@pytest.mark.e2e
+def test_kill_9_mid_prepare_then_rerun_gives_byte_identical_files(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    from viq_mllm.data.synthetic import make_code_shards
+
+    assets = make_code_shards(tmp_path / "data", samples=4000, shard_size=20)  # 200 shards: time to kill
+    run_prepare(assets, tmp_path / "straight", seq_length=1024)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "viq_mllm", "prepare", "--shards", str(assets["shards"]),
+                             "--vocab", str(assets["vocab"]), "--seq-length", "1024", "--out", str(killed)],
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "parts" / "part-00003.done").exists() and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / prepared.PREPARED).exists(), "prepare finished before it was killed"
+    assert (killed / "parts").is_dir()
+    run_prepare(assets, killed, seq_length=1024)
+    assert digests(killed) == digests(tmp_path / "straight") and not (killed / "parts").exists()

@@ -60,7 +60,7 @@ def test_baseline_fills_exactly_the_discrete_visual_positions():
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(40, 200), (128, 128), (300, 90)]]
     items = tok.preprocess(images)
     codes = tok.encode_preprocessed(items)
-    docs = [caption_document(Words(), vocab, c.numpy(), "a small red pig", 16) for c in codes]
+    docs = [caption_document(Words(), vocab, [c.numpy()], "a small red pig", 16) for c in codes]
     discrete = collate(pack(docs, 512))
     baseline = continuous_batch(discrete, vocab, [it.pixels for it in items], [it.grid for it in items])
     assert torch.equal(baseline["visual"], discrete["visual"])

@@ -77,7 +77,8 @@ def _tokenize(args: argparse.Namespace, rank: int, world: int) -> int:
     from viq_mllm.data.extract import run_tokenize
 
     run_tokenize(args.viq, args.input, args.out, workers=args.workers, shard_size=args.shard_size,
-                 max_tokens=args.max_tokens, max_source_pixels=args.max_source_pixels, rank=rank, world=world)
+                 max_tokens=args.max_tokens, max_source_pixels=args.max_source_pixels, rank=rank, world=world,
+                 image_root=args.image_root)
     return 0
 
 
@@ -232,16 +233,20 @@ def _add_tokenize(sub) -> None:
     tok = sub.add_parser(
         "tokenize",
         help="extract ViQ codes offline into webdataset shards (resumable)",
-        description="Encode every image of --input with the ViQ tokenizer in --viq and write code shards, "
+        description="Encode every sample of --input with the ViQ tokenizer in --viq and write code shards, "
         "manifest.json (fingerprint, counts, checksums) and report.json (skipped inputs and why) into --out. "
         "Rerun the same command after a crash: finished shards are kept, the rest is redone identically.",
     )
     tok.add_argument("--viq", required=True, type=existing, help="ViQ tokenizer folder (save_pretrained output)")
-    tok.add_argument("--input", required=True, type=existing, help="image folder, .jsonl, or webdataset .tar shard(s)")
+    tok.add_argument("--input", required=True, type=existing,
+                     help="image folder, LLaVA-style .json / .jsonl (image + conversations or caption), or "
+                     "webdataset .tar shard(s)")
+    tok.add_argument("--image-root", type=existing, default=None,
+                     help="folder the .json / .jsonl image paths are relative to (default: the file's folder)")
     tok.add_argument("--out", required=True, help="output folder for the shards")
     tok.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
     tok.add_argument("--nproc", type=int, default=0, help="launch N processes (torchrun); shards split by rank")
-    tok.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    tok.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     tok.add_argument("--max-tokens", type=int, default=2048, help="patches per packed encoder pass")
     tok.add_argument("--max-source-pixels", type=int, default=64_000_000,
                      help="refuse larger images before decoding (decompression bombs)")

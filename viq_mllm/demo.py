@@ -102,8 +102,9 @@ def evaluate_vlm(out: Path, checkpoint: Path) -> dict:
         group = meta.model.visual.group
         samples = list(CodeShards(out / "shards" / "eval", expected_fingerprint=meta.vocab.viq_fingerprint))
         shift = len(samples) // 2
-        matched = [caption_document(tokenizer.text, tokenizer.vocab, s.codes, s.text["caption"], group) for s in samples]
-        mismatched = [caption_document(tokenizer.text, tokenizer.vocab, samples[(i + shift) % len(samples)].codes,
+        matched = [caption_document(tokenizer.text, tokenizer.vocab, [s.codes], s.text["caption"], group)
+                   for s in samples]
+        mismatched = [caption_document(tokenizer.text, tokenizer.vocab, [samples[(i + shift) % len(samples)].codes],
                                        s.text["caption"], group) for i, s in enumerate(samples)]
         loss_matched, loss_mismatched = caption_losses(model, matched), caption_losses(model, mismatched)
         generated = []

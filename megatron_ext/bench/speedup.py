@@ -90,8 +90,8 @@ def _documents(preset: Preset, vocab: Vocab, seq: int, px: int, seed: int = 0
     side = px // 16
     docs, pixels = [], []
     while True:
-        b = SequenceBuilder(vocab)
-        b.image(torch.randint(0, preset.codebook, (side, side, 4), generator=g).numpy(), 16)
+        b = SequenceBuilder(vocab, 16)
+        b.image(torch.randint(0, preset.codebook, (side, side, 4), generator=g).numpy())
         b.text(torch.randint(0, preset.text_vocab, (preset.caption_tokens,), generator=g).tolist(), True)
         doc = b.build()
         if sum(len(d) for d in docs) + len(doc) > seq:

@@ -10,7 +10,7 @@ file prefix    dtype   per document
 ``loss_mask``  uint8   1 where the next id is supervised
 ``visual``     uint8   1 at visual positions
 ``codes``      int32   the ``G`` code ids of each visual position, flattened
-``image``      uint8   the source image's locator (UTF-8; empty when the shards lack it)
+``images``     uint8   its image blocks' source locators (UTF-8, each ended by a line break)
 =============  ======  =====================================================================
 
 and the packing, computed once: ``rows.npy`` (the documents of every row, concatenated) and ``row_offsets.npy``.
@@ -50,9 +50,9 @@ from viq_mllm.data.packing import Row, fit, row_documents
 from viq_mllm.data.shards import CodeShards, read_shard
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
-FORMAT = 1
+FORMAT = 2
 PREPARED = "prepared.json"
-FIELDS = {"tokens": np.int32, "loss_mask": np.uint8, "visual": np.uint8, "codes": np.int32, "image": np.uint8}
+FIELDS = {"tokens": np.int32, "loss_mask": np.uint8, "visual": np.uint8, "codes": np.int32, "images": np.uint8}
 
 
 class PreparedMismatch(ValueError):
@@ -124,7 +124,15 @@ def _prepare_part(shards: CodeShards, shard: int, tokenizer: MultimodalTokenizer
 def _fields(doc: Document) -> dict[str, np.ndarray]:
     return {"tokens": doc.tokens.numpy().astype(np.int32), "loss_mask": doc.loss_mask.numpy().astype(np.uint8),
             "visual": doc.visual.numpy().astype(np.uint8), "codes": doc.codes.reshape(-1).numpy().astype(np.int32),
-            "image": np.frombuffer((doc.image or "").encode(), dtype=np.uint8).copy()}
+            "images": np.frombuffer(_locators(doc.images).encode(), dtype=np.uint8).copy()}
+
+
+def _locators(images: list) -> str:
+    """One line per image block, each ended by a line break; a block whose source was not recorded is an empty
+    line."""
+    if any("\n" in (path or "") for path in images):
+        raise ValueError(f"an image path holds a line break, which the prepared format cannot store: {images}")
+    return "".join(f"{path or ''}\n" for path in images)
 
 
 def _wait_for_parts(parts: Path, count: int, key: str, timeout_s: float = 86400) -> None:
@@ -162,7 +170,7 @@ def _finish(out: Path, parts: Path, count: int, inputs: dict, key: str, seq_leng
 
 
 def _open(prefix: Path) -> IndexedDataset:
-    """Memory-mapped, unless the data file is empty (no locators recorded), which cannot be mapped."""
+    """Memory-mapped, unless the data file is empty (no document has an image), which cannot be mapped."""
     return IndexedDataset(str(prefix), mmap=prefix.with_suffix(".bin").stat().st_size > 0)
 
 
@@ -201,4 +209,4 @@ class PreparedRows(Sequence):
                         torch.from_numpy(field["visual"].astype(bool)),
                         torch.from_numpy(field["codes"].astype(np.int64)).reshape(-1, self.group),
                         torch.from_numpy(field["loss_mask"].astype(np.float32)),
-                        field["image"].tobytes().decode() or None)
+                        [path or None for path in field["images"].tobytes().decode().split("\n")[:-1]])

@@ -53,14 +53,14 @@ def caption_losses(model: VisionLanguageModel, documents: list[Document],
 
 def prompt_document(tokenizer: MultimodalTokenizer, codes, prompt: str, group: int) -> Document:
     """The image block, then (for chat models) ``User: PROMPT<eod>Assistant: `` — the model continues."""
-    b = SequenceBuilder(tokenizer.vocab)
+    b = SequenceBuilder(tokenizer.vocab, group)
     if prompt:
         b.text(tokenizer.text.encode("User: "), False)
-        b.image(codes, group)
+        b.image(codes)
         b.text(tokenizer.text.encode(prompt) + [tokenizer.text.eod], False)
         b.text(tokenizer.text.encode("Assistant: "), False)
     else:
-        b.image(codes, group)
+        b.image(codes)
     return b.build()
 
 

@@ -60,14 +60,15 @@ def load_captioned(sources: list[str | Path], text_tokenizer, base: int, max_pix
     data = CaptionedImages([])
     for source in sources:
         for record in list_sources(source):
-            key = record.image.locator() if isinstance(record.image, TarMember) else str(Path(record.image).resolve())
             caption = record.text.get("caption")
-            if need_captions and not caption:
-                data.skipped.append((record.source, "no caption"))
+            if len(record.images) != 1 or (need_captions and not caption):
+                data.skipped.append((record.source, record.problem or
+                                     ("no caption" if len(record.images) == 1 else "not one image")))
                 continue
+            image = record.images[0]
+            key = image.locator() if isinstance(image, TarMember) else str(Path(image).resolve())
             try:
-                image = record.image.read() if isinstance(record.image, TarMember) else record.image
-                item = preprocess(image, base, max_pixels)
+                item = preprocess(image.read() if isinstance(image, TarMember) else image, base, max_pixels)
             except (ImageInputError, OSError) as err:
                 data.skipped.append((record.source, str(err)))
                 continue

@@ -24,7 +24,9 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from viq_mllm.console import progress
-from viq_mllm.data.shards import MANIFEST, REPORT, SHARD_NAME, CodeSample, sha256_of, write_shard
+from viq_mllm.data.layout import placeholder_problem
+from viq_mllm.data.shards import (MANIFEST, REPORT, SHARD_FORMAT, SHARD_NAME, CodeImage, CodeSample, sha256_of,
+                                  write_shard)
 from viq_mllm.data.sources import SourceRecord, TarMember, list_sources
 from viq_mllm.viq import ViQTokenizer
 from viq_mllm.viq.preprocess import ImageInputError, Preprocessed, load_image, preprocess
@@ -33,7 +35,7 @@ from viq_mllm.viq.preprocess import ImageInputError, Preprocessed, load_image, p
 @dataclass
 class Decoded:
     record: SourceRecord
-    item: Optional[Preprocessed]
+    items: list[Preprocessed]  # one per image of the record
     error: Optional[str]
     file_bytes: int
 
@@ -47,15 +49,33 @@ class _Decode(Dataset):
 
     def __getitem__(self, i: int) -> Decoded:
         record = self.records[i]
-        try:
-            raw = record.image.read() if isinstance(record.image, TarMember) else record.image
-            size = len(raw) if isinstance(raw, bytes) else (raw.stat().st_size if raw.is_file() else 0)
-            image = load_image(raw, self.max_source_pixels)
-            return Decoded(record, preprocess(image, self.base, self.max_pixels), None, size)
-        except ImageInputError as err:
-            return Decoded(record, None, str(err).replace(str(record.image), record.source), 0)
-        except Exception as err:  # an unforeseen decoder failure must not stop a 100k-image job
-            return Decoded(record, None, f"{record.source}: {type(err).__name__}: {err}", 0)
+        problem = record.problem or _placeholder_problem(record)
+        if problem is not None:
+            return Decoded(record, [], problem, 0)
+        items, size = [], 0
+        for image in record.images:
+            try:
+                raw = image.read() if isinstance(image, TarMember) else image
+                size += len(raw) if isinstance(raw, bytes) else (raw.stat().st_size if raw.is_file() else 0)
+                items.append(preprocess(load_image(raw, self.max_source_pixels), self.base, self.max_pixels))
+            except ImageInputError as err:
+                return Decoded(record, [], _named(str(err), image, record), 0)
+            except Exception as err:  # an unforeseen decoder failure must not stop a 100k-image job
+                return Decoded(record, [], _named(f"{image}: {type(err).__name__}: {err}", image, record), 0)
+        return Decoded(record, items, None, size)
+
+
+def _placeholder_problem(record: SourceRecord) -> Optional[str]:
+    turns = record.text.get("conversations")
+    problem = placeholder_problem(turns, len(record.images)) if turns else None
+    return None if problem is None else f"{record.source}: {problem}"
+
+
+def _named(reason: str, image, record: SourceRecord) -> str:
+    """The reason with the image named as the report reads best: the record's source, and which of its images."""
+    if len(record.images) == 1:
+        return reason.replace(str(image), record.source)
+    return f"{record.source}: " + reason.replace(f"{image}: ", f"image {record.images.index(image)} ({image}): ")
 
 
 def shard_ranges(count: int, shard_size: int) -> list[range]:
@@ -67,7 +87,8 @@ def _shard_done(out: Path, shard: int) -> bool:
     tar_path = out / SHARD_NAME.format(shard)
     if not (record_path.is_file() and tar_path.is_file()):
         return False
-    return json.loads(record_path.read_text())["sha256"] == sha256_of(tar_path)
+    record = json.loads(record_path.read_text())
+    return record.get("format") == SHARD_FORMAT and record["sha256"] == sha256_of(tar_path)
 
 
 def _encode_shard(model: ViQTokenizer, records: list[SourceRecord], workers: int, max_tokens: int,
@@ -79,15 +100,16 @@ def _encode_shard(model: ViQTokenizer, records: list[SourceRecord], workers: int
     pending: list[Decoded] = []
 
     def flush():
-        codes = model.encode_preprocessed([d.item for d in pending], max_tokens)
-        for decoded, grid in zip(pending, codes):
-            array = grid.numpy().astype(np.uint16)
-            image = decoded.record.image
-            path = image.locator() if isinstance(image, TarMember) else str(Path(image).resolve())
-            samples.append(CodeSample(decoded.record.key, array, decoded.item.source_size, decoded.record.source,
-                                      decoded.record.text, path))
-            stats["code_bytes"] += array.nbytes
-            stats["pixel_bytes"] += decoded.item.pixels[0].numel() * 3
+        codes = iter(model.encode_preprocessed([item for d in pending for item in d.items], max_tokens))
+        for decoded in pending:
+            images = []
+            for item, image in zip(decoded.items, decoded.record.images):
+                array = next(codes).numpy().astype(np.uint16)
+                path = image.locator() if isinstance(image, TarMember) else str(Path(image).resolve())
+                images.append(CodeImage(array, item.source_size, path))
+                stats["code_bytes"] += array.nbytes
+                stats["pixel_bytes"] += item.pixels[0].numel() * 3
+            samples.append(CodeSample(decoded.record.key, images, decoded.record.source, decoded.record.text))
             stats["file_bytes"] += decoded.file_bytes
         progress(len(pending))
         pending.clear()
@@ -98,7 +120,7 @@ def _encode_shard(model: ViQTokenizer, records: list[SourceRecord], workers: int
             progress(1)
             continue
         pending.append(decoded)
-        if sum(d.item.grid[0] * d.item.grid[1] for d in pending) >= max_tokens:
+        if sum(item.grid[0] * item.grid[1] for d in pending for item in d.items) >= max_tokens:
             flush()
     if pending:
         flush()
@@ -107,10 +129,11 @@ def _encode_shard(model: ViQTokenizer, records: list[SourceRecord], workers: int
 
 def run_tokenize(viq_dir: str | Path, src: str | Path, out: str | Path, workers: int = 0, shard_size: int = 1000,
                  max_tokens: int = 2048, max_source_pixels: int = 64_000_000, rank: int = 0, world: int = 1,
-                 show_progress: bool = True) -> dict:
-    """Tokenize ``src`` into ``out``; returns the summary (the manifest when rank 0 finishes last)."""
+                 show_progress: bool = True, image_root: str | Path | None = None) -> dict:
+    """Tokenize ``src`` (``sources.py``; LLaVA-style paths relative to ``image_root``) into ``out``; returns the
+    summary (the manifest when rank 0 finishes last)."""
     model = ViQTokenizer.from_pretrained(viq_dir)
-    records = list_sources(src)
+    records = list_sources(src, image_root)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ranges = shard_ranges(len(records), shard_size)
@@ -134,7 +157,7 @@ def run_tokenize(viq_dir: str | Path, src: str | Path, out: str | Path, workers:
 
 
 def _progress_bar(total: int, show: bool):
-    return progress(total, desc="tokenize", unit="img") if show else None
+    return progress(total, desc="tokenize", unit="sample") if show else None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -151,11 +174,12 @@ def _wait_for_all(out: Path, shards: int, timeout_s: float = 86400) -> None:
         time.sleep(1.0)
 
 
-def _write_manifest(out: Path, model: ViQTokenizer, inputs: int, shards: int, images_per_s: float) -> dict:
+def _write_manifest(out: Path, model: ViQTokenizer, inputs: int, shards: int, samples_per_s: float) -> dict:
     records = [json.loads((out / SHARD_NAME.format(s).replace(".tar", ".json")).read_text()) for s in range(shards)]
     skipped = [item for r in records for item in r.pop("skipped")]
     totals = {k: sum(r[k] for r in records) for k in ("samples", "code_bytes", "pixel_bytes", "file_bytes")}
     manifest = {
+        "format": SHARD_FORMAT,
         "viq_fingerprint": model.fingerprint,
         "viq_config": json.loads(model.config.to_json()),
         "codebook_size": model.head.embedder.fsq.codebook_size,
@@ -171,7 +195,7 @@ def _write_manifest(out: Path, model: ViQTokenizer, inputs: int, shards: int, im
         kind = item["reason"].split(": ", 1)[-1].split(" (")[0]
         reasons[kind] = reasons.get(kind, 0) + 1
     ratio = totals["pixel_bytes"] / max(totals["code_bytes"], 1)
-    print(f"tokenized {totals['samples']} of {inputs} images into {shards} shards in {out}; skipped "
-          f"{len(skipped)} {reasons if reasons else ''}; {images_per_s:.1f} img/s; codes are 1/{ratio:.0f} of the "
+    print(f"tokenized {totals['samples']} of {inputs} samples into {shards} shards in {out}; skipped "
+          f"{len(skipped)} {reasons if reasons else ''}; {samples_per_s:.1f} samples/s; codes are 1/{ratio:.0f} of the "
           f"raw pixels (see {REPORT})")
     return manifest

@@ -23,8 +23,8 @@ Example, G = 16, a 2 x 4 patch grid and caption "A pig." (ids abbreviated)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class Document:
     visual: torch.Tensor  # [L] bool
     codes: torch.Tensor  # [n_visual, G] int64 vocabulary ids of the codes
     loss_mask: torch.Tensor  # [L] float: 1 where labels[i] (= tokens[i + 1]) is a target
-    image: Optional[str] = None  # the source image file (the continuous baseline reads its pixels)
+    images: list[Optional[str]] = field(default_factory=list)  # each image block's source (the baseline's pixels)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -49,6 +49,15 @@ class Document:
     @property
     def labels(self) -> torch.Tensor:
         return torch.cat([self.tokens[1:], self.tokens.new_zeros(1)])
+
+
+def turn_role(turn: dict) -> Optional[str]:
+    """``"user"``, ``"assistant"`` or ``"system"`` for a turn in LLaVA (``from``) or OpenAI (``role``) form."""
+    return ROLES.get(turn.get("from", turn.get("role", "")))
+
+
+def turn_text(turn: dict) -> str:
+    return str(turn.get("value", turn.get("content", "")))
 
 
 def window_for(group: int) -> int:
@@ -75,10 +84,11 @@ def visual_position_count(h: int, w: int, group: int) -> int:
 
 
 class SequenceBuilder:
-    """Appends text and image blocks position by position; ``build()`` gives the :class:`Document`."""
+    """Appends text and image blocks (``group`` codes per visual position) position by position; ``build()``
+    gives the :class:`Document`."""
 
-    def __init__(self, vocab: Vocab):
-        self.vocab = vocab
+    def __init__(self, vocab: Optional[Vocab], group: int = 16):
+        self.vocab, self.group = vocab, group
         self.tokens: list[int] = []
         self.visual: list[bool] = []
         self.codes: list[torch.Tensor] = []  # [n, G] blocks of code ids, one per image
@@ -89,8 +99,8 @@ class SequenceBuilder:
         self.visual += [False] * len(ids)
         self.target += [supervised] * len(ids)
 
-    def image(self, codes: np.ndarray, group: int) -> None:
-        grid = self.vocab.codes_to_ids(code_groups(codes, group))  # [rows, per_row, G]
+    def image(self, codes: np.ndarray) -> None:
+        grid = self.vocab.codes_to_ids(code_groups(codes, self.group))  # [rows, per_row, G]
         self.text([self.vocab.special("image_start")], False)
         row_end, per_row = self.vocab.special("row_end"), grid.shape[1]
         for first_ids in grid[:, :, 0].tolist():  # a visual position's id is its first code's
@@ -112,14 +122,16 @@ class SequenceBuilder:
     def build(self) -> Document:
         tokens = torch.tensor(self.tokens, dtype=torch.long)
         target = torch.tensor(self.target + [False], dtype=torch.float32)
-        codes = torch.cat(self.codes) if self.codes else torch.zeros(0, 1, dtype=torch.long)
+        codes = torch.cat(self.codes) if self.codes else torch.zeros(0, self.group, dtype=torch.long)
         return Document(tokens, torch.tensor(self.visual), codes, target[1:])
 
 
-def caption_document(tokenizer, vocab: Vocab, codes: np.ndarray, caption: str, group: int) -> Document:
-    """Pretraining: image, then the caption and end-of-document, all caption tokens supervised."""
-    b = SequenceBuilder(vocab)
-    b.image(codes, group)
+def caption_document(tokenizer, vocab: Vocab, images: Sequence[np.ndarray], caption: str, group: int) -> Document:
+    """Pretraining: the images, then the caption and end-of-document, all caption tokens supervised (with no
+    image: plain text pretraining)."""
+    b = SequenceBuilder(vocab, group)
+    for codes in images:
+        b.image(codes)
     b.text(tokenizer.encode(caption) + [tokenizer.eod], True)
     return b.build()
 
@@ -131,32 +143,49 @@ def projected_caption_document(tokenizer, grid: tuple[int, int], caption: str, i
     b.projected_image(*grid, placeholder=tokenizer.eod)
     b.text(tokenizer.encode(caption) + [tokenizer.eod], True)
     doc = b.build()
-    doc.image = image
+    doc.images = [image]
     return doc
 
 
-def chat_document(tokenizer, vocab: Vocab, codes: np.ndarray, turns: list[dict], group: int) -> Document:
-    """SFT: ``turns`` of {"from"/"role": ..., "value"/"content": ...}; the image replaces ``<image>`` in the
-    first user turn that has it (or opens the first user turn). Only assistant answers and their end-of-turn
-    (``eod``) are supervised; role headers (``"User: "``, ``"Assistant: "``) are not."""
-    b = SequenceBuilder(vocab)
-    placed = False
+def placeholder_problem(turns: list[dict], images: int) -> Optional[str]:
+    """Why a conversation cannot hold ``images`` images, or None. The ``<image>`` placeholders must be as many as
+    the images; one image with no placeholder is also accepted (it opens the first user turn)."""
+    found = sum(turn_text(t).count(IMAGE_PLACEHOLDER) for t in turns)
+    if found == images or (found == 0 and images == 1):
+        return None
+    return f"{found} {IMAGE_PLACEHOLDER} placeholder(s) for {images} image(s)"
+
+
+def chat_document(tokenizer, vocab: Vocab, images: Sequence[np.ndarray], turns: list[dict], group: int) -> Document:
+    """SFT: ``turns`` of {"from"/"role": ..., "value"/"content": ...}; the k-th ``<image>`` placeholder becomes the
+    k-th image's block (a single image with no placeholder opens the first user turn; no image: a text-only
+    conversation). Only assistant answers and their end-of-turn (``eod``) are supervised; role headers
+    (``"User: "``, ``"Assistant: "``) and images are not."""
+    problem = placeholder_problem(turns, len(images))
+    if problem is not None:
+        raise ValueError(f"a conversation with {problem}")
+    if len(images) == 1 and not any(IMAGE_PLACEHOLDER in turn_text(t) for t in turns):
+        turns = _with_leading_placeholder(turns)
+    b, pending = SequenceBuilder(vocab, group), list(images)
     for turn in turns:
-        role = ROLES.get(turn.get("from", turn.get("role", "")))
+        role = turn_role(turn)
         if role is None:
             raise ValueError(f"unknown chat role in {turn}; expected one of {sorted(ROLES)}")
-        text = turn.get("value", turn.get("content", ""))
-        b.text(tokenizer.encode(f"{role.capitalize()}: "), False)
-        if role == "user" and not placed:
-            before, found, after = text.partition(IMAGE_PLACEHOLDER)
-            if not found:
-                before, after = "", text
-            if before.strip():
-                b.text(tokenizer.encode(before.strip()), False)
-            b.image(codes, group)
-            placed, text = True, after.strip()
         supervised = role == "assistant"
-        b.text(tokenizer.encode(text.replace(IMAGE_PLACEHOLDER, "").strip()) + [tokenizer.eod], supervised)
-    if not placed:
-        raise ValueError("a conversation needs a user turn to hold the image")
+        b.text(tokenizer.encode(f"{role.capitalize()}: "), False)
+        pieces = turn_text(turn).split(IMAGE_PLACEHOLDER)
+        for i, piece in enumerate(pieces):
+            if i > 0:
+                b.image(pending.pop(0))
+            if piece.strip() and i < len(pieces) - 1:
+                b.text(tokenizer.encode(piece.strip()), supervised)
+        b.text(tokenizer.encode(pieces[-1].strip()) + [tokenizer.eod], supervised)
     return b.build()
+
+
+def _with_leading_placeholder(turns: list[dict]) -> list[dict]:
+    first_user = next((i for i, t in enumerate(turns) if turn_role(t) == "user"), None)
+    if first_user is None:
+        raise ValueError("a conversation needs a user turn to hold the image")
+    turn = {"from": "user", "value": IMAGE_PLACEHOLDER + turn_text(turns[first_user])}
+    return [*turns[:first_user], turn, *turns[first_user + 1:]]

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from viq_mllm.data.layout import Document, caption_document, chat_document
+from viq_mllm.data.layout import Document, caption_document, chat_document, turn_role, turn_text
 from viq_mllm.data.order import rank_micro_batches, sample_index
 from viq_mllm.data.packing import Row, collate
 from viq_mllm.data.shards import CodeSample, CodeShards
@@ -27,29 +27,39 @@ def documents_from_shards(shards: CodeShards, tokenizer: MultimodalTokenizer, ta
 
 def sample_document(directory, sample: CodeSample, tokenizer: MultimodalTokenizer, task: str, group: int
                     ) -> Document:
-    """The training document of one code sample: a caption after the image (pretraining) or its conversation
-    (SFT), with the source image's locator for the continuous baseline."""
-    document = _document(f"{directory}: sample {sample.key} ({sample.source})", sample, tokenizer, task, group)
-    document.image = sample.path
+    """The training document of one code sample: a caption after its images (pretraining) or its conversation
+    (SFT), with the source images' locators for the continuous baseline.
+
+    Pretraining on conversation records (LLaVA-Pretrain's layout) follows LLaVA's ``plain`` template: the images,
+    then the assistant's answers as the caption; the human prompts are dropped."""
+    where = f"{directory}: sample {sample.key} ({sample.source})"
+    codes = [image.codes for image in sample.images]
+    try:
+        if task == "pretrain":
+            document = caption_document(tokenizer.text, tokenizer.vocab, codes, _caption(sample.text), group)
+        else:
+            document = chat_document(tokenizer.text, tokenizer.vocab, codes, _conversation(sample.text), group)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    document.images = [image.path for image in sample.images]
     return document
 
 
-def _document(where: str, sample: CodeSample, tokenizer: MultimodalTokenizer, task: str, group: int) -> Document:
-    if task == "pretrain":
-        caption = sample.text.get("caption")
-        if not caption:
-            raise ValueError(f"{where} has no caption")
-        return caption_document(tokenizer.text, tokenizer.vocab, sample.codes, caption, group)
-    turns = sample.text.get("conversations") or _caption_as_chat(sample.text.get("caption"))
-    if not turns:
-        raise ValueError(f"{where} has no conversation")
-    return chat_document(tokenizer.text, tokenizer.vocab, sample.codes, turns, group)
-
-
-def _caption_as_chat(caption: str | None) -> list[dict] | None:
+def _caption(text: dict) -> str:
+    answers = [turn_text(t) for t in text.get("conversations", []) if turn_role(t) == "assistant"]
+    caption = text.get("caption") or "\n".join(answers)
     if not caption:
-        return None
-    return [{"from": "human", "value": "<image>\nWhat is in this picture?"}, {"from": "gpt", "value": caption}]
+        raise ValueError("no caption")
+    return caption
+
+
+def _conversation(text: dict) -> list[dict]:
+    if text.get("conversations"):
+        return text["conversations"]
+    if text.get("caption"):
+        return [{"from": "human", "value": "<image>\nWhat is in this picture?"},
+                {"from": "gpt", "value": text["caption"]}]
+    raise ValueError("no conversation")
 
 
 @dataclass

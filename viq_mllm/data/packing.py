@@ -45,10 +45,13 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def truncate(document: Document, length: int) -> Document:
+    """The first ``length`` positions. A cut inside the images keeps the codes before it and no source images
+    (the continuous baseline cannot encode part of an image)."""
     visual_kept = int(document.visual[:length].sum())
     mask = document.loss_mask[:length].clone()
     mask[-1] = 0.0  # its label would be the first dropped token
-    return Document(document.tokens[:length], document.visual[:length], document.codes[:visual_kept], mask)
+    images = document.images if visual_kept == len(document.codes) else []
+    return Document(document.tokens[:length], document.visual[:length], document.codes[:visual_kept], mask, images)
 
 
 def fit(document: Document, seq_length: int, allow_truncation: bool, name: str) -> Document:
@@ -79,13 +82,12 @@ def pack(documents: list[Document], seq_length: int, allow_truncation: bool = Fa
 
 def collate(rows: list[Row], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Rows -> one packed sequence ``[1, len(rows) * seq_length]`` with per-document ``cu_seqlens``; ``images``
-    lists the documents' source image files (what the continuous baseline encodes)."""
+    lists the source image of every image block, in order (what the continuous baseline encodes)."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("tokens", "labels", "loss_mask", "position_ids", "visual")}
     codes, lengths, images = [], [], []
     for row in rows:
         for doc in row.documents:
-            if bool(doc.visual.any()):
-                images.append(doc.image)
+            images.extend(doc.images)
             parts["tokens"].append(doc.tokens)
             parts["labels"].append(doc.labels)
             parts["loss_mask"].append(doc.loss_mask)
@@ -106,5 +108,5 @@ def collate(rows: list[Row], pad_id: int = 0) -> dict[str, torch.Tensor]:
     batch["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     batch["max_seqlen"] = torch.tensor(max(lengths), dtype=torch.int32)
     batch["real_tokens"] = torch.tensor(sum(r.used for r in rows))
-    batch["images"] = images  # source image files of the documents with visual positions, in order
+    batch["images"] = images
     return batch

@@ -1,10 +1,13 @@
 """Code shards (docs/concepts.md): webdataset tar files of ViQ codes, written byte-for-byte reproducibly.
 
-One shard ``codes-00003.tar`` holds, per sample with key ``000001234`` (the input's global index)::
+One shard ``codes-00003.tar`` holds, per sample with key ``000001234`` (the input's global index) and for each of
+its images ``i`` (none for a text-only sample, several for a multi-image conversation)::
 
-    000001234.codes.npy    uint16 array (h, w, 4): the code grid
-    000001234.json         {"grid": [h, w], "source_size": [H, W], "source": "...", "text": {...},
-                            "path": "/abs/path.png" or "/abs/images.tar::key.jpg"}
+    000001234.json         {"source": "...", "text": {...},
+                            "images": [{"grid": [h, w], "source_size": [H, W],
+                                        "path": "/abs/path.png" or "/abs/images.tar::key.jpg"}, ...]}
+    000001234.0.codes.npy  uint16 array (h, w, 4): image 0's code grid
+    000001234.1.codes.npy  ...
 
 Beside it, ``codes-00003.json`` is the shard's completion record (sample count, sha256, skipped inputs); a shard
 counts as done only when its record exists and matches the tar. ``manifest.json`` gathers the records with the
@@ -26,6 +29,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+SHARD_FORMAT = 2  # 2: a list of images per sample (1: one image per sample, no longer read)
 SHARD_NAME = "codes-{:05d}.tar"
 MANIFEST = "manifest.json"
 REPORT = "report.json"
@@ -36,17 +40,29 @@ class FingerprintMismatch(ValueError):
 
 
 @dataclass
-class CodeSample:
-    key: str
+class CodeImage:
     codes: np.ndarray  # (h, w, 4) uint16
     source_size: tuple[int, int]
-    source: str
-    text: dict = field(default_factory=dict)  # {"caption": ...} or {"conversations": [...]}
     path: Optional[str] = None  # where the source image is: a file path, or "shard.tar::member" (baseline reads it)
 
     @property
     def grid(self) -> tuple[int, int]:
         return int(self.codes.shape[0]), int(self.codes.shape[1])
+
+
+@dataclass
+class CodeSample:
+    key: str
+    images: list[CodeImage]  # in the order of the text's ``<image>`` placeholders; empty for text-only samples
+    source: str
+    text: dict = field(default_factory=dict)  # {"caption": ...} or {"conversations": [...]}
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The code grid of a one-image sample (the common case of caption data)."""
+        if len(self.images) != 1:
+            raise ValueError(f"sample {self.key} ({self.source}) has {len(self.images)} images, not one")
+        return self.images[0].codes
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -56,14 +72,15 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def encode_sample(sample: CodeSample) -> list[tuple[str, bytes]]:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(sample.codes, dtype=np.uint16), allow_pickle=False)
-    meta = {"grid": list(sample.grid), "source_size": list(sample.source_size), "source": sample.source,
-            "text": sample.text}
-    if sample.path is not None:
-        meta["path"] = sample.path
-    return [(f"{sample.key}.codes.npy", buf.getvalue()),
-            (f"{sample.key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())]
+    images, members = [], []
+    for i, image in enumerate(sample.images):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(image.codes, dtype=np.uint16), allow_pickle=False)
+        members.append((f"{sample.key}.{i}.codes.npy", buf.getvalue()))
+        record = {"grid": list(image.grid), "source_size": list(image.source_size)}
+        images.append(record if image.path is None else {**record, "path": image.path})
+    meta = {"images": images, "source": sample.source, "text": sample.text}
+    return [(f"{sample.key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()), *members]
 
 
 def write_shard(path: Path, samples: list[CodeSample]) -> dict:
@@ -74,7 +91,7 @@ def write_shard(path: Path, samples: list[CodeSample]) -> dict:
             for name, data in encode_sample(sample):
                 _member(tar, name, data)
     os.replace(tmp, path)
-    return {"samples": len(samples), "sha256": sha256_of(path), "bytes": path.stat().st_size}
+    return {"samples": len(samples), "sha256": sha256_of(path), "bytes": path.stat().st_size, "format": SHARD_FORMAT}
 
 
 def sha256_of(path: Path) -> str:
@@ -94,8 +111,10 @@ def read_shard(path: Path) -> Iterator[CodeSample]:
     for key in sorted(members):
         parts = members[key]
         meta = json.loads(parts["json"])
-        codes = np.load(io.BytesIO(parts["codes.npy"]), allow_pickle=False)
-        yield CodeSample(key, codes, tuple(meta["source_size"]), meta["source"], meta["text"], meta.get("path"))
+        images = [CodeImage(np.load(io.BytesIO(parts[f"{i}.codes.npy"]), allow_pickle=False),
+                            tuple(image["source_size"]), image.get("path"))
+                  for i, image in enumerate(meta["images"])]
+        yield CodeSample(key, images, meta["source"], meta["text"])
 
 
 class CodeShards:
@@ -107,6 +126,9 @@ class CodeShards:
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{self.directory}: no {MANIFEST}; is this the output of `viq-mllm tokenize`?")
         self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != SHARD_FORMAT:
+            raise ValueError(f"{self.directory}: code shards of format {self.manifest.get('format', 1)}, this "
+                             f"version reads format {SHARD_FORMAT}; run `viq-mllm tokenize` again into a new folder")
         found = self.manifest["viq_fingerprint"]
         if expected_fingerprint is not None and found != expected_fingerprint:
             raise FingerprintMismatch(

@@ -2,8 +2,11 @@
 
 - a folder: every image file below it (sorted paths); a caption is read from a sidecar ``stem.txt`` (first
   line) when present (the layout of the tuxpaint stamps and of many scraped sets);
-- a ``.jsonl`` file: one ``{"image": path, "caption": ...}`` or ``{"image": path, "conversations": [...]}`` per
-  line, paths relative to the file;
+- LLaVA-style ``.json`` (a list) or ``.jsonl`` (one per line) records, as LLaVA-Pretrain, LLaVA-Instruct,
+  ShareGPT4V and LLaVA-OneVision ship them: ``{"id": ..., "image": path or [paths] (or absent: text-only),
+  "conversations": [{"from": "human", "value": "<image>\n..."}, {"from": "gpt", "value": ...}]}`` or ``"caption"``
+  instead of conversations; paths relative to ``image_root`` (default: the file's folder). A record that is not
+  such an object is kept with its ``problem`` (reported and skipped by ``tokenize``, never fatal);
 - webdataset shards: a ``.tar`` file or a folder of them, samples grouped by key, the image under an image
   extension and the text under ``txt`` (caption) or ``json``.
 
@@ -16,7 +19,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -42,24 +45,28 @@ class TarMember:
         return cls(Path(tar), name)
 
 
+Image = Union[Path, TarMember]
+
+
 @dataclass
 class SourceRecord:
     index: int
-    image: Union[Path, TarMember]
+    images: list[Image]  # none for a text-only record
     source: str  # human-readable origin, used in reports
     text: dict = field(default_factory=dict)
+    problem: Optional[str] = None  # why the record cannot be used, found while listing
 
     @property
     def key(self) -> str:
         return f"{self.index:09d}"
 
 
-def list_sources(src: str | Path) -> list[SourceRecord]:
+def list_sources(src: str | Path, image_root: str | Path | None = None) -> list[SourceRecord]:
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"--input {src}: does not exist")
-    if src.is_file() and src.suffix == ".jsonl":
-        return _from_jsonl(src)
+    if src.is_file() and src.suffix in (".json", ".jsonl"):
+        return _from_records(src, Path(image_root) if image_root is not None else src.parent)
     if src.is_file() and src.suffix == ".tar":
         return _from_tars([src])
     if src.is_dir():
@@ -67,7 +74,7 @@ def list_sources(src: str | Path) -> list[SourceRecord]:
         if tars and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in src.iterdir()):
             return _from_tars(tars)
         return _from_folder(src)
-    raise ValueError(f"--input {src}: expected a folder, a .jsonl file or webdataset .tar shards")
+    raise ValueError(f"--input {src}: expected a folder, a LLaVA-style .json / .jsonl file or webdataset .tar shards")
 
 
 def _from_folder(root: Path) -> list[SourceRecord]:
@@ -80,23 +87,48 @@ def _from_folder(root: Path) -> list[SourceRecord]:
             lines = sidecar.read_text(encoding="utf-8", errors="replace").strip().splitlines()
             if lines:
                 text = {"caption": lines[0].strip()}
-        records.append(SourceRecord(i, path, str(path.relative_to(root)), text))
+        records.append(SourceRecord(i, [path], str(path.relative_to(root)), text))
     return records
 
 
-def _from_jsonl(path: Path) -> list[SourceRecord]:
-    records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+def _from_records(path: Path, image_root: Path) -> list[SourceRecord]:
+    if path.suffix == ".json":
         try:
-            item = json.loads(line)
-            image = item["image"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{line_no}: expected a JSON object with an 'image' field ({err})") from None
-        text = {k: item[k] for k in ("caption", "conversations") if k in item}
-        records.append(SourceRecord(len(records), path.parent / image, str(image), text))
-    return records
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--input {path}: not valid JSON ({err})") from None
+        if not isinstance(items, list):
+            raise ValueError(f"--input {path}: expected a JSON list of records, found {type(items).__name__}")
+        numbered = [(f"{path.name}[{i}]", item) for i, item in enumerate(items)]
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        numbered = [(f"{path.name}:{n}", _json_or_error(line)) for n, line in enumerate(lines, 1) if line.strip()]
+    return [_record(i, where, item, image_root) for i, (where, item) in enumerate(numbered)]
+
+
+def _json_or_error(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        return ValueError(f"not valid JSON ({err})")
+
+
+def _record(index: int, where: str, item, image_root: Path) -> SourceRecord:
+    """One LLaVA-style record; what is wrong with it goes to ``problem``."""
+    if isinstance(item, ValueError):
+        return SourceRecord(index, [], where, problem=f"{where}: {item}")
+    if not isinstance(item, dict):
+        return SourceRecord(index, [], where, problem=f"{where}: expected a JSON object, found {type(item).__name__}")
+    if "id" in item:
+        where = f"{where} (id {item['id']})"
+    image = item.get("image", [])
+    paths = [image] if isinstance(image, str) else image
+    text = {k: item[k] for k in ("caption", "conversations") if k in item}
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        return SourceRecord(index, [], where, text, f"{where}: 'image' must be a path or a list of paths")
+    if not text:
+        return SourceRecord(index, [], where, text, f"{where}: no 'conversations' or 'caption'")
+    return SourceRecord(index, [image_root / p for p in paths], where, text)
 
 
 def _from_tars(tars: list[Path]) -> list[SourceRecord]:
@@ -119,5 +151,6 @@ def _from_tars(tars: list[Path]) -> list[SourceRecord]:
             image_ext = next((e for e in samples[key] if f".{e}" in IMAGE_EXTENSIONS), None)
             if image_ext is not None:
                 member = TarMember(tar_path, samples[key][image_ext])
-                records.append(SourceRecord(len(records), member, f"{tar_path.name}:{member.name}", texts.get(key, {})))
+                records.append(SourceRecord(len(records), [member], f"{tar_path.name}:{member.name}",
+                                            texts.get(key, {})))
     return records

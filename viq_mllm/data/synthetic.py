@@ -53,7 +53,7 @@ def make_code_shards(root: Path, samples: int, grid: tuple[int, int] = (24, 24),
 
     import numpy as np
 
-    from viq_mllm.data.shards import MANIFEST, SHARD_NAME, CodeSample, write_shard
+    from viq_mllm.data.shards import MANIFEST, SHARD_FORMAT, SHARD_NAME, CodeImage, CodeSample, write_shard
     from viq_mllm.viq import ViQTokenizer
     from viq_mllm.vocab.extend import extend_vocab
     from viq_mllm.vocab.text_tokenizers import train_sentencepiece
@@ -65,13 +65,14 @@ def make_code_shards(root: Path, samples: int, grid: tuple[int, int] = (24, 24),
     (root / "shards").mkdir(parents=True)
     records = []
     for shard, first in enumerate(range(0, samples, shard_size)):
-        batch = [CodeSample(f"s{i:09d}", rng.integers(0, 2304, (*grid, 4), dtype=np.uint16), (384, 384), "synthetic",
-                            {"caption": f"A {words[i % len(words)]} number {i % 97}."}, None)
+        batch = [CodeSample(f"s{i:09d}", [CodeImage(rng.integers(0, 2304, (*grid, 4), dtype=np.uint16), (384, 384))],
+                            "synthetic", {"caption": f"A {words[i % len(words)]} number {i % 97}."})
                  for i in range(first, min(first + shard_size, samples))]
         info = write_shard(root / "shards" / SHARD_NAME.format(shard), batch)
         records.append({"name": SHARD_NAME.format(shard), **info})
     (root / "shards" / MANIFEST).write_text(json.dumps(
-        {"viq_fingerprint": viq.fingerprint, "inputs": samples, "samples": samples, "shards": records}, indent=1))
+        {"format": SHARD_FORMAT, "viq_fingerprint": viq.fingerprint, "inputs": samples, "samples": samples,
+         "shards": records}, indent=1))
     sp = train_sentencepiece([f"A {w} number {n}." for w in words for n in range(97)], root / "text.model", 400)
     extend_vocab(sp, viq_dir, root / "vocab")
     return {"root": root, "viq": viq_dir, "shards": root / "shards", "vocab": root / "vocab"}
