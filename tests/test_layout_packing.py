@@ -112,6 +112,26 @@ def test_first_fit_decreasing():
     assert first_fit_decreasing([2, 2, 2, 2], 4) == [[0, 1], [2, 3]]
 
 
+def scanned_first_fit_decreasing(lengths, capacity):
+    """The textbook algorithm: every bin scanned in order for each item."""
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        b = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
+        if b is None:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            bins[b].append(i)
+            room[b] -= lengths[i]
+    return bins
+
+
+@pytest.mark.parametrize("count, top", [(1, 9), (2, 9), (300, 64), (1000, 40), (257, 200)])
+def test_first_fit_decreasing_equals_the_scanning_algorithm(count, top):
+    lengths = np.random.default_rng(count).integers(1, top, count).tolist()
+    assert first_fit_decreasing(lengths, 64) == scanned_first_fit_decreasing(lengths, 64)
+
+
 def test_pack_refuses_or_truncates_long_documents():
     tok = WordTokenizer()
     doc = caption_document(tok, VOCAB, [grid(4, 4)], "a b c d e f", 16)

@@ -29,18 +29,28 @@ class Row:
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices of the items in each bin; items sorted by length (desc), then index."""
+    """Indices of the items in each bin; items sorted by length (desc), then index, each into the first bin with
+    room. The first bin with room is found in a max-tree of the bins' free room: O(n log n), so a million documents
+    pack in seconds (scanning the bins is O(n^2) when most documents fill a row alone)."""
+    leaves = 1 << max(len(lengths) - 1, 1).bit_length()
+    room = [-1] * (2 * leaves)  # room[leaves + b]: free room of bin b (-1: not opened); inner nodes: max below
     bins: list[list[int]] = []
-    room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
+        need = lengths[i]
+        if room[1] >= need:
+            node = 1
+            while node < leaves:  # descend to the leftmost bin with room
+                node = 2 * node if room[2 * node] >= need else 2 * node + 1
+            bins[node - leaves].append(i)
+            free = room[node] - need
         else:
+            node = leaves + len(bins)
             bins.append([i])
-            room.append(capacity - lengths[i])
+            free = capacity - need
+        room[node] = free
+        while node > 1:
+            node //= 2
+            room[node] = max(room[2 * node], room[2 * node + 1])
     return bins
 
 
