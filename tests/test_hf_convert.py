@@ -226,25 +226,16 @@ def test_unmapped_tensor_is_an_error(tmp_path):
         apply(mappings(ctx), state, ctx, "to_mcore")
 
 
-def smollm2_hf_dir(path):
-    from viq_mllm.offline_assets import smollm2_hf_dir as write
-
-    try:
-        return write(path)
-    except FileNotFoundError as err:
-        pytest.fail(str(err))
-
-
 @pytest.mark.e2e
-def test_real_smollm2_greedy_generation_matches_hf(tmp_path):
-    model, tokenizer = smollm2_hf_dir(tmp_path / "hf")
-    viq_mllm("convert", "hf-to-mcore", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "mcore"))
+def test_real_smollm2_greedy_generation_matches_hf(smollm2, tmp_path):
+    folder, model, tokenizer = smollm2
+    viq_mllm("convert", "hf-to-mcore", "--input", str(folder), "--output", str(tmp_path / "mcore"))
     for i, prompt in enumerate(["The capital of France is", "def fibonacci(n):", "Water boils at"]):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             theirs = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
         out = tmp_path / f"ids{i}.txt"
-        viq_mllm("generate", "--checkpoint", str(tmp_path / "mcore"), "--tokenizer", str(tmp_path / "hf"),
+        viq_mllm("generate", "--checkpoint", str(tmp_path / "mcore"), "--tokenizer", str(folder),
                  "--prompt", prompt, "--max-new-tokens", "12", "--output-ids", str(out))
         ours = [int(x) for x in out.read_text().split()]
         if tokenizer.eos_token_id in theirs:

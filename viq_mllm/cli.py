@@ -1,6 +1,6 @@
 """``viq-mllm``: train multimodal LLMs on discrete ViQ image codes with megatron-core. Extract codes offline
 (tokenize), extend a text vocabulary with them (extend-vocab, resize-vocab), train any recipe (train), move
-weights to and from Hugging Face (convert, import-viq), generate, and benchmark; each command has --help.
+weights to and from Hugging Face (convert, export, import-viq), generate, and benchmark; each command has --help.
 
     viq-mllm train RECIPE.yaml [--nproc N] [key=value ...]
     viq-mllm demo [--out DIR]
@@ -123,13 +123,29 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from megatron_ext.convert.vlm_hf import export_hf
+
+    record = export_hf(args.checkpoint, args.out)
+    kind = "a stock causal LM (input_ids)" if record["group"] == 1 else "a stock causal LM + viq_mllm.hf.inputs_embeds"
+    print(f"wrote {args.out}: {kind}, the extended tokenizer, generation_config.json and the ViQ tokenizer (viq/)")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from megatron_ext.training.parallel import shutdown
 
-    try:
-        ids, text = _generate_multimodal(args) if args.image else _generate_text(args)
-    finally:
-        shutdown()
+    if args.hf:
+        from viq_mllm.hf import generate
+
+        if not args.image:
+            raise ValueError("--hf needs --image (an exported VLM folder)")
+        ids, text = generate(args.hf, args.image, args.prompt, args.max_new_tokens)
+    else:
+        try:
+            ids, text = _generate_multimodal(args) if args.image else _generate_text(args)
+        finally:
+            shutdown()
     print(text)
     if args.output_ids:
         Path(args.output_ids).write_text(" ".join(map(str, ids)) + "\n")
@@ -137,12 +153,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:
-    from megatron_ext.vlm.inference import greedy, load_for_inference, prompt_document
+    from megatron_ext.vlm.inference import greedy, load_for_inference
+    from viq_mllm.data.layout import prompt_document
     from viq_mllm.viq import ViQTokenizer
 
     model, tokenizer, meta = load_for_inference(args.checkpoint)
     codes = ViQTokenizer.from_pretrained(meta.vocab.viq_dir).encode([args.image])[0]
-    prompt = prompt_document(tokenizer, codes, args.prompt, meta.model.visual.group)
+    prompt = prompt_document(tokenizer.text, tokenizer.vocab, codes, args.prompt, meta.model.visual.group)
     ids = greedy(model, tokenizer, prompt, args.max_new_tokens)
     return ids, tokenizer.text.decode(ids)
 
@@ -316,7 +333,10 @@ def _add_generate(sub) -> None:
                          "sequence greedily (a caption when --prompt is empty, an answer otherwise). Without: "
                          "continues --prompt with a text GPT checkpoint (trained here or converted from HF), "
                          "tokenized with --tokenizer.")
-    gen.add_argument("--checkpoint", required=True, type=existing, help="checkpoints/step_XXXXXXXX, or a converted checkpoint")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=existing, help="checkpoints/step_XXXXXXXX, or a converted checkpoint")
+    source.add_argument("--hf", type=existing, help="a VLM folder written by `viq-mllm export hf` (run with "
+                        "transformers, the same prompt layout)")
     gen.add_argument("--image", default=None, type=existing, help="image for a VLM checkpoint")
     gen.add_argument("--tokenizer", default=None, help="text models: HF tokenizer folder, SentencePiece .model, "
                      "or bytes (checked against the checkpoint's tokenizer fingerprint)")
@@ -324,6 +344,19 @@ def _add_generate(sub) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=24)
     gen.add_argument("--output-ids", default=None, help="also write the generated ids to this file")
     gen.set_defaults(func=_generate)
+
+
+def _add_export(sub) -> None:
+    exp = sub.add_parser("export", help="a trained VLM -> a Hugging Face causal-LM folder (no vision tower)",
+                         description="Writes config.json, model.safetensors (every extended row, padding stripped), "
+                         "the extended tokenizer, generation_config.json (text-only generation), the ViQ tokenizer "
+                         "(viq/) and viq_mllm.json. With model.visual.group 1 the folder is a stock Llama / Qwen2 model "
+                         "fed input_ids; with 4 or 16, viq_mllm.hf.inputs_embeds computes its inputs_embeds. "
+                         "Only embedding: table exports.")
+    exp.add_argument("format", choices=["hf"])
+    exp.add_argument("--checkpoint", required=True, type=existing, help="a VLM checkpoint (checkpoints/step_XXXXXXXX)")
+    exp.add_argument("--out", required=True, help="output folder (AutoModelForCausalLM.from_pretrained loads it)")
+    exp.set_defaults(func=_export)
 
 
 def _add_import_viq(sub) -> None:
@@ -381,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resize_vocab(sub)
     _add_convert(sub)
     _add_generate(sub)
+    _add_export(sub)
     _add_import_viq(sub)
     _add_demo(sub)
     _add_viq_chain(sub)

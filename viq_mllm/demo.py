@@ -93,8 +93,8 @@ def build_text_corpus(out: Path, train: list[tuple[Path, str]]) -> tuple[Path, P
 
 def evaluate_vlm(out: Path, checkpoint: Path) -> dict:
     from megatron_ext.training.parallel import shutdown
-    from megatron_ext.vlm.inference import caption_losses, greedy, load_for_inference, prompt_document
-    from viq_mllm.data.layout import caption_document
+    from megatron_ext.vlm.inference import caption_losses, greedy, load_for_inference
+    from viq_mllm.data.layout import caption_document, prompt_document
     from viq_mllm.data.shards import CodeShards
 
     model, tokenizer, meta = load_for_inference(checkpoint)
@@ -109,7 +109,8 @@ def evaluate_vlm(out: Path, checkpoint: Path) -> dict:
         loss_matched, loss_mismatched = caption_losses(model, matched), caption_losses(model, mismatched)
         generated = []
         for sample in samples[:12]:
-            ids = greedy(model, tokenizer, prompt_document(tokenizer, sample.codes, "", group), 16)
+            prompt = prompt_document(tokenizer.text, tokenizer.vocab, sample.codes, "", group)
+            ids = greedy(model, tokenizer, prompt, 16)
             generated.append({"source": sample.source, "caption": sample.text["caption"],
                               "generated": tokenizer.text.decode(ids)})
     finally:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -225,13 +225,16 @@ def check_same_model(model: ModelSection, found: ModelSection, where: Path) -> N
 
 
 def initialize_from(recipe: Recipe, vocab: checkpoint.VocabRecord,
-                    target: Callable[[checkpoint.CheckpointMeta], torch.nn.Module]) -> None:
-    """Load ``init.checkpoint``'s weights into ``target(its model.json)`` (a freshly built model, or the part of it
-    the checkpoint holds), after checking it is the same vocabulary (both fingerprints shown otherwise) and network.
-    Nothing to do without ``init.checkpoint``, or when ``run.dir`` has a checkpoint to resume from."""
-    if not recipe.init.checkpoint or checkpoint.latest(Path(recipe.run.dir) / "checkpoints") is not None:
+                    target: Callable[[checkpoint.CheckpointMeta], torch.nn.Module],
+                    start: Optional[Path] = None) -> None:
+    """Load the starting weights (``start``, else ``init.checkpoint``) into ``target(its model.json)`` (a freshly
+    built model, or the part of it the checkpoint holds), after checking it is the same vocabulary (both
+    fingerprints shown otherwise) and network. Nothing to do without one, or when ``run.dir`` has a checkpoint to
+    resume from."""
+    start = start or recipe.init.checkpoint
+    if not start or checkpoint.latest(Path(recipe.run.dir) / "checkpoints") is not None:
         return
-    path = Path(recipe.init.checkpoint)
+    path = Path(start)
     meta = checkpoint.read_meta(path)
     check_same_vocab(meta.vocab, vocab, path)
     check_same_model(recipe.model, meta.model, path)

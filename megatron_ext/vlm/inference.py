@@ -7,6 +7,7 @@ Single process (TP = PP = 1): a checkpoint of any layout loads here (torch_dist 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,7 +18,7 @@ from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import Layout, device, init_distributed
 from megatron_ext.vlm.model import VisionLanguageModel, packed_params
 from megatron_ext.vlm.train import build_vlm
-from viq_mllm.data.layout import Document, SequenceBuilder
+from viq_mllm.data.layout import Document
 from viq_mllm.data.packing import collate, pack
 from viq_mllm.recipe import ParallelSection, TrainSection
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
@@ -49,19 +50,6 @@ def caption_losses(model: VisionLanguageModel, documents: list[Document],
         mask = batch["loss_mask"][0]
         losses.append(float((per_token * mask).sum() / mask.sum()))
     return losses
-
-
-def prompt_document(tokenizer: MultimodalTokenizer, codes, prompt: str, group: int) -> Document:
-    """The image block, then (for chat models) ``User: PROMPT<eod>Assistant: `` — the model continues."""
-    b = SequenceBuilder(tokenizer.vocab, group)
-    if prompt:
-        b.text(tokenizer.text.encode("User: "), False)
-        b.image(codes)
-        b.text(tokenizer.text.encode(prompt) + [tokenizer.text.eod], False)
-        b.text(tokenizer.text.encode("Assistant: "), False)
-    else:
-        b.image(codes)
-    return b.build()
 
 
 @torch.no_grad()
@@ -104,3 +92,21 @@ def greedy_text(gpt, prompt_ids: list[int], max_new_tokens: int, stop_id: int, v
         return gpt(on[None], torch.arange(len(on), device=on.device)[None], None)[0, -1]
 
     return greedy_ids(next_logits, torch.tensor(prompt_ids), max_new_tokens, stop_id, vocab)
+
+
+def answerer(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, viq_dir: str, group: int,
+             max_new_tokens: int = 4) -> Callable[[Optional[str], str], str]:
+    """``(image or None, question) -> answer`` by greedy decoding (``viq_mllm.evaluation``); each image is
+    encoded once."""
+    from viq_mllm.data.layout import prompt_document
+    from viq_mllm.viq import ViQTokenizer
+
+    viq = ViQTokenizer.from_pretrained(viq_dir)
+    codes = functools.lru_cache(maxsize=4096)(lambda image: viq.encode([image])[0].numpy())
+
+    def answer(image: Optional[str], question: str) -> str:
+        prompt = prompt_document(tokenizer.text, tokenizer.vocab, None if image is None else codes(image), question,
+                                 group)
+        return tokenizer.text.decode(greedy(model, tokenizer, prompt, max_new_tokens))
+
+    return answer

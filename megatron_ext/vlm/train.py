@@ -1,8 +1,9 @@
 """The ``vlm`` run kind: pretraining or SFT of the discrete VLM on packed code shards.
 
 Before any compute, the pieces must agree: the code shards were made by the recipe's ViQ tokenizer
-(``model.visual.viq``), the vocabulary was extended for that tokenizer, and an ``init.checkpoint`` or a resumed
-checkpoint has the same vocabulary; each mismatch is refused with both fingerprints.
+(``model.visual.viq``), the vocabulary was extended for that tokenizer, and an ``init.checkpoint`` (or the start
+``init.hf`` builds, ``from_hf.py``) or a resumed checkpoint has the same vocabulary; each mismatch is refused with
+both fingerprints.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.training.checkpoint import VocabRecord
 from megatron_ext.training.loop import build_trainer, initialize_from, run_training
 from megatron_ext.training.parallel import Layout, device, init_distributed
+from megatron_ext.vlm.from_hf import init_checkpoint
 from megatron_ext.vlm.model import (
     ContinuousVisualEmbedding,
     VisionLanguageModel,
@@ -106,6 +108,7 @@ class PixelSource:
 def train_vlm(recipe: Recipe) -> list[dict]:
     p, t, m = recipe.parallel, recipe.train, recipe.model
     layout = init_distributed(p.tp, p.pp, t.seed)
+    start = init_checkpoint(recipe, layout) if recipe.init.hf else None
     tokenizer = MultimodalTokenizer.from_dir(recipe.data.vocab)
     expected_viq = viq_fingerprint(m.visual.viq)
     if tokenizer.vocab.viq_fingerprint != expected_viq:
@@ -117,7 +120,7 @@ def train_vlm(recipe: Recipe) -> list[dict]:
     vlm = build_vlm(recipe.model, recipe.parallel, recipe.train, tokenizer, layout)
     vocab = vocab_record(recipe, tokenizer)
     # a VLM checkpoint, or a GPT one (resize-vocab's output)
-    initialize_from(recipe, vocab, lambda found: vlm if found.model.visual else vlm.gpt)
+    initialize_from(recipe, vocab, lambda found: vlm if found.model.visual else vlm.gpt, start)
     trainer = build_trainer(recipe, layout, vlm, vocab, packed=True)
     if layout.rank == 0:
         padding = [round(s.padding_fraction, 4) for s in dataset.sources]

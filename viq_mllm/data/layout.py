@@ -147,6 +147,23 @@ def projected_caption_document(tokenizer, grid: tuple[int, int], caption: str, i
     return doc
 
 
+def prompt_document(tokenizer, vocab: Vocab, codes: Optional[np.ndarray], prompt: str, group: int) -> Document:
+    """What generation continues: the image block, then (for chat models) ``User: PROMPT<eod>Assistant: `` with the
+    image opening the user turn; with no prompt, the image block alone (a captioning model continues with the
+    caption); with no image (``codes`` None), the chat turn alone. The layout of training's documents, so the
+    exported HF model is prompted exactly as the megatron one."""
+    b = SequenceBuilder(vocab, group)
+    if not prompt:
+        b.image(codes)
+        return b.build()
+    b.text(tokenizer.encode("User: "), False)
+    if codes is not None:
+        b.image(codes)
+    b.text(tokenizer.encode(prompt) + [tokenizer.eod], False)
+    b.text(tokenizer.encode("Assistant: "), False)
+    return b.build()
+
+
 def placeholder_problem(turns: list[dict], images: int) -> Optional[str]:
     """Why a conversation cannot hold ``images`` images, or None. The ``<image>`` placeholders must be as many as
     the images; one image with no placeholder is also accepted (it opens the first user turn)."""

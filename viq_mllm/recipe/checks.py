@@ -66,6 +66,8 @@ def _check_schedule(t: TrainSection) -> None:
 
 
 def _check_kind(recipe: Recipe) -> None:
+    if recipe.init.hf and (recipe.kind != "vlm" or recipe.init.checkpoint):
+        raise RecipeError("init.hf starts a kind=vlm run from an HF LLM; it cannot go with init.checkpoint")
     if recipe.kind == "viq":
         if recipe.viq.stage != "decoder" and recipe.model is None:
             raise RecipeError("model: required field is missing (the language model's shape)")

@@ -110,12 +110,15 @@ class InitSection(_Section):
     """Weights to start from when run.dir has no checkpoint yet.
 
     ``checkpoint``: a megatron GPT (or VLM) checkpoint, e.g. the output of resize-vocab or of
-    ``convert hf-to-mcore``. ``from``: the run directory of the previous ViQ stage (its ``tokenizer/``).
+    ``convert hf-to-mcore``. ``hf``: a VLM's start from a Hugging Face LLM folder (Llama / Qwen2): it is converted,
+    its tokenizer extended into ``data.vocab`` (when that folder does not exist yet) and its embedding grown, once,
+    into ``RUN_DIR/init/``. ``from``: the run directory of the previous ViQ stage (its ``tokenizer/``).
     ``viq``: a ViQ tokenizer folder to start the first stage from (e.g. imported SigLIP2 weights).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
     checkpoint: Optional[str] = None
+    hf: Optional[str] = None
     from_: Optional[str] = Field(default=None, alias="from")
     viq: Optional[str] = None
 

@@ -1,0 +1,106 @@
+"""``viq-mllm export hf``: a trained discrete VLM -> a Hugging Face causal-LM folder, served with no vision tower.
+
+ViQ codes are vocabulary, so the VLM is a Llama / Qwen2 causal LM with a larger embedding table. The folder holds:
+
+- ``config.json`` + ``model.safetensors``: the GPT (``convert/hf.py``'s table), every extended row kept (text,
+  image markers, codes), the vocabulary padding stripped;
+- the extended tokenizer (the vocabulary folder's ``save_pretrained`` output, with the base model's chat template)
+  and ``vocab.json`` (the id layout);
+- ``generation_config.json``: the text end-of-document as ``eos_token_id``, and every image-marker and code id in
+  ``suppress_tokens``, so ``generate`` writes text only, as ``viq-mllm generate`` does;
+- ``viq/``: the ViQ tokenizer the codes come from, and ``viq_mllm.json``: how an image becomes ids.
+
+How a visual position is embedded decides what a stock model can run:
+
+- ``group: 1`` with ``embedding: table``: a position is one code's row times the learned slot vector; the slot is
+  folded into the code rows of ``embed_tokens`` (the output layer, if tied, is written untied with the unscaled rows),
+  so the folder is a stock ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` fed ``input_ids``;
+- ``group: 4 | 16``: a position sums 4 or 16 code rows, each scaled by its slot vector; the slots go to
+  ``viq_slots.safetensors`` and :func:`viq_mllm.hf.inputs_embeds` computes the ``inputs_embeds`` to pass to the stock
+  model;
+- ``embedding: embedder`` (and the continuous baseline) run the ViQ tokenizer's own modules per position: not a
+  causal-LM folder, refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_ext.convert.hf import ConversionError, apply, hf_config, mappings, shapes_of
+from megatron_ext.training import checkpoint
+from megatron_ext.training.parallel import shutdown
+from viq_mllm.hf import CONFIG_FILE, SLOTS_FILE
+from viq_mllm.vocab import Vocab
+
+#: files of a vocabulary folder that are not the tokenizer (its record of where the base tokenizer lives)
+_NOT_TOKENIZER = {"text_tokenizer.json"}
+
+
+def export_hf(ckpt: str | Path, out: str | Path) -> dict:
+    """Write the VLM checkpoint ``ckpt`` as an HF folder ``out`` (see the module); returns ``viq_mllm.json``."""
+    from megatron_ext.vlm.inference import load_for_inference
+
+    ckpt, out = Path(ckpt), Path(out)
+    meta = checkpoint.read_meta(ckpt)
+    visual = meta.model.visual
+    if visual is None:
+        raise ConversionError(f"{ckpt}: a text checkpoint; use `viq-mllm convert mcore-to-hf`")
+    if visual.embedding != "table":
+        raise ConversionError(f"{ckpt}: model.visual.embedding={visual.embedding} embeds visual positions with the "
+                              "ViQ tokenizer's modules, which a causal-LM folder cannot hold; only `table` exports")
+    vocab = Vocab.load(meta.vocab.vocab_dir)
+    try:
+        vlm, tokenizer, _ = load_for_inference(ckpt)
+        state = {k: v.detach().cpu().clone() for k, v in vlm.gpt.state_dict().items() if not k.endswith("_extra_state")}
+        slots = vlm.visual.slot.detach().cpu().clone()
+    finally:
+        shutdown()
+    shapes = shapes_of(meta.model, vocab.size)
+    weights = apply(mappings(shapes), state, shapes, "to_hf")
+    tied = meta.model.tie_embeddings
+    if visual.group == 1:
+        tied = _fold_slot(weights, slots[0], vocab, tied)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
+    if visual.group > 1:
+        save_file({"slots": slots.contiguous()}, str(out / SLOTS_FILE))
+    eod = tokenizer.text.eod
+    config = {**hf_config(meta.model, vocab.size), "tie_word_embeddings": tied, "eos_token_id": eod,
+              "torch_dtype": str(next(iter(weights.values())).dtype).removeprefix("torch.")}
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", {
+        "eos_token_id": eod, "pad_token_id": eod, "do_sample": False,
+        "suppress_tokens": list(range(vocab.text_size, vocab.size))})
+    _copy_tokenizer(Path(meta.vocab.vocab_dir), out)
+    shutil.copytree(meta.vocab.viq_dir, out / "viq", dirs_exist_ok=True)
+    record = {"group": visual.group, "vocab_fingerprint": vocab.fingerprint, "viq_fingerprint": vocab.viq_fingerprint,
+              "text_tokenizer_fingerprint": vocab.text_fingerprint, "checkpoint": str(ckpt.resolve())}
+    _write_json(out / CONFIG_FILE, record)
+    return record
+
+
+def _fold_slot(weights: dict, slot: torch.Tensor, vocab: Vocab, tied: bool) -> bool:
+    """Scale the code rows of the input embedding by the (one) slot vector; returns whether the output layer is
+    still tied (not when it was: its code rows must stay unscaled)."""
+    table = weights["model.embed_tokens.weight"]
+    if tied:
+        weights["lm_head.weight"] = table.clone()
+    rows = slice(vocab.code_offset, vocab.code_offset + vocab.codebook_size)
+    table[rows] = table[rows] * slot.to(table.dtype)
+    return False
+
+
+def _copy_tokenizer(vocab_dir: Path, out: Path) -> None:
+    for path in sorted(vocab_dir.iterdir()):
+        if path.is_file() and path.name not in _NOT_TOKENIZER:
+            shutil.copy2(path, out / path.name)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2))

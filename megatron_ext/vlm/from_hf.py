@@ -1,0 +1,102 @@
+"""``init.hf``: a VLM run that starts from a Hugging Face LLM folder (Llama / Qwen2), in one recipe.
+
+What the four commands ``extend-vocab``, ``convert hf-to-mcore``, ``resize-vocab`` and ``train`` do by hand, the run
+does once, before its first step:
+
+1. the HF folder's tokenizer is extended with the ViQ tokenizer's codes into ``data.vocab``, when that folder does
+   not exist yet (``save_pretrained`` keeps the base model's chat template); an existing one must have been built
+   from this tokenizer, or the run is refused with both fingerprints;
+2. the weights are converted to a megatron checkpoint, and
+3. its embedding (and untied output layer) grown to the extended vocabulary, the new rows drawn from the old rows'
+   mean and covariance (TP-safe padding: 128 x 8 rows);
+
+into ``RUN_DIR/init/checkpoint``, with ``RUN_DIR/init/source.json`` naming what it was made from. A rerun or a
+resumed run finds it and does nothing. Rank 0 builds it in a child process (the conversion is a one-process job
+and the run's process groups are already up); the other ranks wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_ext.training.parallel import Layout
+from viq_mllm.recipe import Recipe
+
+#: the variables torchrun sets; the child is a plain single process
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                       "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def init_checkpoint(recipe: Recipe, layout: Layout) -> Path:
+    """``RUN_DIR/init/checkpoint`` for ``init.hf``, built by rank 0 when missing or made from other inputs."""
+    target = Path(recipe.run.dir) / "init"
+    source = source_record(Path(recipe.init.hf), Path(recipe.model.visual.viq))
+    if layout.rank == 0 and not _up_to_date(target, source):
+        command = [sys.executable, "-m", "megatron_ext.vlm.from_hf", recipe.init.hf, recipe.data.vocab,
+                   recipe.model.visual.viq, str(target)]
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
+        if subprocess.run(command, env=env).returncode != 0:
+            raise ValueError(f"init.hf={recipe.init.hf}: building the starting checkpoint failed (the error is above)")
+    dist.barrier()
+    return target / "checkpoint"
+
+
+def source_record(hf_dir: Path, viq_dir: Path) -> dict:
+    """What the starting checkpoint depends on: the HF config, its weight files (names and sizes: hashing a 7B
+    model's bytes at every start would cost minutes), its tokenizer and the ViQ tokenizer."""
+    from megatron_ext.vlm.model import viq_fingerprint
+    from viq_mllm.vocab.text_tokenizers import hf_tokenizer_fingerprint
+
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"init.hf={hf_dir}: no config.json (an HF model folder)")
+    weights = sorted((p.name, p.stat().st_size) for p in hf_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+    digest = hashlib.sha256(json.dumps([(hf_dir / "config.json").read_text(), weights]).encode()).hexdigest()
+    return {"hf": str(hf_dir.resolve()), "weights": digest[:16],
+            "tokenizer": hf_tokenizer_fingerprint(hf_dir), "viq": viq_fingerprint(viq_dir)}
+
+
+def _up_to_date(target: Path, source: dict) -> bool:
+    record = target / "source.json"
+    return record.is_file() and json.loads(record.read_text()) == source and (target / "checkpoint").is_dir()
+
+
+def build(hf_dir: Path, vocab_dir: Path, viq_dir: Path, target: Path) -> None:
+    """Steps 1-3 of the module, into ``target`` (written beside, then moved in place)."""
+    from megatron_ext.convert.hf import hf_to_mcore
+    from megatron_ext.convert.vocab_resize import VocabMismatch, resize_checkpoint
+    from viq_mllm.vocab import Vocab
+    from viq_mllm.vocab.extend import extend_vocab
+    from viq_mllm.vocab.ids import VOCAB_FILE
+    from viq_mllm.vocab.text_tokenizers import hf_tokenizer_fingerprint
+
+    if not (vocab_dir / VOCAB_FILE).is_file():
+        extend_vocab(hf_dir, viq_dir, vocab_dir)
+        print(f"init.hf: extended {hf_dir}'s tokenizer into data.vocab={vocab_dir}", flush=True)
+    vocab, tokenizer = Vocab.load(vocab_dir), hf_tokenizer_fingerprint(hf_dir)
+    if vocab.text_fingerprint != tokenizer:
+        raise VocabMismatch(f"data.vocab={vocab_dir} was built on text tokenizer {vocab.text_fingerprint}, init.hf="
+                            f"{hf_dir} has {tokenizer}; point data.vocab at a new folder to extend this one")
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    hf_to_mcore(hf_dir, staging / "converted")
+    resize_checkpoint(staging / "converted", vocab_dir, staging / "checkpoint")
+    shutil.rmtree(staging / "converted")
+    (staging / "source.json").write_text(json.dumps(source_record(hf_dir, viq_dir), indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+if __name__ == "__main__":
+    try:
+        build(*(Path(arg) for arg in sys.argv[1:5]))
+    except (OSError, ValueError) as error:
+        print(f"init.hf: {error}", file=sys.stderr)
+        sys.exit(2)
