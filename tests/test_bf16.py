@@ -1,5 +1,6 @@
-"""bf16, the precision of every GPU recipe, run on CPU: every parameter in bf16, checkpoints that resume exactly,
-losses that follow the fp32 run within bf16's precision."""
+"""bf16, the precision of every GPU recipe, run on CPU: every parameter in bf16, losses that follow the fp32 run
+within bf16's precision. (A bf16 checkpoint resuming exactly is tested at TP = 2 with the distributed optimizer,
+the GPU recipes' layout, in test_vlm.py.)"""
 
 import dataclasses
 
@@ -11,12 +12,8 @@ BF16 = [*COMMON, "train.precision=bf16"]
 
 
 @pytest.mark.e2e
-def test_a_bf16_run_checkpoints_resumes_exactly_and_follows_fp32(tiny):
+def test_a_bf16_run_follows_the_fp32_run(tiny):
     straight = tiny("straight", *BF16)
-    tiny("stopped", *BF16, "train.steps=3", "checkpoint.every=3")
-    resumed = tiny("stopped", *BF16, "checkpoint.every=3")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-6)
     fp32 = tiny("fp32", *COMMON)
     relative = [abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(straight, fp32)]
     assert 1e-5 < max(relative) < 1e-2, relative  # bf16 really ran, and trained along the fp32 run

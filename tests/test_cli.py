@@ -47,7 +47,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
     def broken(args):
         raise KeyError("a bug, not the user's input")
 
-    monkeypatch.setattr(cli, "_extend_vocab", broken)
+    monkeypatch.setattr(cli.data, "_extend_vocab", broken)
     with pytest.raises(KeyError):
         cli.main(["extend-vocab", "--text-tokenizer", str(tmp_path), "--viq", str(tmp_path), "--out", str(tmp_path)])
 

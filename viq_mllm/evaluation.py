@@ -62,3 +62,12 @@ def easy_vqa_items(split: str = "test", limit: Optional[int] = None, with_images
         items.append({"image": record.get("image"), "question": human["value"].replace("<image>\n", ""),
                       "answer": gpt["value"]})
     return items
+
+
+def report_table(report: dict) -> str:
+    """The accuracy overall and per question kind, as a markdown table."""
+    from viq_mllm.bench.report import markdown_table
+
+    rows = [["all", f"{report['accuracy']:.1%}", str(report["count"])]]
+    rows += [[kind, f"{v['accuracy']:.1%}", str(v["count"])] for kind, v in report["by_kind"].items()]
+    return markdown_table(["questions", "exact match", "count"], rows)

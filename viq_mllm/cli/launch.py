@@ -1,0 +1,42 @@
+"""Running a command in several processes: ``--nproc N`` relaunches it under ``torchrun --standalone``; commands
+whose ranks split the work read their rank and world size from torchrun's environment."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import subprocess
+import sys
+from typing import Callable
+
+
+def relaunched(args: argparse.Namespace) -> int | None:
+    """With ``--nproc N`` (and not already inside torchrun): this same command in N processes through
+    ``torchrun --standalone``, returning its exit status; otherwise None (run here)."""
+    if not args.nproc or "LOCAL_RANK" in os.environ:
+        return None
+    rest, skip = [], False
+    for item in args.argv:
+        if skip or item.startswith("--nproc="):
+            skip = False
+            continue
+        skip = item == "--nproc"
+        if not skip:
+            rest.append(item)
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={args.nproc}", "-m", "viq_mllm", *rest])
+
+
+def on_every_rank(job: Callable[[argparse.Namespace, int, int], int]) -> Callable[[argparse.Namespace], int]:
+    """A command whose ranks split the work: relaunched under torchrun with ``--nproc N``, otherwise run here as
+    ``job(args, rank, world)`` with torchrun's (or a single process's) rank and world size."""
+
+    @functools.wraps(job)
+    def run(args: argparse.Namespace) -> int:
+        status = relaunched(args)
+        if status is not None:
+            return status
+        return job(args, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+    return run

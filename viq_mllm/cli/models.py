@@ -1,0 +1,198 @@
+"""The model commands: convert (HF <-> megatron), export (a VLM -> HF), generate, eval, import-viq."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from viq_mllm.console import existing
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from megatron_ext.convert.hf import hf_to_mcore, mcore_to_hf
+
+    if args.direction == "hf-to-mcore":
+        meta = hf_to_mcore(args.input, args.output, tp=args.tp, pp=args.pp)
+        print(f"wrote {args.output}: {meta.hf_config['architectures'][0]}, vocabulary {meta.vocab.text_size} "
+              f"padded to {meta.vocab.padded_size} (loads at any TP/PP; checked for TP={args.tp} PP={args.pp})")
+    else:
+        mcore_to_hf(args.input, args.output)
+        print(f"wrote {args.output} (config.json + model.safetensors, vocabulary padding stripped)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from megatron_ext.convert.vlm_hf import export_hf
+
+    record = export_hf(args.checkpoint, args.out)
+    kind = "a stock causal LM (input_ids)" if record["group"] == 1 else "a stock causal LM + viq_mllm.hf.inputs_embeds"
+    print(f"wrote {args.out}: {kind}, the extended tokenizer, generation_config.json and the ViQ tokenizer (viq/)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from megatron_ext.training.parallel import shutdown
+
+    if args.hf:
+        from viq_mllm.hf import generate
+
+        if not args.image:
+            raise ValueError("--hf needs --image (an exported VLM folder)")
+        ids, text = generate(args.hf, args.image, args.prompt, args.max_new_tokens)
+    else:
+        try:
+            ids, text = _generate_multimodal(args) if args.image else _generate_text(args)
+        finally:
+            shutdown()
+    print(text)
+    if args.output_ids:
+        Path(args.output_ids).write_text(" ".join(map(str, ids)) + "\n")
+    return 0
+
+
+def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:
+    from megatron_ext.vlm.inference import greedy, load_for_inference
+    from viq_mllm.data.layout import prompt_document
+    from viq_mllm.viq import ViQTokenizer
+
+    model, tokenizer, meta = load_for_inference(args.checkpoint)
+    codes = ViQTokenizer.from_pretrained(meta.vocab.viq_dir).encode([args.image])[0]
+    prompt = prompt_document(tokenizer.text, tokenizer.vocab, codes, args.prompt, meta.model.visual.group)
+    ids = greedy(model, tokenizer, prompt, args.max_new_tokens)
+    return ids, tokenizer.text.decode(ids)
+
+
+def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
+    from megatron_ext.training.checkpoint import read_meta
+    from megatron_ext.vlm.inference import greedy_text, load_text_model
+    from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
+
+    if not args.tokenizer:
+        raise ValueError("a text model needs --tokenizer (HF folder, SentencePiece .model or bytes)")
+    path = Path(args.tokenizer)
+    if args.tokenizer != "bytes" and not path.exists():
+        raise FileNotFoundError(f"--tokenizer {path}: no such file or folder")
+    spec = "bytes" if args.tokenizer == "bytes" else f"{'sentencepiece' if path.suffix == '.model' else 'hf'}:{path}"
+    tokenizer = load_text_tokenizer(spec)
+    trained_with = read_meta(args.checkpoint).vocab.text_fingerprint
+    if trained_with is not None and tokenizer.fingerprint != trained_with:
+        raise ValueError(f"--tokenizer {args.tokenizer} is {tokenizer.fingerprint}, the checkpoint was trained "
+                         f"with {trained_with}; pass the tokenizer of its run (its recipe.yaml: data.tokenizer)")
+    gpt, meta = load_text_model(args.checkpoint)
+    ids = greedy_text(gpt, tokenizer.encode(args.prompt), args.max_new_tokens, tokenizer.eod,
+                      meta.vocab.text_size)
+    return ids, tokenizer.decode(ids)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from viq_mllm.evaluation import accuracy, easy_vqa_items, report_table
+
+    items = easy_vqa_items(args.split, args.limit, with_images=not args.no_image)
+    if args.hf:
+        from viq_mllm.hf import answerer
+
+        report = accuracy(answerer(args.hf), items)
+    else:
+        from megatron_ext.training.parallel import shutdown
+        from megatron_ext.vlm.inference import answerer, load_for_inference
+
+        try:
+            model, tokenizer, meta = load_for_inference(args.checkpoint)
+            report = accuracy(answerer(model, tokenizer, meta.vocab.viq_dir, meta.model.visual.group), items)
+        finally:
+            shutdown()
+    print(report_table(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def _import_viq(args: argparse.Namespace) -> int:
+    from viq_mllm.viq.weights import import_release
+
+    tokenizer, reports = import_release(args.release, args.config, args.preset)
+    tokenizer.save_pretrained(args.out)
+    for name, report in reports.items():
+        print(f"{name}: {report}")
+    print(f"wrote {args.out}: ViQ {args.config} {args.preset} ({tokenizer.fingerprint}); the pixel decoder is not "
+          "in the release: train it with the decoder stage (recipes/viq_*_decoder*.yaml)")
+    return 0
+
+
+def add_convert(sub) -> None:
+    conv = sub.add_parser("convert", help="HF <-> megatron-core checkpoints (Llama, Qwen2)",
+                          description="hf-to-mcore: an HF model folder -> a megatron checkpoint (model.json + "
+                          "dist_checkpointing, any TP/PP). mcore-to-hf: back, from any text GPT checkpoint (converted, "
+                          "or trained here: the HF config is then rebuilt from model.json, Qwen2 with qkv biases, "
+                          "Llama without). Strict: every tensor must map.")
+    conv.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    conv.add_argument("--input", required=True, type=existing)
+    conv.add_argument("--output", required=True)
+    conv.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate the shapes for")
+    conv.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate the shapes for")
+    conv.set_defaults(func=_convert)
+
+
+def add_generate(sub) -> None:
+    gen = sub.add_parser("generate", help="greedy generation: a VLM on an image, or a text GPT on a prompt",
+                         description="With --image: encodes it with the checkpoint's ViQ tokenizer and continues the "
+                         "sequence greedily (a caption when --prompt is empty, an answer otherwise). Without: "
+                         "continues --prompt with a text GPT checkpoint (trained here or converted from HF), "
+                         "tokenized with --tokenizer.")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=existing, help="checkpoints/step_XXXXXXXX, or a converted checkpoint")
+    source.add_argument("--hf", type=existing, help="a VLM folder written by `viq-mllm export hf` (run with "
+                        "transformers, the same prompt layout)")
+    gen.add_argument("--image", default=None, type=existing, help="image for a VLM checkpoint")
+    gen.add_argument("--tokenizer", default=None, help="text models: HF tokenizer folder, SentencePiece .model, "
+                     "or bytes (checked against the checkpoint's tokenizer fingerprint)")
+    gen.add_argument("--prompt", default="", help="text to continue, or the question for chat VLMs")
+    gen.add_argument("--max-new-tokens", type=int, default=24)
+    gen.add_argument("--output-ids", default=None, help="also write the generated ids to this file")
+    gen.set_defaults(func=_generate)
+
+
+def add_export(sub) -> None:
+    exp = sub.add_parser("export", help="a trained VLM -> a Hugging Face causal-LM folder (no vision tower)",
+                         description="Writes config.json, model.safetensors (every extended row, padding stripped), "
+                         "the extended tokenizer, generation_config.json (text-only generation), the ViQ tokenizer "
+                         "(viq/) and viq_mllm.json. With model.visual.group 1 the folder is a stock Llama / Qwen2 model "
+                         "fed input_ids; with 4 or 16, viq_mllm.hf.inputs_embeds computes its inputs_embeds. "
+                         "Only embedding: table exports.")
+    exp.add_argument("format", choices=["hf"])
+    exp.add_argument("--checkpoint", required=True, type=existing, help="a VLM checkpoint (checkpoints/step_XXXXXXXX)")
+    exp.add_argument("--out", required=True, help="output folder (AutoModelForCausalLM.from_pretrained loads it)")
+    exp.set_defaults(func=_export)
+
+
+def add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="exact-match accuracy of a VLM on a VQA task (easy-vqa)",
+                        description="Greedy answers to the task's questions from a megatron checkpoint or an exported "
+                        "HF folder (the same prompt layout), scored by exact match overall and per question kind "
+                        "(yes/no, shape, colour). --no-image asks the questions without their images (the "
+                        "language prior). Needs the easy-vqa wheel (`pip install --no-deps easy-vqa`).")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=existing, help="a VLM checkpoint (checkpoints/step_XXXXXXXX)")
+    source.add_argument("--hf", type=existing, help="a folder written by `viq-mllm export hf`")
+    ev.add_argument("--task", choices=["easy-vqa"], default="easy-vqa")
+    ev.add_argument("--split", choices=["train", "test"], default="test")
+    ev.add_argument("--limit", type=int, default=None, help="the first N questions only")
+    ev.add_argument("--no-image", action="store_true", help="ask without the images")
+    ev.add_argument("--out", default=None, help="also write the report (and every prediction) as JSON")
+    ev.set_defaults(func=_eval)
+
+
+def add_import_viq(sub) -> None:
+    imp = sub.add_parser("import-viq", help="the authors' released ViQ weights -> a tokenizer folder",
+                         description="Strict import of model_viq_fsq.pth (encoder and head) and, if present, "
+                         "embedder.pth from --release into a ViQ tokenizer saved to --out (every tensor must map; the "
+                         "report lists what was loaded, resized and ignored).")
+    imp.add_argument("--release", required=True, type=existing, help="folder with model_viq_fsq.pth [embedder.pth]")
+    imp.add_argument("--out", required=True, help="output folder (ViQTokenizer.from_pretrained loads it)")
+    imp.add_argument("--config", default="giant", choices=["tiny", "so400m", "giant"],
+                     help="architecture of the release (default giant, the released one)")
+    imp.add_argument("--preset", default="16k", help="FSQ preset of the release (default 16k)")
+    imp.set_defaults(func=_import_viq)
