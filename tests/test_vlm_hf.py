@@ -167,3 +167,16 @@ def test_inputs_embeds_sums_each_run_of_codes_slot_by_slot():
     assert slot.tolist() == [-1, 0, 1, 2, 3, -1, 0, 1, 2, 3, 0, 1, 2, 3, -1]
     with pytest.raises(ValueError, match="not a whole number of 4-code positions"):
         _positions([False, True, True, True, False], 4)
+
+
+@pytest.mark.e2e
+def test_eval_scores_the_checkpoint_and_its_export_alike(trained, tmp_path):
+    """``viq-mllm eval`` on easy-VQA questions: the megatron checkpoint and its HF export give the same answers."""
+    import json
+
+    ckpt, folder = trained[16]
+    for source, path in (("--checkpoint", ckpt), ("--hf", folder)):
+        viq_mllm("eval", source, str(path), "--task", "easy-vqa", "--limit", "4", "--out", str(tmp_path / f"{source}.json"))
+    ours, theirs = (json.loads((tmp_path / f"{s}.json").read_text()) for s in ("--checkpoint", "--hf"))
+    assert ours["count"] == theirs["count"] == 4
+    assert [p["predicted"] for p in ours["predictions"]] == [p["predicted"] for p in theirs["predictions"]]
