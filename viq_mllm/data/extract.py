@@ -194,8 +194,8 @@ def _write_manifest(out: Path, model: ViQTokenizer, inputs: int, shards: int, sa
     for item in skipped:
         kind = item["reason"].split(": ", 1)[-1].split(" (")[0]
         reasons[kind] = reasons.get(kind, 0) + 1
-    ratio = totals["pixel_bytes"] / max(totals["code_bytes"], 1)
+    size = (f"codes are 1/{totals['pixel_bytes'] / totals['code_bytes']:.0f} of the raw pixels"
+            if totals["code_bytes"] else "no images")
     print(f"tokenized {totals['samples']} of {inputs} samples into {shards} shards in {out}; skipped "
-          f"{len(skipped)} {reasons if reasons else ''}; {samples_per_s:.1f} samples/s; codes are 1/{ratio:.0f} of the "
-          f"raw pixels (see {REPORT})")
+          f"{len(skipped)} {reasons if reasons else ''}; {samples_per_s:.1f} samples/s; {size} (see {REPORT})")
     return manifest
