@@ -36,12 +36,6 @@ def trained(smollm2, vlm_assets, tmp_path_factory):
     return runs
 
 
-def flat_ids(document) -> list[int]:
-    """A training document's ids with each visual position written as its codes (the exported prompt format)."""
-    codes = iter(document.codes.tolist())
-    return [i for t, v in zip(document.tokens.tolist(), document.visual.tolist()) for i in (next(codes) if v else [t])]
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("group", [1, 16])
 def test_the_exported_model_gives_the_megatron_logits_and_greedy_answers(trained, vlm_assets, group):
@@ -72,7 +66,7 @@ def test_the_exported_model_gives_the_megatron_logits_and_greedy_answers(trained
     assert type(model).__name__ == "LlamaForCausalLM"
     start = 0
     for document in documents:
-        ids = flat_ids(document)
+        ids = hf.flat_ids(document)
         with torch.no_grad():
             if group == 1:  # a stock model: input_ids as they are
                 theirs = model(torch.tensor([ids])).logits[0]

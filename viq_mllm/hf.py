@@ -79,12 +79,14 @@ def prompt_ids(folder: str | Path, image, text: str = "") -> list[int]:
 
     layout = _layout(str(Path(folder).resolve()))
     codes = None if image is None else _viq(str(layout.folder / "viq")).encode([image])[0].numpy()
-    document = prompt_document(layout.text, layout.vocab, codes, text, layout.group)
-    codes_of = iter(document.codes.tolist())
-    ids: list[int] = []
-    for token, visual in zip(document.tokens.tolist(), document.visual.tolist()):
-        ids.extend(next(codes_of) if visual else [token])
-    return ids
+    return flat_ids(prompt_document(layout.text, layout.vocab, codes, text, layout.group))
+
+
+def flat_ids(document) -> list[int]:
+    """A document's ids with each visual position written out as its ``G`` code ids (the exported models' input)."""
+    codes = iter(document.codes.tolist())
+    return [i for token, visual in zip(document.tokens.tolist(), document.visual.tolist())
+            for i in (next(codes) if visual else [token])]
 
 
 def inputs_embeds(model: torch.nn.Module, ids: list[int] | torch.Tensor, folder: str | Path | None = None

@@ -136,16 +136,21 @@ def add_convert(sub) -> None:
     conv.set_defaults(func=_convert)
 
 
+def _model_source(parser: argparse.ArgumentParser, checkpoint_help: str) -> None:
+    """``--checkpoint`` (megatron) or ``--hf`` (an exported folder, run with transformers): one of them."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=existing, help=checkpoint_help)
+    source.add_argument("--hf", type=existing, help="a VLM folder written by `viq-mllm export hf` (run with "
+                        "transformers, the same prompt layout)")
+
+
 def add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="greedy generation: a VLM on an image, or a text GPT on a prompt",
                          description="With --image: encodes it with the checkpoint's ViQ tokenizer and continues the "
                          "sequence greedily (a caption when --prompt is empty, an answer otherwise). Without: "
                          "continues --prompt with a text GPT checkpoint (trained here or converted from HF), "
                          "tokenized with --tokenizer.")
-    source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=existing, help="checkpoints/step_XXXXXXXX, or a converted checkpoint")
-    source.add_argument("--hf", type=existing, help="a VLM folder written by `viq-mllm export hf` (run with "
-                        "transformers, the same prompt layout)")
+    _model_source(gen, "checkpoints/step_XXXXXXXX, or a converted checkpoint")
     gen.add_argument("--image", default=None, type=existing, help="image for a VLM checkpoint")
     gen.add_argument("--tokenizer", default=None, help="text models: HF tokenizer folder, SentencePiece .model, "
                      "or bytes (checked against the checkpoint's tokenizer fingerprint)")
@@ -174,9 +179,7 @@ def add_eval(sub) -> None:
                         "HF folder (the same prompt layout), scored by exact match overall and per question kind "
                         "(yes/no, shape, colour). --no-image asks the questions without their images (the "
                         "language prior). Needs the easy-vqa wheel (`pip install --no-deps easy-vqa`).")
-    source = ev.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=existing, help="a VLM checkpoint (checkpoints/step_XXXXXXXX)")
-    source.add_argument("--hf", type=existing, help="a folder written by `viq-mllm export hf`")
+    _model_source(ev, "a VLM checkpoint (checkpoints/step_XXXXXXXX)")
     ev.add_argument("--task", choices=["easy-vqa"], default="easy-vqa")
     ev.add_argument("--split", choices=["train", "test"], default="test")
     ev.add_argument("--limit", type=int, default=None, help="the first N questions only")
