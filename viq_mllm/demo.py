@@ -111,8 +111,8 @@ def evaluate_vlm(out: Path, checkpoint: Path) -> dict:
         for sample in samples[:12]:
             prompt = prompt_document(tokenizer.text, tokenizer.vocab, sample.codes, "", group)
             ids = greedy(model, tokenizer, prompt, 16)
-            generated.append({"source": sample.source, "caption": sample.text["caption"],
-                              "generated": tokenizer.text.decode(ids)})
+            generated.append({"source": Path(sample.images[0].path).name, "image": sample.images[0].path,
+                              "caption": sample.text["caption"], "generated": tokenizer.text.decode(ids)})
     finally:
         shutdown()
     wins = sum(m < w for m, w in zip(loss_matched, loss_mismatched))
@@ -161,7 +161,7 @@ def plot_captions(out: Path, generated: list[dict]) -> None:
 
     fig, axes = plt.subplots(3, 4, figsize=(12, 10))
     for ax, item in zip(axes.flat, generated):
-        ax.imshow(to_rgb(Image.open(item["source"])))
+        ax.imshow(to_rgb(Image.open(item["image"])))
         ax.set_title(f"model: {item['generated']}\ntruth: {item['caption']}", fontsize=8, wrap=True)
         ax.axis("off")
     fig.tight_layout()
