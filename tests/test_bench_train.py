@@ -1,9 +1,9 @@
 """``bench train --separate-processes``: each side runs in a spawned process of its own, and that process gets the
 allocator setting of ``--keep-freed-memory`` (a setting is per process, so it must be applied in each child).
 
-Whether a side's own step page-faults depends on its heap's history, so the test asks each child process directly:
-a freed 64 MB block touched again costs ~16k faults where glibc gave it back to the system, ~0 where the setting
-keeps freed memory.
+Whether a side's own step page-faults depends on its heap's history, so the test asks each child process directly
+how much of a freed 64 MB block it gives back to the system: all of it by glibc's default for blocks this large,
+none where the setting keeps freed memory.
 """
 
 import json
@@ -17,14 +17,14 @@ from megatron_ext.bench.train import CONFIGS, _Remote, bench_config
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_separate_processes_apply_keep_freed_memory_in_each_child():
     cfg = CONFIGS["tiny"]
-    faults = {}
+    returned = {}
     for keep_freed in (True, False):
         side = _Remote("hf", cfg, rounds=1, keep_freed=keep_freed)
         try:
-            faults[keep_freed] = side.probe()
+            returned[keep_freed] = side.probe()
         finally:
             side.close()
-    assert faults[True] < 1000 < 8000 < faults[False], faults
+    assert returned[True] < 0.1 < 0.9 < returned[False], returned
     assert bench_config("tiny", cfg, rounds=2, layout=None, keep_freed=True)["processes"] == "separate"
 
 

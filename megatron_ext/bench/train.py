@@ -130,14 +130,21 @@ def _measured_step(phases: Phases) -> tuple[float, float, int]:
     return gradients, update, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def refault_probe(megabytes: int = 64) -> int:
-    """Minor page faults of touching a freed ``megabytes`` block again: thousands where glibc gave it back to the
-    system (the default for blocks this large), ~0 where it keeps freed memory (:func:`keep_freed_memory`)."""
-    for _ in range(2):  # 4-byte floats: allocate, touch, free; the heap settles on the second
-        torch.ones(megabytes << 18)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(megabytes << 18)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+def freed_block_returned(megabytes: int = 64) -> float:
+    """The fraction of a freed ``megabytes`` block given back to the system: ~1 by glibc's default for blocks this
+    large (each its own mmap), ~0 where it keeps freed memory (:func:`keep_freed_memory`).
+
+    Resident memory, not refaults, is the setting's certain effect: where threads allocate beside a kept block, the
+    next block of the same size may land elsewhere in the heap and fault even though nothing was given back."""
+    block = torch.ones(megabytes << 18)  # 4-byte floats, touched
+    held = _resident_bytes()
+    del block
+    return (held - _resident_bytes()) / (megabytes << 20)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def _serve(conn, side: str, cfg: dict, rounds: int, keep_freed: bool) -> None:
@@ -149,7 +156,7 @@ def _serve(conn, side: str, cfg: dict, rounds: int, keep_freed: bool) -> None:
         phases = _our_side(cfg, rounds, layout) if side == "ours" else _hf_side(cfg)
         conn.send("built")
         while (request := conn.recv()) in ("step", "probe"):
-            conn.send(_measured_step(phases) if request == "step" else refault_probe())
+            conn.send(_measured_step(phases) if request == "step" else freed_block_returned())
     finally:
         if layout is not None:
             shutdown()
@@ -178,8 +185,8 @@ class _Remote:
         self.conn.send("step")
         return self._receive()
 
-    def probe(self) -> int:
-        """:func:`refault_probe` in the side's process."""
+    def probe(self) -> float:
+        """:func:`freed_block_returned` in the side's process."""
         self.conn.send("probe")
         return self._receive()
 
