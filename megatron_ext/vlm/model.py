@@ -111,10 +111,11 @@ class VisionLanguageModel(MegatronModule):
 
     def embed(self, batch: dict) -> torch.Tensor:
         """``tokens [1, S]`` -> ``decoder_input [S, 1, hidden]``; visual positions from their codes, or from
-        ``pixels`` / ``grids`` through the continuous baseline's encoder."""
+        ``pixels`` / ``grids`` through the continuous baseline's encoder (a batch of text-only documents has
+        neither)."""
         tokens, visual = batch["tokens"], batch["visual"]
         hidden = self.gpt.embedding.word_embeddings(tokens)
-        if "pixels" in batch:
+        if batch.get("pixels"):
             vectors = self.visual(batch["pixels"], batch["grids"])
         elif batch["codes"].numel():
             vectors = self.visual(batch["codes"])
