@@ -10,7 +10,8 @@
 6. The discrete VLM, initialised from it, trained on packed caption sequences (``viq-mllm train``).
 7. The continuous baseline: the same VLM, recipe and packed data, with the tokenizer's ViT run on the pixels
    inside every step (trained) instead of codes; the measured speed-up and both loss curves.
-8. Held-out caption loss given the right image vs another image's codes; greedy captions for held-out images.
+8. Held-out captions, for both VLMs: the caption loss given the right image vs another image, caption retrieval
+   among 10 candidates; greedy captions for held-out images.
 
 Writes ``summary.json``, ``report.md`` and PNG plots into ``--out``.
 """
@@ -91,34 +92,30 @@ def build_text_corpus(out: Path, train: list[tuple[Path, str]]) -> tuple[Path, P
     return corpus, model
 
 
-def evaluate_vlm(out: Path, checkpoint: Path) -> dict:
+def evaluate_vlm(out: Path, checkpoint: Path, captions: int = 12) -> dict:
+    """Held-out caption metrics (:func:`viq_mllm.evaluation.caption_report`) and greedy captions for the first
+    ``captions`` held-out images, for a discrete VLM or the continuous baseline."""
     from megatron_ext.training.parallel import shutdown
-    from megatron_ext.vlm.inference import caption_losses, greedy, load_for_inference
-    from viq_mllm.data.layout import caption_document, prompt_document
+    from megatron_ext.vlm.inference import caption_scorer, greedy, load_for_inference, visual_attach
+    from viq_mllm.data.layout import prompt_document
     from viq_mllm.data.shards import CodeShards
+    from viq_mllm.evaluation import caption_report
 
     model, tokenizer, meta = load_for_inference(checkpoint)
     try:
-        group = meta.model.visual.group
+        group, attach = meta.model.visual.group, visual_attach(meta, tokenizer)
         samples = list(CodeShards(out / "shards" / "eval", expected_fingerprint=meta.vocab.viq_fingerprint))
-        shift = len(samples) // 2
-        matched = [caption_document(tokenizer.text, tokenizer.vocab, [s.codes], s.text["caption"], group)
-                   for s in samples]
-        mismatched = [caption_document(tokenizer.text, tokenizer.vocab, [samples[(i + shift) % len(samples)].codes],
-                                       s.text["caption"], group) for i, s in enumerate(samples)]
-        loss_matched, loss_mismatched = caption_losses(model, matched), caption_losses(model, mismatched)
+        report = caption_report(caption_scorer(model, tokenizer, samples, group, attach), len(samples))
         generated = []
-        for sample in samples[:12]:
+        for sample in samples[:captions]:
             prompt = prompt_document(tokenizer.text, tokenizer.vocab, sample.codes, "", group)
-            ids = greedy(model, tokenizer, prompt, 16)
+            prompt.images = [sample.images[0].path]
+            ids = greedy(model, tokenizer, prompt, 16, attach)
             generated.append({"source": Path(sample.images[0].path).name, "image": sample.images[0].path,
                               "caption": sample.text["caption"], "generated": tokenizer.text.decode(ids)})
     finally:
         shutdown()
-    wins = sum(m < w for m, w in zip(loss_matched, loss_mismatched))
-    return {"eval_loss_matched_image": sum(loss_matched) / len(loss_matched),
-            "eval_loss_mismatched_image": sum(loss_mismatched) / len(loss_mismatched),
-            "matched_lower_fraction": wins / len(samples), "eval_images": len(samples), "generated": generated}
+    return {"held_out": report, "generated": generated}
 
 
 def plot_losses(out: Path, panels: list[tuple[str, list[Path], str]]) -> None:
@@ -221,6 +218,8 @@ def run_demo(out: str | Path, vlm_steps: int = 500, text_steps: int = 300, token
     t_d, t_c = (sorted(r["step_time_s"] for r in rows)[len(rows) // 2] for rows in (vlm_rows, base_rows))
     summary["continuous_baseline"] = {"first_loss": base_rows[0]["loss"], "final_loss": base_rows[-1]["loss"],
                                       "median_step_time_s": t_c}
+    summary["continuous_baseline"].update(evaluate_vlm(out, out / "baseline_pretrain" / "checkpoints" /
+                                                       f"step_{vlm_steps:08d}", captions=0))
     summary["speedup"] = {"median_step_time_discrete_s": t_d, "median_step_time_continuous_s": t_c,
                           "speedup": 1 - t_d / t_c}
     summary["text_lm"] = {"final_loss": read_metrics(out / "text_lm")[-1]["loss"]}
@@ -235,14 +234,17 @@ def run_demo(out: str | Path, vlm_steps: int = 500, text_steps: int = 300, token
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(report(summary))
     vlm = summary["discrete_vlm"]
-    say(f"done in {summary['seconds'] / 60:.1f} min: held-out caption loss {vlm['eval_loss_matched_image']:.3f} with "
-        f"the right image vs {vlm['eval_loss_mismatched_image']:.3f} with another image's codes; training step "
+    held, base = vlm["held_out"], summary["continuous_baseline"]["held_out"]
+    say(f"done in {summary['seconds'] / 60:.1f} min: held-out caption loss {held['loss_right_image']:.3f} with "
+        f"the right image vs {held['loss_other_image']:.3f} with another image's codes; caption retrieval among 10 "
+        f"{held['retrieval_accuracy']:.0%} (continuous baseline {base['retrieval_accuracy']:.0%}); training step "
         f"{summary['speedup']['speedup']:.0%} faster than the continuous baseline; see {out / 'report.md'}")
     return summary
 
 
 def report(s: dict) -> str:
-    t, v, sh = s["tokenizer"]["held_out"], s["discrete_vlm"], s["shards"]
+    t, v, sh, c = s["tokenizer"]["held_out"], s["discrete_vlm"], s["shards"], s["continuous_baseline"]
+    held, base = v["held_out"], c["held_out"]
     lines = [
         "# viq-mllm demo report", "",
         f"Data: {s['data']['images']} Tux Paint stamps with captions ({s['data']['train']} train, "
@@ -254,20 +256,22 @@ def report(s: dict) -> str:
         f"| codebook usage / code perplexity | {t['codebook_usage']:.3f} / {t['code_perplexity']:.0f} |",
         f"| code bytes vs raw pixel bytes | 1/{sh['pixel_bytes'] / sh['code_bytes']:.0f} |", "",
         "![reconstructions](reconstructions.png)", "",
-        "## Discrete VLM (megatron-core, packed sequences)", "",
-        "| metric | value |", "|---|---|",
-        f"| train loss first -> last | {v['first_loss']:.3f} -> {v['final_loss']:.3f} |",
-        f"| held-out caption loss, right image | {v['eval_loss_matched_image']:.3f} |",
-        f"| held-out caption loss, another image's codes | {v['eval_loss_mismatched_image']:.3f} |",
-        f"| held-out captions where the right image gives the lower loss | {v['matched_lower_fraction']:.0%} |",
-        f"| median training tokens/s | {v['median_tokens_per_s']:.0f} |", "",
         "## Discrete codes vs the continuous baseline (same VLM, recipe and packed data)", "",
         "| | discrete (codes) | continuous (ViT in the step) |", "|---|---|---|",
         f"| median step time (s) | {s['speedup']['median_step_time_discrete_s']:.3f} | "
         f"{s['speedup']['median_step_time_continuous_s']:.3f} |",
         f"| train loss first -> last | {v['first_loss']:.3f} -> {v['final_loss']:.3f} | "
-        f"{s['continuous_baseline']['first_loss']:.3f} -> {s['continuous_baseline']['final_loss']:.3f} |",
+        f"{c['first_loss']:.3f} -> {c['final_loss']:.3f} |",
+        f"| held-out caption loss, right image | {held['loss_right_image']:.3f} | {base['loss_right_image']:.3f} |",
+        f"| held-out caption loss, another image | {held['loss_other_image']:.3f} | {base['loss_other_image']:.3f} |",
+        f"| right image gives the lower loss (chance 50%) | {held['right_image_lower']:.0%} | "
+        f"{base['right_image_lower']:.0%} |",
+        f"| caption retrieval among {held['retrieval_k']} (chance {held['retrieval_chance']:.0%}) | "
+        f"{held['retrieval_accuracy']:.0%} | {base['retrieval_accuracy']:.0%} |",
+        f"| median training tokens/s | {v['median_tokens_per_s']:.0f} | |",
         f"| speed-up 1 - t_d / t_c | {s['speedup']['speedup']:.0%} | |", "",
+        "Retrieval scores each candidate caption by its loss after the image minus its loss alone "
+        "(what the image explains).", "",
         "![loss curves](loss_curves.png)", "", "![captions](captions.png)", "",
         "| held-out image | truth | generated |", "|---|---|---|",
         *[f"| {g['source']} | {g['caption']} | {g['generated']} |" for g in v["generated"]],

@@ -1,4 +1,4 @@
-"""Exact-match accuracy of a VLM's answers to questions about images (``viq-mllm eval``).
+"""How well a VLM uses its images (``viq-mllm eval``): exact-match accuracy on VQA, and held-out caption metrics.
 
 An *answerer* is any ``(image path or None, question) -> text`` function: the megatron checkpoint's greedy decoding
 (``megatron_ext.vlm.inference.answerer``) or the exported HF folder's (``viq_mllm.hf.answerer``), so the two are
@@ -8,16 +8,23 @@ it equals the reference answer.
     >>> report = accuracy(answerer, easy_vqa_items("test", limit=500))
     >>> sorted(report)                              # by_kind: yes/no, shape, colour
     ['accuracy', 'by_kind', 'count', 'predictions']
+
+Caption data has no single right answer, so :func:`caption_report` scores captions by the model's loss on them
+(``megatron_ext.vlm.inference.caption_scorer``): with the right image vs another image, and caption retrieval
+among ``k`` candidates.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Optional
 
 from viq_mllm.console import progress
 
 Answerer = Callable[[Optional[str], str], str]
+# [(image i or None, caption j), ...] -> the mean loss of caption j after image i (None: the caption alone)
+CaptionLosses = Callable[[list[tuple[Optional[int], int]]], list[float]]
 YES_NO = {"yes", "no"}
 
 
@@ -71,3 +78,48 @@ def report_table(report: dict) -> str:
     rows = [["all", f"{report['accuracy']:.1%}", str(report["count"])]]
     rows += [[kind, f"{v['accuracy']:.1%}", str(v["count"])] for kind, v in report["by_kind"].items()]
     return markdown_table(["questions", "exact match", "count"], rows)
+
+
+def caption_report(losses: CaptionLosses, n: int, k: int = 10, seed: int = 0) -> dict:
+    """Held-out caption metrics of ``n`` one-image samples:
+
+    - ``loss_right_image`` / ``loss_other_image``: the mean caption loss after the sample's own image and after
+      another one (image ``(i + n // 2) % n``); ``right_image_lower``: the fraction where the right image gives
+      the lower loss (chance 1/2).
+    - ``retrieval_accuracy``: for each image, its caption among ``k`` candidates (``k - 1`` other captions drawn
+      with ``seed``) must score strictly best (chance 1/k). A caption's score is its loss after the image minus
+      its loss alone: what the image explains (pointwise mutual information), so that short, common captions do
+      not win on their own likelihood.
+
+    >>> caption_report(scorer, n=65, k=10)["retrieval_accuracy"]     # doctest: +SKIP
+    0.6
+    """
+    if n < max(k, 2):
+        raise ValueError(f"caption retrieval among k={k} candidates needs at least {max(k, 2)} samples, got {n}")
+    rng = random.Random(seed)
+    others = [rng.sample([j for j in range(n) if j != i], k - 1) for i in range(n)]
+    shift = n // 2
+    pairs = ([(i, i) for i in range(n)] + [((i + shift) % n, i) for i in range(n)] + [(None, j) for j in range(n)]
+             + [(i, j) for i in range(n) for j in others[i]])
+    values = losses(pairs)
+    right, other, alone, rest = values[:n], values[n:2 * n], values[2 * n:3 * n], values[3 * n:]
+    wins = 0
+    for i in range(n):
+        candidates = rest[i * (k - 1):(i + 1) * (k - 1)]
+        wins += all(right[i] - alone[i] < loss - alone[j] for loss, j in zip(candidates, others[i]))
+    return {"count": n, "loss_right_image": sum(right) / n, "loss_other_image": sum(other) / n,
+            "right_image_lower": sum(r < o for r, o in zip(right, other)) / n,
+            "retrieval_k": k, "retrieval_accuracy": wins / n, "retrieval_chance": 1 / k}
+
+
+def caption_table(report: dict) -> str:
+    """:func:`caption_report` as a markdown table."""
+    from viq_mllm.bench.report import markdown_table
+
+    k = report["retrieval_k"]
+    return markdown_table(["held-out captions", "value"], [
+        ["mean caption loss, right image", f"{report['loss_right_image']:.3f}"],
+        ["mean caption loss, another image", f"{report['loss_other_image']:.3f}"],
+        ["right image gives the lower loss (chance 50%)", f"{report['right_image_lower']:.0%}"],
+        [f"caption retrieval among {k} (chance {1 / k:.0%})", f"{report['retrieval_accuracy']:.0%}"],
+        ["samples", str(report["count"])]])

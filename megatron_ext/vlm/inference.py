@@ -1,8 +1,10 @@
-"""Using trained models: held-out caption loss of a VLM (matched vs mismatched images) and greedy generation
+"""Using trained models: held-out caption losses of a VLM (any image / caption pairing) and greedy generation
 (VLM captions / answers, text continuations of a text GPT).
 
 Single process (TP = PP = 1): a checkpoint of any layout loads here (torch_dist reshards). The checkpoint's
 ``model.json`` names the model shape, the vocabulary folder and the ViQ tokenizer, so nothing else is needed.
+Discrete VLMs and the continuous baseline run through the same functions: ``attach`` (:func:`visual_attach`) adds
+the baseline's pixels to each batch.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from megatron_ext.model.gpt import gpt_from_checkpoint
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import Layout, device, init_distributed
 from megatron_ext.vlm.model import VisionLanguageModel, packed_params
-from megatron_ext.vlm.train import build_vlm
-from viq_mllm.data.layout import Document
+from megatron_ext.vlm.train import PixelSource, build_vlm
+from viq_mllm.data.layout import Document, caption_document
+from viq_mllm.data.multimodal import caption_text
 from viq_mllm.data.packing import collate, pack
+from viq_mllm.data.shards import CodeSample
 from viq_mllm.recipe import ParallelSection, TrainSection
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
@@ -37,6 +41,15 @@ def load_for_inference(ckpt: str | Path) -> tuple[VisionLanguageModel, Multimoda
     return vlm.eval(), tokenizer, meta
 
 
+def visual_attach(meta: checkpoint.CheckpointMeta, tokenizer: MultimodalTokenizer
+                  ) -> Optional[Callable[[dict], dict]]:
+    """What a checkpoint's batches need beyond codes: the source images' pixels for the continuous baseline
+    (decoded as in training), nothing for a discrete VLM."""
+    if meta.model.visual.embedding != "continuous":
+        return None
+    return PixelSource(meta.vocab.viq_dir, tokenizer.vocab).attach
+
+
 @torch.no_grad()
 def caption_losses(model: VisionLanguageModel, documents: list[Document],
                    attach: Optional[Callable[[dict], dict]] = None) -> list[float]:
@@ -50,6 +63,22 @@ def caption_losses(model: VisionLanguageModel, documents: list[Document],
         mask = batch["loss_mask"][0]
         losses.append(float((per_token * mask).sum() / mask.sum()))
     return losses
+
+
+def caption_scorer(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, samples: list[CodeSample],
+                   group: int, attach: Optional[Callable[[dict], dict]] = None
+                   ) -> Callable[[list[tuple[Optional[int], int]]], list[float]]:
+    """``[(i, j), ...] -> [loss, ...]``: the mean loss of sample ``j``'s caption after sample ``i``'s image (``i``
+    None: the caption alone), for :func:`viq_mllm.evaluation.caption_report`. One-image samples."""
+
+    def document(i: Optional[int], j: int) -> Document:
+        images = [] if i is None else [samples[i].images[0]]
+        doc = caption_document(tokenizer.text, tokenizer.vocab, [image.codes for image in images],
+                               caption_text(samples[j].text), group)
+        doc.images = [image.path for image in images]
+        return doc
+
+    return lambda pairs: caption_losses(model, [document(i, j) for i, j in pairs], attach)
 
 
 @torch.no_grad()
@@ -67,15 +96,17 @@ def greedy_ids(next_logits: Callable[[torch.Tensor], torch.Tensor], prompt: torc
     return new
 
 
-def greedy(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, prompt: Document, max_new_tokens: int
-           ) -> list[int]:
-    """Continue a multimodal prompt (image block, optional chat turn) with text."""
+def greedy(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, prompt: Document, max_new_tokens: int,
+           attach: Optional[Callable[[dict], dict]] = None) -> list[int]:
+    """Continue a multimodal prompt (image block, optional chat turn) with text; ``attach`` as in
+    :func:`caption_losses` (the prompt's ``images`` name the pixels' source)."""
 
     def next_logits(tokens: torch.Tensor) -> torch.Tensor:
         extra = len(tokens) - len(prompt)
         visual = torch.cat([prompt.visual, torch.zeros(extra, dtype=torch.bool)])
-        doc = Document(tokens, visual, prompt.codes, torch.zeros(len(tokens)))
+        doc = Document(tokens, visual, prompt.codes, torch.zeros(len(tokens)), prompt.images)
         batch = collate(pack([doc], len(doc)))
+        batch = attach(batch) if attach is not None else batch
         return model(batch, packed_params(batch), labels=False)[0, -1]
 
     return greedy_ids(next_logits, prompt.tokens, max_new_tokens, tokenizer.text.eod, tokenizer.vocab.text_size)
@@ -95,9 +126,10 @@ def greedy_text(gpt, prompt_ids: list[int], max_new_tokens: int, stop_id: int, v
 
 
 def answerer(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, viq_dir: str, group: int,
-             max_new_tokens: int = 4) -> Callable[[Optional[str], str], str]:
+             attach: Optional[Callable[[dict], dict]] = None, max_new_tokens: int = 4
+             ) -> Callable[[Optional[str], str], str]:
     """``(image or None, question) -> answer`` by greedy decoding (``viq_mllm.evaluation``); each image is
-    encoded once."""
+    encoded once. ``attach``: :func:`visual_attach` (the continuous baseline's pixels)."""
     from viq_mllm.data.layout import prompt_document
     from viq_mllm.viq import ViQTokenizer
 
@@ -107,6 +139,7 @@ def answerer(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, viq_dir
     def answer(image: Optional[str], question: str) -> str:
         prompt = prompt_document(tokenizer.text, tokenizer.vocab, None if image is None else codes(image), question,
                                  group)
-        return tokenizer.text.decode(greedy(model, tokenizer, prompt, max_new_tokens))
+        prompt.images = [] if image is None else [image]
+        return tokenizer.text.decode(greedy(model, tokenizer, prompt, max_new_tokens, attach))
 
     return answer

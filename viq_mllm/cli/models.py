@@ -51,14 +51,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:
-    from megatron_ext.vlm.inference import greedy, load_for_inference
+    from megatron_ext.vlm.inference import greedy, load_for_inference, visual_attach
     from viq_mllm.data.layout import prompt_document
     from viq_mllm.viq import ViQTokenizer
 
     model, tokenizer, meta = load_for_inference(args.checkpoint)
     codes = ViQTokenizer.from_pretrained(meta.vocab.viq_dir).encode([args.image])[0]
     prompt = prompt_document(tokenizer.text, tokenizer.vocab, codes, args.prompt, meta.model.visual.group)
-    ids = greedy(model, tokenizer, prompt, args.max_new_tokens)
+    prompt.images = [args.image]
+    ids = greedy(model, tokenizer, prompt, args.max_new_tokens, visual_attach(meta, tokenizer))
     return ids, tokenizer.text.decode(ids)
 
 
@@ -87,6 +88,15 @@ def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
+    report, table = _eval_captions(args) if args.task == "captions" else _eval_vqa(args)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def _eval_vqa(args: argparse.Namespace) -> tuple[dict, str]:
     from viq_mllm.evaluation import accuracy, easy_vqa_items, report_table
 
     items = easy_vqa_items(args.split, args.limit, with_images=not args.no_image)
@@ -96,18 +106,33 @@ def _eval(args: argparse.Namespace) -> int:
         report = accuracy(answerer(args.hf), items)
     else:
         from megatron_ext.training.parallel import shutdown
-        from megatron_ext.vlm.inference import answerer, load_for_inference
+        from megatron_ext.vlm.inference import answerer, load_for_inference, visual_attach
 
         try:
             model, tokenizer, meta = load_for_inference(args.checkpoint)
-            report = accuracy(answerer(model, tokenizer, meta.vocab.viq_dir, meta.model.visual.group), items)
+            report = accuracy(answerer(model, tokenizer, meta.vocab.viq_dir, meta.model.visual.group,
+                                       visual_attach(meta, tokenizer)), items)
         finally:
             shutdown()
-    print(report_table(report))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-    return 0
+    return report, report_table(report)
+
+
+def _eval_captions(args: argparse.Namespace) -> tuple[dict, str]:
+    from megatron_ext.training.parallel import shutdown
+    from megatron_ext.vlm.inference import caption_scorer, load_for_inference, visual_attach
+    from viq_mllm.data.shards import CodeShards
+    from viq_mllm.evaluation import caption_report, caption_table
+
+    if args.hf or not args.shards:
+        raise ValueError("--task captions needs --checkpoint and --shards (held-out code shards with captions)")
+    try:
+        model, tokenizer, meta = load_for_inference(args.checkpoint)
+        samples = list(CodeShards(args.shards, expected_fingerprint=meta.vocab.viq_fingerprint))[:args.limit]
+        scorer = caption_scorer(model, tokenizer, samples, meta.model.visual.group, visual_attach(meta, tokenizer))
+        report = caption_report(scorer, len(samples), args.k)
+    finally:
+        shutdown()
+    return report, caption_table(report)
 
 
 def _import_viq(args: argparse.Namespace) -> int:
@@ -174,16 +199,21 @@ def add_export(sub) -> None:
 
 
 def add_eval(sub) -> None:
-    ev = sub.add_parser("eval", help="exact-match accuracy of a VLM on a VQA task (easy-vqa)",
-                        description="Greedy answers to the task's questions from a megatron checkpoint or an exported "
-                        "HF folder (the same prompt layout), scored by exact match overall and per question kind "
-                        "(yes/no, shape, colour). --no-image asks the questions without their images (the "
-                        "language prior). Needs the easy-vqa wheel (`pip install --no-deps easy-vqa`).")
+    ev = sub.add_parser("eval", help="how well a VLM uses its images: easy-vqa accuracy, held-out caption metrics",
+                        description="easy-vqa: greedy answers to the task's questions from a megatron checkpoint or "
+                        "an exported HF folder (the same prompt layout), scored by exact match overall and per "
+                        "question kind (yes/no, shape, colour); --no-image asks them without their images (the "
+                        "language prior); needs the easy-vqa wheel (`pip install --no-deps easy-vqa`). captions: on "
+                        "held-out code shards (--shards), a checkpoint's mean caption loss with the right image vs "
+                        "another image, and caption retrieval among --k candidates (each scored by its loss after "
+                        "the image minus its loss alone). Both work for discrete VLMs and the continuous baseline.")
     _model_source(ev, "a VLM checkpoint (checkpoints/step_XXXXXXXX)")
-    ev.add_argument("--task", choices=["easy-vqa"], default="easy-vqa")
-    ev.add_argument("--split", choices=["train", "test"], default="test")
-    ev.add_argument("--limit", type=int, default=None, help="the first N questions only")
-    ev.add_argument("--no-image", action="store_true", help="ask without the images")
+    ev.add_argument("--task", choices=["easy-vqa", "captions"], default="easy-vqa")
+    ev.add_argument("--shards", type=existing, default=None, help="captions: held-out code shards (`tokenize`)")
+    ev.add_argument("--k", type=int, default=10, help="captions: retrieval candidates per image (default 10)")
+    ev.add_argument("--split", choices=["train", "test"], default="test", help="easy-vqa: the split")
+    ev.add_argument("--limit", type=int, default=None, help="the first N questions (samples) only")
+    ev.add_argument("--no-image", action="store_true", help="easy-vqa: ask without the images")
     ev.add_argument("--out", default=None, help="also write the report (and every prediction) as JSON")
     ev.set_defaults(func=_eval)
 

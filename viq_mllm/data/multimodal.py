@@ -36,7 +36,7 @@ def sample_document(directory, sample: CodeSample, tokenizer: MultimodalTokenize
     codes = [image.codes for image in sample.images]
     try:
         if task == "pretrain":
-            document = caption_document(tokenizer.text, tokenizer.vocab, codes, _caption(sample.text), group)
+            document = caption_document(tokenizer.text, tokenizer.vocab, codes, caption_text(sample.text), group)
         else:
             document = chat_document(tokenizer.text, tokenizer.vocab, codes, _conversation(sample.text), group)
     except ValueError as err:
@@ -45,7 +45,8 @@ def sample_document(directory, sample: CodeSample, tokenizer: MultimodalTokenize
     return document
 
 
-def _caption(text: dict) -> str:
+def caption_text(text: dict) -> str:
+    """A sample's caption: its ``caption``, or its assistant answers (a conversation record)."""
     answers = [turn_text(t) for t in text.get("conversations", []) if turn_role(t) == "assistant"]
     caption = text.get("caption") or "\n".join(answers)
     if not caption:
