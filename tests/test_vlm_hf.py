@@ -174,3 +174,53 @@ def test_eval_scores_the_checkpoint_and_its_export_alike(trained, tmp_path):
     ours, theirs = (json.loads((tmp_path / f"{s}.json").read_text()) for s in ("--checkpoint", "--hf"))
     assert ours["count"] == theirs["count"] == 4
     assert [p["predicted"] for p in ours["predictions"]] == [p["predicted"] for p in theirs["predictions"]]
+
+
+@pytest.mark.e2e
+def test_lmms_eval_resolves_the_adapter_which_answers_and_scores_as_the_checkpoint(trained, vlm_assets):
+    """lmms-eval's registry finds ``viq_mllm`` through the entry point; its requests (built as lmms-eval builds
+    them) get the megatron checkpoint's greedy answers and log-likelihoods (its caption loss on the same ids)."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+    from PIL import Image
+
+    from megatron_ext.training.parallel import shutdown
+    from megatron_ext.vlm.inference import answerer, caption_losses, load_for_inference
+    from viq_mllm.data.layout import Document, prompt_document
+    from viq_mllm.data.shards import CodeShards
+    from viq_mllm.lmms_adapter import ViQMLLM
+
+    ckpt, folder = trained[16]
+    assert get_model("viq_mllm") is ViQMLLM
+    lm = ViQMLLM.create_from_arg_string(f"pretrained={folder},max_new_tokens=6", {"batch_size": 1, "device": None})
+    samples = list(CodeShards(vlm_assets["shards"]))[:2]
+    docs = [{"image": Image.open(s.images[0].path), "caption": s.text["caption"]} for s in samples]
+    lm.task_dict = {"toy": {"test": docs}}
+    visual = lambda doc: [doc["image"]]  # noqa: E731 (lmms-eval's doc_to_visual)
+    asked = "<image>\nWhat is in this picture?"
+
+    def request(kind, i, second):
+        return Instance(kind, (asked, second, visual, i, "toy", "test"), i,
+                        metadata={"task": "toy", "doc_id": i, "repeats": 1})
+
+    answers = lm.generate_until([request("generate_until", i, {"until": ["\n"]}) for i in range(2)])
+    scores = lm.loglikelihood([request("loglikelihood", i, d["caption"]) for i, d in enumerate(docs)])
+    try:
+        vlm, tokenizer, meta = load_for_inference(ckpt)
+        answer = answerer(vlm, tokenizer, meta.vocab.viq_dir, 16, max_new_tokens=6)
+        expected = [answer(s.images[0].path, "What is in this picture?").split("\n")[0] for s in samples]
+        losses = []
+        for s, d in zip(samples, docs):
+            prompt = prompt_document(tokenizer.text, tokenizer.vocab, s.codes, "What is in this picture?", 16)
+            target = torch.tensor(tokenizer.text.encode(d["caption"]))
+            mask = torch.cat([torch.zeros(len(prompt) - 1), torch.ones(len(target)), torch.zeros(1)])
+            doc = Document(torch.cat([prompt.tokens, target]), torch.cat([prompt.visual, torch.zeros_like(target,
+                           dtype=torch.bool)]), prompt.codes, mask)
+            losses.append(caption_losses(vlm, [doc])[0] * len(target))
+    finally:
+        shutdown()
+    assert answers == expected
+    for (logprob, _), loss in zip(scores, losses):
+        assert abs(logprob + loss) < 1e-3 * loss
+    with pytest.raises(NotImplementedError):
+        lm.generate_until_multi_round([])

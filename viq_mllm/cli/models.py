@@ -127,7 +127,8 @@ def _eval_captions(args: argparse.Namespace) -> tuple[dict, str]:
         raise ValueError("--task captions needs --checkpoint and --shards (held-out code shards with captions)")
     try:
         model, tokenizer, meta = load_for_inference(args.checkpoint)
-        samples = list(CodeShards(args.shards, expected_fingerprint=meta.vocab.viq_fingerprint))[:args.limit]
+        samples = [s for s in CodeShards(args.shards, expected_fingerprint=meta.vocab.viq_fingerprint)
+                   if len(s.images) == 1][:args.limit]  # caption data: one image each
         scorer = caption_scorer(model, tokenizer, samples, meta.model.visual.group, visual_attach(meta, tokenizer))
         report = caption_report(scorer, len(samples), args.k)
     finally:
