@@ -108,8 +108,8 @@ def evaluate_vlm(out: Path, checkpoint: Path, captions: int = 12) -> dict:
         report = caption_report(caption_scorer(model, tokenizer, samples, group, attach), len(samples))
         generated = []
         for sample in samples[:captions]:
-            prompt = prompt_document(tokenizer.text, tokenizer.vocab, sample.codes, "", group)
-            prompt.images = [sample.images[0].path]
+            prompt = prompt_document(tokenizer.text, tokenizer.vocab, sample.codes, "", group,
+                                     source=sample.images[0].path)
             ids = greedy(model, tokenizer, prompt, 16, attach)
             generated.append({"source": Path(sample.images[0].path).name, "image": sample.images[0].path,
                               "caption": sample.text["caption"], "generated": tokenizer.text.decode(ids)})

@@ -94,8 +94,8 @@ def caption_report(losses: CaptionLosses, n: int, k: int = 10, seed: int = 0) ->
     >>> caption_report(scorer, n=65, k=10)["retrieval_accuracy"]     # doctest: +SKIP
     0.6
     """
-    if n < max(k, 2):
-        raise ValueError(f"caption retrieval among k={k} candidates needs at least {max(k, 2)} samples, got {n}")
+    if k < 2 or n < k:
+        raise ValueError(f"caption retrieval among k={k} candidates needs k >= 2 and at least {k} samples, got {n}")
     rng = random.Random(seed)
     others = [rng.sample([j for j in range(n) if j != i], k - 1) for i in range(n)]
     shift = n // 2

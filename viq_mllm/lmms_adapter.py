@@ -75,9 +75,9 @@ class ViQMLLM(lmms):
             image = self._image(doc_to_visual, doc_id, task, split)
             prompt = hf.prompt_ids(self.folder, image, _prompt(context))
             target = self.layout.text.encode(continuation)
-            positions = hf.inputs_embeds(self.model, prompt, self.folder).shape[1]
             embeds = hf.inputs_embeds(self.model, prompt + target, self.folder)
-            logits = self.model(inputs_embeds=embeds).logits[0, positions - 1:-1].float()
+            prompt_positions = embeds.shape[1] - len(target)  # the continuation is text: one position per id
+            logits = self.model(inputs_embeds=embeds).logits[0, prompt_positions - 1:-1].float()
             expected = torch.tensor(target, device=logits.device)
             logprob = torch.log_softmax(logits, -1).gather(1, expected[:, None]).sum()
             scores.append((float(logprob), bool((logits.argmax(-1) == expected).all())))

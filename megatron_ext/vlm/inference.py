@@ -24,6 +24,7 @@ from viq_mllm.data.layout import Document, caption_document
 from viq_mllm.data.multimodal import caption_text
 from viq_mllm.data.packing import collate, pack
 from viq_mllm.data.shards import CodeSample
+from viq_mllm.evaluation import CaptionLosses
 from viq_mllm.recipe import ParallelSection, TrainSection
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
@@ -67,7 +68,7 @@ def caption_losses(model: VisionLanguageModel, documents: list[Document],
 
 def caption_scorer(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, samples: list[CodeSample],
                    group: int, attach: Optional[Callable[[dict], dict]] = None
-                   ) -> Callable[[list[tuple[Optional[int], int]]], list[float]]:
+                   ) -> CaptionLosses:
     """``[(i, j), ...] -> [loss, ...]``: the mean loss of sample ``j``'s caption after sample ``i``'s image (``i``
     None: the caption alone), for :func:`viq_mllm.evaluation.caption_report`. One-image samples."""
 
@@ -138,8 +139,7 @@ def answerer(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, viq_dir
 
     def answer(image: Optional[str], question: str) -> str:
         prompt = prompt_document(tokenizer.text, tokenizer.vocab, None if image is None else codes(image), question,
-                                 group)
-        prompt.images = [] if image is None else [image]
+                                 group, source=image)
         return tokenizer.text.decode(greedy(model, tokenizer, prompt, max_new_tokens, attach))
 
     return answer

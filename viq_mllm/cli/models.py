@@ -57,8 +57,8 @@ def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:
 
     model, tokenizer, meta = load_for_inference(args.checkpoint)
     codes = ViQTokenizer.from_pretrained(meta.vocab.viq_dir).encode([args.image])[0]
-    prompt = prompt_document(tokenizer.text, tokenizer.vocab, codes, args.prompt, meta.model.visual.group)
-    prompt.images = [args.image]
+    prompt = prompt_document(tokenizer.text, tokenizer.vocab, codes, args.prompt, meta.model.visual.group,
+                             source=args.image)
     ids = greedy(model, tokenizer, prompt, args.max_new_tokens, visual_attach(meta, tokenizer))
     return ids, tokenizer.text.decode(ids)
 

@@ -147,21 +147,28 @@ def projected_caption_document(tokenizer, grid: tuple[int, int], caption: str, i
     return doc
 
 
-def prompt_document(tokenizer, vocab: Vocab, codes: Optional[np.ndarray], prompt: str, group: int) -> Document:
+def prompt_document(tokenizer, vocab: Vocab, codes: Optional[np.ndarray], prompt: str, group: int,
+                    source: Optional[str] = None) -> Document:
     """What generation continues: the image block, then (for chat models) ``User: PROMPT<eod>Assistant: `` with the
     image opening the user turn; with no prompt, the image block alone (a captioning model continues with the
     caption); with no image (``codes`` None), the chat turn alone. The layout of training's documents, so the
-    exported HF model is prompted exactly as the megatron one."""
+    exported HF model is prompted exactly as the megatron one. ``source``: the image's path, recorded as training
+    records it (the continuous baseline's pixels)."""
     b = SequenceBuilder(vocab, group)
     if not prompt:
         b.image(codes)
-        return b.build()
+        return _with_source(b.build(), source)
     b.text(tokenizer.encode("User: "), False)
     if codes is not None:
         b.image(codes)
     b.text(tokenizer.encode(prompt) + [tokenizer.eod], False)
     b.text(tokenizer.encode("Assistant: "), False)
-    return b.build()
+    return _with_source(b.build(), source if codes is not None else None)
+
+
+def _with_source(document: Document, source: Optional[str]) -> Document:
+    document.images = [] if source is None else [source]
+    return document
 
 
 def placeholder_problem(turns: list[dict], images: int) -> Optional[str]:
