@@ -41,6 +41,15 @@ def test_packed_documents_cost_less_attention_than_one_long_one():
     assert llm_step_flops(shape, [256, 256]) < llm_step_flops(shape, [512])
 
 
+def test_logits_at_supervised_positions_take_the_output_layer_off_the_others():
+    from megatron_ext.bench.flops import GPTShape, llm_step_flops
+
+    shape = GPTShape(4, 64, 172, 4, 2, 1024)
+    saved = llm_step_flops(shape, [512]) - llm_step_flops(shape, [512], logit_positions=40)
+    assert saved == 6 * 1024 * 64 * (512 - 40)  # forward, and two backward GEMMs of a [472, 64] x [64, 1024]
+    assert llm_step_flops(shape, [512], logit_positions=512) == llm_step_flops(shape, [512])
+
+
 def test_baseline_fills_exactly_the_discrete_visual_positions():
     from megatron_ext.vlm.model import ContinuousVisualEmbedding, continuous_batch
     from viq_mllm.data.layout import caption_document
@@ -92,7 +101,7 @@ def test_speedup_benchmark_writes_the_table(tmp_path):
     assert (tmp_path / "speedup.png").stat().st_size > 0
 
 
-def _fake_cell(preset, llm, seq, rounds, trained_encoder, layout):
+def _fake_cell(preset, llm, seq, rounds, trained_encoder, layout, supervised_logits):
     if (llm, seq) == ("large", 512):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB\nmore detail")
     flops = {"discrete": 1e9, "continuous": 2e9, "text_only": 1e9}

@@ -3,9 +3,10 @@
 A GEMM of ``m x k`` by ``k x n`` costs ``2mkn`` FLOPs; training runs each GEMM three times (forward, weight
 gradient, data gradient), hence the ``6`` per parameter per token and the ``3x`` on attention scores.
 
-LLM (per step, ``T`` tokens in documents of lengths ``L_i``):
-    6 * N_matmul * T                       N_matmul: the weights multiplied per token (embedding lookup excluded,
-                                           output layer included: V_padded x h)
+LLM (per step, ``T`` tokens in documents of lengths ``L_i``, logits at ``T_out`` of them):
+    6 * N_layers * T                       N_layers: the weights multiplied per token in the layers
+  + 6 * V_padded * h * T_out               the output layer: at every position (T_out = T), or at the supervised
+                                           ones only (what training computes, megatron_ext.model.gpt.GPT)
   + 12 * layers * q_dim * sum(L_i^2)       QK^T and AV (2 * 2 * q_dim * L_i^2 forward), x3; full square, as megatron
 
 Vision encoder inside the step (continuous baseline), per image of ``N`` patches:
@@ -36,17 +37,19 @@ class GPTShape:
         return (self.kv_channels or self.hidden // self.heads) * self.heads
 
     @property
-    def matmul_params(self) -> int:
+    def layer_params(self) -> int:
         kv_dim = self.q_dim * self.query_groups // self.heads
         attention = self.hidden * self.q_dim * 2 + self.hidden * kv_dim * 2  # Q, O, K, V
         mlp = self.hidden * self.ffn * (3 if self.gated else 2)
-        return self.layers * (attention + mlp) + self.vocab * self.hidden
+        return self.layers * (attention + mlp)
 
 
-def llm_step_flops(shape: GPTShape, document_lengths: list[int]) -> float:
+def llm_step_flops(shape: GPTShape, document_lengths: list[int], logit_positions: int | None = None) -> float:
+    """``logit_positions``: where the output layer runs (None: every position)."""
     tokens = sum(document_lengths)
+    logits = tokens if logit_positions is None else logit_positions
     attention = 12 * shape.layers * shape.q_dim * sum(length * length for length in document_lengths)
-    return 6.0 * shape.matmul_params * tokens + attention
+    return 6.0 * (shape.layer_params * tokens + shape.vocab * shape.hidden * logits) + attention
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ For each LLM size and sequence length, three models with the *same* GPT shape se
 On CPU the steps alternate round by round in a rotating order, so noise and the after-effects of one variant's
 large allocations hit all three alike; on a GPU one variant at a time is resident (the three would not fit
 together at the real shapes). Reported, as medians: speed-up ``1 - t_d / t_c`` (the paper's ratio), its
-FLOP-model prediction (``flops.py``), and the discrete overhead ``t_d / t_text``. A cell that runs out of GPU
+FLOP-model prediction (``flops.py``), and the discrete overhead ``t_d / t_text``. The output layer runs at every
+position, as in the paper's (HF) training; ``--supervised-logits`` measures what this stack's training computes
+(logits at the caption tokens only, :class:`megatron_ext.model.gpt.GPT`), which takes the same work off all three. A cell that runs out of GPU
 memory is reported as not measured and the run goes on; ``speedup.json`` is rewritten after every cell.
 
 Presets keep the paper's proportions: ``cpu`` scales SigLIP2-g (1.1B) vs Qwen2.5-0.5B / 7B down to an encoder
@@ -28,6 +30,7 @@ import argparse
 import gc
 import statistics
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -106,7 +109,7 @@ def _text_document(doc: Document, text_vocab: int) -> Document:
                     doc.loss_mask)
 
 
-def _trainer(preset: Preset, llm: dict, seq: int, vocab_size: int, visual_factory, layout):
+def _trainer(preset: Preset, llm: dict, seq: int, vocab_size: int, visual_factory, layout, all_logits: bool):
     recipe = recipe_from_dict({
         "run": {"dir": "/tmp/viq-bench-unused"},
         "model": {**llm, "seq_length": seq, "qkv_bias": True, "tie_embeddings": True},
@@ -114,7 +117,7 @@ def _trainer(preset: Preset, llm: dict, seq: int, vocab_size: int, visual_factor
         "log": {"wandb": "disabled", "tensorboard": False, "progress": False},
     })
     config = transformer_config(recipe.model, recipe.parallel, recipe.train)
-    gpt = build_gpt(config, recipe.model, recipe.parallel, padded_vocab_size(vocab_size), layout, 0)
+    gpt = build_gpt(config, recipe.model, recipe.parallel, padded_vocab_size(vocab_size), layout, 0, all_logits)
     with torch.device(device()):  # the 1.2B encoder of the gpu preset is initialised where it runs
         visual = visual_factory(gpt)
     model = VisionLanguageModel(gpt, visual)
@@ -122,7 +125,8 @@ def _trainer(preset: Preset, llm: dict, seq: int, vocab_size: int, visual_factor
     return build_trainer(recipe, layout, model, vocab, packed=True)
 
 
-def bench_one(preset: Preset, llm_name: str, seq: int, rounds: int, trained_encoder: bool, layout) -> dict:
+def bench_one(preset: Preset, llm_name: str, seq: int, rounds: int, trained_encoder: bool, layout,
+              supervised_logits: bool = False) -> dict:
     llm = preset.llms[llm_name]
     vocab = Vocab.build(preset.text_vocab, preset.codebook, "bench", "bench")
     px = preset.image_px[preset.seq_lengths.index(seq)]
@@ -133,24 +137,27 @@ def bench_one(preset: Preset, llm_name: str, seq: int, rounds: int, trained_enco
     text_row = collate(pack([_text_document(d, preset.text_vocab) for d in docs], seq))
     hidden = llm["hidden_size"]
     section = VisualSection(embedding="table", group=16, viq="unused")
+    trainer = partial(_trainer, preset, llm, seq, layout=layout, all_logits=not supervised_logits)
     variants = {  # name -> (builds its trainer, its batch)
-        "discrete": (lambda: _trainer(preset, llm, seq, vocab.size, lambda gpt: VisualEmbedding(
-            section, vocab, hidden, gpt.embedding.word_embeddings), layout), row),
-        "continuous": (lambda: _trainer(preset, llm, seq, vocab.code_offset, lambda gpt: ContinuousVisualEmbedding(
-            VisionTransformer(enc_cfg), enc_cfg.width, hidden, trained_encoder), layout),
+        "discrete": (lambda: trainer(vocab.size, lambda gpt: VisualEmbedding(
+            section, vocab, hidden, gpt.embedding.word_embeddings)), row),
+        "continuous": (lambda: trainer(vocab.code_offset, lambda gpt: ContinuousVisualEmbedding(
+            VisionTransformer(enc_cfg), enc_cfg.width, hidden, trained_encoder)),
             continuous_batch(row, vocab, pixels, grids)),
-        "text_only": (lambda: _trainer(preset, llm, seq, vocab.size, lambda gpt: None, layout), text_row),
+        "text_only": (lambda: trainer(vocab.size, lambda gpt: None), text_row),
     }
     times, peaks = (_one_at_a_time if torch.cuda.is_available() else _rotating)(variants, rounds)
     t = {name: statistics.median(v) for name, v in times.items()}
-    flops = _flops(llm, vocab, enc_cfg, [len(d) for d in docs], px, len(pixels), trained_encoder)
+    logit_positions = int(sum(d.loss_mask.sum() for d in docs)) if supervised_logits else None
+    flops = _flops(llm, vocab, enc_cfg, [len(d) for d in docs], px, len(pixels), trained_encoder, logit_positions)
     image_positions = sum(int(d.visual.sum()) + px // 32 + 2 for d in docs)
     return {"llm": llm_name, "seq_len": seq, "image_px": px, "documents": len(docs),
             "image_share": image_positions / seq,
             "t_discrete": t["discrete"], "t_continuous": t["continuous"], "t_text_only": t["text_only"],
             "speedup": 1 - t["discrete"] / t["continuous"], "overhead_vs_text": t["discrete"] / t["text_only"],
             "predicted_ratio": predicted_speedup(flops["discrete"], flops["continuous"]), "flops": flops,
-            "trained_encoder": trained_encoder, "rounds": rounds, "peak_gpu_gib": peaks}
+            "trained_encoder": trained_encoder, "supervised_logits": supervised_logits, "rounds": rounds,
+            "peak_gpu_gib": peaks}
 
 
 def _step_seconds(trainer, batch) -> float:
@@ -200,7 +207,7 @@ def _release_memory() -> None:
 
 
 def _flops(llm: dict, vocab: Vocab, enc_cfg: ViQConfig, lengths: list[int], px: int, images: int,
-           trained: bool) -> dict:
+           trained: bool, logit_positions: int | None) -> dict:
     def shape(vocab_size):
         return GPTShape(llm["num_layers"], llm["hidden_size"], llm["ffn_hidden_size"], llm["num_attention_heads"],
                         llm["num_query_groups"], padded_vocab_size(vocab_size))
@@ -211,9 +218,9 @@ def _flops(llm: dict, vocab: Vocab, enc_cfg: ViQConfig, lengths: list[int], px: 
     projector = w * hidden / 4 + 2 * hidden * hidden / 4 + hidden * hidden / 4  # per patch (pooled 4 -> 1)
     encoder = encoder_step_flops(EncoderShape(enc_cfg.depth, w, int(vit_params + projector)), [patches] * images,
                                  trained)
-    return {"discrete": llm_step_flops(shape(vocab.size), lengths),
-            "continuous": llm_step_flops(shape(vocab.code_offset), lengths) + encoder,
-            "text_only": llm_step_flops(shape(vocab.size), lengths)}
+    return {"discrete": llm_step_flops(shape(vocab.size), lengths, logit_positions),
+            "continuous": llm_step_flops(shape(vocab.code_offset), lengths, logit_positions) + encoder,
+            "text_only": llm_step_flops(shape(vocab.size), lengths, logit_positions)}
 
 
 #: dense bf16 peaks (TFLOP/s) by device name; MFU is stated against these (H100/H200 SXM: 989)
@@ -271,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant (medians)")
     parser.add_argument("--frozen-encoder", action="store_true", help="baseline encoder forward-only")
+    parser.add_argument("--supervised-logits", action="store_true",
+                        help="the output layer at the caption tokens only, as training runs it (default: at every "
+                             "position, the paper's setting)")
     parser.add_argument("--llms", nargs="+", help="only these LLMs of the preset (default: all)")
     parser.add_argument("--seq-lengths", nargs="+", type=int, help="only these sequence lengths of the preset")
     parser.add_argument("--out", default="runs/bench_speedup",
@@ -282,14 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     peak, peak_note = peak_tflops()
     rows, not_measured = [], []
-    payload = {"preset": args.preset, "device": device, "peak": peak_note, "rows": rows, "not_measured": not_measured}
+    payload = {"preset": args.preset, "device": device, "peak": peak_note, "supervised_logits": args.supervised_logits,
+               "rows": rows, "not_measured": not_measured}
     layout = init_distributed(tp=1, pp=1, seed=0)
     try:
         for llm in llms:
             for seq in seqs:
                 try:
-                    rows.append(_with_mfu(bench_one(preset, llm, seq, args.rounds, not args.frozen_encoder, layout),
-                                          peak))
+                    rows.append(_with_mfu(bench_one(preset, llm, seq, args.rounds, not args.frozen_encoder, layout,
+                                                    args.supervised_logits), peak))
                     print(f"  {llm} seq {seq}: speed-up {rows[-1]['speedup']:.0%} "
                           f"(predicted {rows[-1]['predicted_ratio']:.0%})", flush=True)
                 except torch.OutOfMemoryError as err:

@@ -96,9 +96,43 @@ def layer_spec(model: ModelSection, parallel: ParallelSection) -> ModuleSpec:
 
 
 class GPT(GPTModel):
-    """megatron's ``GPTModel`` whose unfused loss is :mod:`megatron_ext.model.cross_entropy`'s (bit-identical to
-    megatron's unfused vocab-parallel cross-entropy, without its index-computing max and single-rank collectives).
-    :func:`transformer_config` turns megatron's fused loss on where that patch is not active (a GPU by default)."""
+    """megatron's ``GPTModel`` with two changes to the loss.
+
+    - **Logits only where the loss is.** Given ``loss_mask`` with the labels, the output layer and the loss run
+      on the supervised positions alone, and the per-token loss comes back ``[b, s]`` with zeros elsewhere, as
+      megatron's would after the mask. Same loss, same gradients; what it saves is the output layer's share of
+      the step at every unsupervised position: a VLM's visual positions, an SFT prompt, row padding. Example: a
+      row of 512 positions whose 40 caption tokens are supervised computes ``[40, 1, V]`` logits, not
+      ``[512, 1, V]``. ``all_logits=True`` (or no ``loss_mask``) computes them everywhere, as megatron does, and
+      so does a model with sequence parallelism (its hidden states are split along the sequence).
+    - Its unfused loss is :mod:`megatron_ext.model.cross_entropy`'s (bit-identical to megatron's unfused
+      vocab-parallel cross-entropy, without its index-computing max and single-rank collectives).
+      :func:`transformer_config` turns megatron's fused loss on where that patch is not active (a GPU by default).
+    """
+
+    def __init__(self, *args, all_logits: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.all_logits = all_logits
+
+    def _postprocess(self, *, hidden_states: torch.Tensor, labels: torch.Tensor | None = None,
+                     loss_mask: torch.Tensor | None = None, **rest):
+        picked = self._supervised(labels, loss_mask)
+        if picked is None:
+            return super()._postprocess(hidden_states=hidden_states, labels=labels, loss_mask=loss_mask, **rest)
+        b, s = labels.shape
+        hidden = hidden_states.transpose(0, 1).reshape(b * s, -1).index_select(0, picked)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden.unsqueeze(1), weight=weight)  # [n, 1, V / tp]
+        loss = self.compute_language_model_loss(labels.reshape(1, -1).index_select(1, picked), logits)  # [1, n]
+        return loss.new_zeros(b * s).index_add(0, picked, loss.view(-1)).view(b, s)
+
+    def _supervised(self, labels: torch.Tensor | None, loss_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Indices into ``[b * s]`` of the positions to compute logits at; None for every position."""
+        if (self.all_logits or labels is None or loss_mask is None or not self.post_process or self.mtp_process
+                or self.config.mtp_num_layers is not None or self.config.sequence_parallel):
+            return None
+        picked = torch.nonzero(loss_mask.reshape(-1)).squeeze(1)
+        return None if picked.numel() == loss_mask.numel() else picked
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.config.cross_entropy_loss_fusion:
@@ -114,10 +148,11 @@ def build_gpt(
     vocab_size: int,
     layout: Layout,
     seed: int,
+    all_logits: bool = False,
 ) -> GPTModel:
     """``vocab_size`` is the padded size (divisible by 128 x MAX_TP). Weights depend on ``seed`` only, not on
     the parallel layout (:mod:`megatron_ext.model.init`). The model comes back on the device it runs on: megatron puts
-    its own layers there, but the local spec's torch norms are built on the CPU."""
+    its own layers there, but the local spec's torch norms are built on the CPU. ``all_logits``: see :class:`GPT`."""
     gpt = GPT(
         config=config,
         transformer_layer_spec=layer_spec(model, parallel),
@@ -128,6 +163,7 @@ def build_gpt(
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope" if parallel.transformer_impl == "transformer_engine" else "none",
         rotary_base=int(model.rope_theta),
+        all_logits=all_logits,
     )
     init.initialize(gpt, seed, model.init_std, model.num_layers, model.tie_embeddings)
     return gpt.to(device())

@@ -137,7 +137,8 @@ def lm_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     micro-batches and divides gradients by the global token count.
     """
     batch = {k: v.to(device()) for k, v in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])
     return output, partial(masked_loss, batch["loss_mask"], None)
 
 

@@ -132,7 +132,8 @@ class VisionLanguageModel(MegatronModule):
         if self.gpt.pre_process:
             decoder_input = self.embed(batch)
         return self.gpt(batch["tokens"], batch["position_ids"], None, decoder_input=decoder_input,
-                        labels=batch["labels"] if labels else None, packed_seq_params=packed_seq_params)
+                        labels=batch["labels"] if labels else None, packed_seq_params=packed_seq_params,
+                        loss_mask=batch["loss_mask"] if labels else None)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """GPT tensors under their plain GPTModel storage keys; structure keys match ``state_dict()``."""
