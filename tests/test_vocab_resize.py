@@ -87,7 +87,15 @@ def test_new_rows_are_drawn_from_the_old_statistics(resized):
     assert (new_rows.abs().sum(1) > 0).all(), "no zero rows"
     assert torch.cdist(new_rows, old_rows).min() > 0, "no copies of an old row"
     assert torch.unique(new_rows, dim=0).shape[0] == new_rows.shape[0], "rows differ from each other"
-    torch.testing.assert_close(new_rows.mean(0), old_rows.mean(0), atol=0.05 * float(old_rows.std()), rtol=0)
+    # a visual position sums 16 code rows (resize-vocab's default --group): the sum starts as a new token would,
+    # with the old rows' mean and 1e-2 x their covariance (the default cov_scale)
+    codes = table[vocab["code_offset"] : vocab["code_offset"] + vocab["codebook_size"]]
+    order = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))
+    sums = codes[order].view(-1, 16, codes.shape[1]).sum(1)
+    spread = float(old_rows.std())
+    torch.testing.assert_close(sums.mean(0), old_rows.mean(0), atol=0.05 * spread, rtol=0)
+    assert float(sums.var(0).sum() / old_rows.var(0).sum()) == pytest.approx(1e-2, rel=0.2)
+    torch.testing.assert_close(codes.mean(0), old_rows.mean(0) / 16, atol=0.05 * spread, rtol=0)
     # new tokens start as 'average' tokens: their logits sit near the old tokens' mean logit, no spike
     logits = r["new"].double()
     assert logits[:, vocab["text_size"]:vocab["code_offset"] + 2304].max() < logits[:, : vocab["text_size"]].max()

@@ -10,6 +10,11 @@ Rows, for the embedding and (if untied) the output layer:
   where new tokens silently land on uninitialised rows in other stacks): drawn from a normal distribution with
   the old rows' mean and ``cov_scale`` x their covariance (``mean-cov``), or set to the mean (``mean``): a new token
   starts as an "average" token, so the loss does not jump after the resize, and different rows break symmetry;
+- code rows, when the VLM sums ``group`` codes per visual position (``model.visual.group``; the slot vectors start
+  at 1): mean / G and covariance / G, so that the *sum* starts as a new token would. Example, SmolLM2-135M: its
+  rows' mean has norm 2.2; with G = 16 and every code at the mean, a visual position would start at norm 35, the
+  same direction for every image, ten times any text token, and the pretrained LLM reads the images as noise on
+  one huge vector; at mean / 16 it starts as an average token;
 - ``[vocab.size, padded_size)``: padding, set to the mean.
 
 The result is a model-only checkpoint, loadable at any TP by ``checkpoint.load_model``.
@@ -32,26 +37,31 @@ class VocabMismatch(ValueError):
     """The checkpoint's text vocabulary is not the one the extended vocabulary was built on."""
 
 
-def new_rows(old: torch.Tensor, count: int, init: str, cov_scale: float, generator: torch.Generator) -> torch.Tensor:
-    """``count`` rows from the statistics of ``old [n, h]`` (computed in float64)."""
+def new_rows(old: torch.Tensor, count: int, init: str, cov_scale: float, generator: torch.Generator,
+             group: int = 1) -> torch.Tensor:
+    """``count`` rows from the statistics of ``old [n, h]`` (computed in float64), scaled so that the sum of
+    ``group`` independent rows has the old mean and ``cov_scale`` x the old covariance."""
     old64 = old.double()
-    mean = old64.mean(0)
+    mean = old64.mean(0) / group
     if init == "mean":
         return mean.expand(count, -1).to(old.dtype).clone()
-    centered = old64 - mean
-    cov = centered.T @ centered / max(old.shape[0] - 1, 1) * cov_scale
+    centered = old64 - old64.mean(0)
+    cov = centered.T @ centered / max(old.shape[0] - 1, 1) * cov_scale / group
     cov += torch.eye(cov.shape[0], dtype=cov.dtype) * 1e-12 * cov.diagonal().mean().clamp_min(1e-30)
     chol = torch.linalg.cholesky(cov)
     noise = torch.randn(count, old.shape[1], dtype=torch.float64, generator=generator)
     return (mean + noise @ chol.T).to(old.dtype)
 
 
-def grow(table: torch.Tensor, text_size: int, used: int, init: str, cov_scale: float, seed: int) -> torch.Tensor:
-    """``table [P_new, h]`` whose first ``text_size`` rows hold the old values -> all rows initialised."""
+def grow(table: torch.Tensor, vocab: Vocab, init: str, cov_scale: float, seed: int, group: int) -> torch.Tensor:
+    """``table [P_new, h]`` whose first ``vocab.text_size`` rows hold the old values -> all rows initialised;
+    ``group``: the codes one visual position sums."""
     generator = torch.Generator().manual_seed(seed)
-    old = table[:text_size]
+    text, codes, used = vocab.text_size, vocab.code_offset, vocab.size
+    old = table[:text]
     out = table.clone()
-    out[text_size:used] = new_rows(old, used - text_size, init, cov_scale, generator)
+    out[text:codes] = new_rows(old, codes - text, init, cov_scale, generator)
+    out[codes:used] = new_rows(old, used - codes, init, cov_scale, generator, group)
     out[used:] = old.double().mean(0).to(table.dtype)
     return out
 
@@ -66,7 +76,7 @@ def check_compatible(have: checkpoint.VocabRecord, vocab: Vocab, source: Path) -
         raise VocabMismatch(f"{source} already has an extended vocabulary ({have.vocab_fingerprint})")
 
 
-def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path, init: str = "mean-cov",
+def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path, group: int, init: str = "mean-cov",
                       cov_scale: float = 1e-2, seed: int = 0) -> dict:
     source, out = Path(source), Path(out)
     meta = checkpoint.read_meta(source)
@@ -83,7 +93,7 @@ def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path
             if not model.tie_embeddings:
                 tables.append(gpt.output_layer.weight)
             for i, table in enumerate(tables):
-                table.copy_(grow(table, vocab.text_size, vocab.size, init, cov_scale, seed + i))
+                table.copy_(grow(table, vocab, init, cov_scale, seed + i, group))
         new_meta = checkpoint.CheckpointMeta(
             model=model, resized_from=str(source.resolve()),
             vocab=checkpoint.VocabRecord(text_size=vocab.text_size, padded_size=vocab.padded_size,
@@ -92,5 +102,6 @@ def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path
     finally:
         shutdown()
     print(f"wrote {out}: embedding {meta.vocab.padded_size} -> {vocab.padded_size} rows "
-          f"({vocab.text_size} kept, {vocab.size - vocab.text_size} new, init {init})")
+          f"({vocab.text_size} kept, {vocab.size - vocab.text_size} new, init {init}; code rows scaled for "
+          f"{group} codes per visual position)")
     return new_meta

@@ -8,7 +8,8 @@ does once, before its first step:
    from this tokenizer, or the run is refused with both fingerprints;
 2. the weights are converted to a megatron checkpoint, and
 3. its embedding (and untied output layer) grown to the extended vocabulary, the new rows drawn from the old rows'
-   mean and covariance (TP-safe padding: 128 x 8 rows);
+   mean and covariance, the code rows scaled for the recipe's ``model.visual.group`` (``vocab_resize.py``;
+   TP-safe padding: 128 x 8 rows);
 
 into ``RUN_DIR/init/checkpoint``, with ``RUN_DIR/init/source.json`` naming what it was made from. A rerun or a
 resumed run finds it and does nothing. Rank 0 builds it in a child process (the conversion is a one-process job
@@ -38,10 +39,11 @@ _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "
 def init_checkpoint(recipe: Recipe, layout: Layout) -> Path:
     """``RUN_DIR/init/checkpoint`` for ``init.hf``, built by rank 0 when missing or made from other inputs."""
     target = Path(recipe.run.dir) / "init"
-    source = source_record(Path(recipe.init.hf), Path(recipe.model.visual.viq))
+    group = recipe.model.visual.group
+    source = source_record(Path(recipe.init.hf), Path(recipe.model.visual.viq), group)
     if layout.rank == 0 and not _up_to_date(target, source):
         command = [sys.executable, "-m", "megatron_ext.vlm.from_hf", recipe.init.hf, recipe.data.vocab,
-                   recipe.model.visual.viq, str(target)]
+                   recipe.model.visual.viq, str(target), str(group)]
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
         if subprocess.run(command, env=env).returncode != 0:
             raise ValueError(f"init.hf={recipe.init.hf}: building the starting checkpoint failed (the error is above)")
@@ -49,9 +51,10 @@ def init_checkpoint(recipe: Recipe, layout: Layout) -> Path:
     return target / "checkpoint"
 
 
-def source_record(hf_dir: Path, viq_dir: Path) -> dict:
+def source_record(hf_dir: Path, viq_dir: Path, group: int) -> dict:
     """What the starting checkpoint depends on: the HF config, its weight files (names and sizes: hashing a 7B
-    model's bytes at every start would cost minutes), its tokenizer and the ViQ tokenizer."""
+    model's bytes at every start would cost minutes), its tokenizer, the ViQ tokenizer and the codes per visual
+    position (the code rows' scale)."""
     from megatron_ext.vlm.model import viq_fingerprint
     from viq_mllm.vocab.text_tokenizers import hf_tokenizer_fingerprint
 
@@ -60,7 +63,7 @@ def source_record(hf_dir: Path, viq_dir: Path) -> dict:
     weights = sorted((p.name, p.stat().st_size) for p in hf_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
     digest = hashlib.sha256(json.dumps([(hf_dir / "config.json").read_text(), weights]).encode()).hexdigest()
     return {"hf": str(hf_dir.resolve()), "weights": digest[:16],
-            "tokenizer": hf_tokenizer_fingerprint(hf_dir), "viq": viq_fingerprint(viq_dir)}
+            "tokenizer": hf_tokenizer_fingerprint(hf_dir), "viq": viq_fingerprint(viq_dir), "group": group}
 
 
 def _up_to_date(target: Path, source: dict) -> bool:
@@ -68,7 +71,7 @@ def _up_to_date(target: Path, source: dict) -> bool:
     return record.is_file() and json.loads(record.read_text()) == source and (target / "checkpoint").is_dir()
 
 
-def build(hf_dir: Path, vocab_dir: Path, viq_dir: Path, target: Path) -> None:
+def build(hf_dir: Path, vocab_dir: Path, viq_dir: Path, target: Path, group: int) -> None:
     """Steps 1-3 of the module, into ``target`` (written beside, then moved in place)."""
     from megatron_ext.convert.hf import hf_to_mcore
     from megatron_ext.convert.vocab_resize import VocabMismatch, resize_checkpoint
@@ -87,16 +90,16 @@ def build(hf_dir: Path, vocab_dir: Path, viq_dir: Path, target: Path) -> None:
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     hf_to_mcore(hf_dir, staging / "converted")
-    resize_checkpoint(staging / "converted", vocab_dir, staging / "checkpoint")
+    resize_checkpoint(staging / "converted", vocab_dir, staging / "checkpoint", group)
     shutil.rmtree(staging / "converted")
-    (staging / "source.json").write_text(json.dumps(source_record(hf_dir, viq_dir), indent=1))
+    (staging / "source.json").write_text(json.dumps(source_record(hf_dir, viq_dir, group), indent=1))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
 
 
 if __name__ == "__main__":
     try:
-        build(*(Path(arg) for arg in sys.argv[1:5]))
+        build(*(Path(arg) for arg in sys.argv[1:5]), int(sys.argv[5]))
     except (OSError, ValueError) as error:
         print(f"init.hf: {error}", file=sys.stderr)
         sys.exit(2)

@@ -43,7 +43,7 @@ def _extend_vocab(args: argparse.Namespace) -> int:
 def _resize_vocab(args: argparse.Namespace) -> int:
     from megatron_ext.convert.vocab_resize import resize_checkpoint
 
-    resize_checkpoint(args.checkpoint, args.vocab, args.out, init=args.init, seed=args.seed)
+    resize_checkpoint(args.checkpoint, args.vocab, args.out, args.group, init=args.init, seed=args.seed)
     return 0
 
 
@@ -110,6 +110,9 @@ def add_resize_vocab(sub) -> None:
     rsz.add_argument("--vocab", required=True, type=existing, help="folder with vocab.json from extend-vocab")
     rsz.add_argument("--out", required=True)
     rsz.add_argument("--init", choices=["mean-cov", "mean"], default="mean-cov")
+    rsz.add_argument("--group", type=int, choices=[1, 4, 16], default=16,
+                     help="codes per visual position of the VLM to train (its model.visual.group, default 16): code "
+                          "rows start at mean / G and covariance / G, so a position's sum starts as a new token")
     rsz.add_argument("--seed", type=int, default=0)
     rsz.set_defaults(func=_resize_vocab)
 
