@@ -4,7 +4,7 @@
 #   GPU_CHECK_BUDGET_S=500 (default): the whole script ends within this many seconds. Steps run in order of what they settle;
 #   each gets the time it may need or what is left, and a step that no longer fits is skipped (logged). Every
 #   result is written to OUT as soon as it exists: gpu_check.log, steps.log and at most 6 JSON / PNG files.
-#   GPU_CHECK_STEPS="2 4" runs only those of steps 1-5 (a second call after a fix).
+#   GPU_CHECK_STEPS="2 4" runs only those of steps 1-5 (a second call after a fix); step 7 runs only when named.
 # Prefer nvidia-h200: by estimate (docs/decisions.md) the Qwen2.5-1.5B cells of the speed-up need more than an
 # H100's 80 GB (they would be reported as "not measured: out of memory", and the run goes on). On an H200 every
 # step ran in two calls of ~300 s each (docs/benchmarks.md has the results).
@@ -23,6 +23,8 @@
 #    GPU);
 # 6. Transformer Engine layer spec with bf16 and FP8, only if transformer_engine imports (it usually cannot be
 #    installed without network: then it says so, and FP8 stays unverified).
+# 7. (GPU_CHECK_STEPS=7) step 3 with logits at the caption tokens only, as training computes them
+#    (--supervised-logits), for the training-time speed-up beside step 3's paper setting.
 set -uo pipefail
 OUT=${1:-${OUT:-runs/gpu_check}}
 PY=${PYTHON:-python3}
@@ -78,6 +80,9 @@ step 60 30 16 "4. training step, ours with every patch opted in vs HF LlamaForCa
 step 200 90 14 "5. speed-up, real shapes, 4K and 16K, encoder forward-only" -- \
   $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 4096 16384 --frozen-encoder --rounds 3 \
   --out "$OUT/speedup_frozen"
+step 130 60 12 "7. speed-up, real shapes, 4K, encoder trained, logits at the caption tokens only" -- \
+  $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 4096 --rounds 5 --supervised-logits \
+  --out "$OUT/speedup_4k_supervised"
 if $PY -c "import transformer_engine.pytorch" 2>/dev/null; then
   for precision in bf16 fp8; do
     step 100 40 3 "6. Transformer Engine layer spec, $precision steps of the tiny text recipe" -- \
