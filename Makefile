@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 demo: $(STAMP)
 	$(BIN)/viq-mllm demo --out $(or $(OUT),runs/demo)
 
-# the demo's VLM on a real LLM (SmolLM2-135M, ~15 min on 2 cores), scored on the demo's held-out stamps
+# the demo's VLM on a real LLM (SmolLM2-135M, ~10 min on 2 cores), scored on the demo's held-out stamps
 demo-smollm2: $(STAMP)
 	test -f runs/demo/summary.json || $(MAKE) demo
 	$(BIN)/viq-mllm assets smollm2 --out runs/smollm2_hf
