@@ -19,12 +19,12 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 demo: $(STAMP)
 	$(BIN)/viq-mllm demo --out $(or $(OUT),runs/demo)
 
-# the demo's VLM on a real LLM (SmolLM2-135M, ~10 min on 2 cores), scored on the demo's held-out stamps
+# the demo's VLM on a real LLM (SmolLM2-135M, ~15 min on 2 cores), scored on the demo's held-out stamps
 demo-smollm2: $(STAMP)
 	test -f runs/demo/summary.json || $(MAKE) demo
 	$(BIN)/viq-mllm assets smollm2 --out runs/smollm2_hf
 	$(BIN)/viq-mllm train recipes/vlm_smollm2_135m_stamps.yaml
-	$(BIN)/viq-mllm eval --checkpoint runs/vlm_smollm2_135m_stamps/checkpoints/step_00000020 --task captions \
+	$(BIN)/viq-mllm eval --checkpoint runs/vlm_smollm2_135m_stamps/checkpoints/step_00000040 --task captions \
 		--shards runs/demo/shards/eval --out runs/vlm_smollm2_135m_stamps/captions.json
 
 test: $(STAMP)
