@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from viq_mllm.offline_assets import STAMPS, captioned_stamps
+from viq_mllm.recipe.compose import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 VLM_MODEL = ["model.hidden_size=128", "model.ffn_hidden_size=344", "model.seq_length=256",
@@ -199,10 +200,11 @@ def run_demo(out: str | Path, vlm_steps: int = 500, text_steps: int = 300, token
              f"train.steps={text_steps}", f"checkpoint.every={text_steps}", f"data.tokenizer=sentencepiece:{sp_model}",
              f"data.text_files=[{corpus}]", "train.lr=2.0e-3", *VLM_MODEL)
     text_ckpt = out / "text_lm" / "checkpoints" / f"step_{text_steps:08d}"
+    vlm_recipe = ROOT / "recipes" / "vlm_tiny_pretrain.yaml"
     viq_mllm("resize-vocab", "--checkpoint", str(text_ckpt), "--vocab", str(out / "vocab"), "--out",
-             str(out / "vlm_init"))
+             str(out / "vlm_init"), "--group", str(load_recipe(vlm_recipe, world_size=1).model.visual.group))
 
-    vlm_args = [str(ROOT / "recipes" / "vlm_tiny_pretrain.yaml"), f"data.sources=[{{path: {out / 'shards' / 'train'}}}]",
+    vlm_args = [str(vlm_recipe), f"data.sources=[{{path: {out / 'shards' / 'train'}}}]",
                 f"data.vocab={out / 'vocab'}", f"model.visual.viq={out / 'viq'}", f"init.checkpoint={out / 'vlm_init'}",
                 f"train.steps={vlm_steps}", f"checkpoint.every={vlm_steps}", *VLM_MODEL]
     say(f"6/8 discrete VLM on packed caption sequences ({vlm_steps} steps)")

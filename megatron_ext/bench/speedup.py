@@ -14,8 +14,9 @@ large allocations hit all three alike; on a GPU one variant at a time is residen
 together at the real shapes). Reported, as medians: speed-up ``1 - t_d / t_c`` (the paper's ratio), its
 FLOP-model prediction (``flops.py``), and the discrete overhead ``t_d / t_text``. The output layer runs at every
 position, as in the paper's (HF) training; ``--supervised-logits`` measures what this stack's training computes
-(logits at the caption tokens only, :class:`megatron_ext.model.gpt.GPT`), which takes the same work off all three. A cell that runs out of GPU
-memory is reported as not measured and the run goes on; ``speedup.json`` is rewritten after every cell.
+(logits at the caption tokens only, :class:`megatron_ext.model.gpt.GPT`), which takes the same work off all
+three. A cell that runs out of GPU memory is reported as not measured and the run goes on; ``speedup.json`` is
+rewritten after every cell.
 
 Presets keep the paper's proportions: ``cpu`` scales SigLIP2-g (1.1B) vs Qwen2.5-0.5B / 7B down to an encoder
 about 2x the small LLM and 0.2x the large one, at sequence lengths 512 / 2048 (the paper's 4K / 16K ratio);

@@ -42,10 +42,11 @@ def new_rows(old: torch.Tensor, count: int, init: str, cov_scale: float, generat
     """``count`` rows from the statistics of ``old [n, h]`` (computed in float64), scaled so that the sum of
     ``group`` independent rows has the old mean and ``cov_scale`` x the old covariance."""
     old64 = old.double()
-    mean = old64.mean(0) / group
+    old_mean = old64.mean(0)
+    mean = old_mean / group
     if init == "mean":
         return mean.expand(count, -1).to(old.dtype).clone()
-    centered = old64 - old64.mean(0)
+    centered = old64 - old_mean
     cov = centered.T @ centered / max(old.shape[0] - 1, 1) * cov_scale / group
     cov += torch.eye(cov.shape[0], dtype=cov.dtype) * 1e-12 * cov.diagonal().mean().clamp_min(1e-30)
     chol = torch.linalg.cholesky(cov)
@@ -76,8 +77,8 @@ def check_compatible(have: checkpoint.VocabRecord, vocab: Vocab, source: Path) -
         raise VocabMismatch(f"{source} already has an extended vocabulary ({have.vocab_fingerprint})")
 
 
-def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path, group: int, init: str = "mean-cov",
-                      cov_scale: float = 1e-2, seed: int = 0) -> dict:
+def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path, group: int,
+                      init: str = "mean-cov", cov_scale: float = 1e-2, seed: int = 0) -> dict:
     source, out = Path(source), Path(out)
     meta = checkpoint.read_meta(source)
     vocab = Vocab.load(vocab_dir)

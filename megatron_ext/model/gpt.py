@@ -120,18 +120,19 @@ class GPT(GPTModel):
         if picked is None:
             return super()._postprocess(hidden_states=hidden_states, labels=labels, loss_mask=loss_mask, **rest)
         b, s = labels.shape
-        hidden = hidden_states.transpose(0, 1).reshape(b * s, -1).index_select(0, picked)
+        hidden = hidden_states.flatten(0, 1).index_select(0, picked)  # [s, b, h] -> [n, h], no copy of the rest
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden.unsqueeze(1), weight=weight)  # [n, 1, V / tp]
-        loss = self.compute_language_model_loss(labels.reshape(1, -1).index_select(1, picked), logits)  # [1, n]
-        return loss.new_zeros(b * s).index_add(0, picked, loss.view(-1)).view(b, s)
+        loss = self.compute_language_model_loss(labels.t().reshape(1, -1).index_select(1, picked), logits)  # [1, n]
+        return loss.new_zeros(s * b).index_add(0, picked, loss.view(-1)).view(s, b).t().contiguous()
 
     def _supervised(self, labels: torch.Tensor | None, loss_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Indices into ``[b * s]`` of the positions to compute logits at; None for every position."""
+        """Indices into ``[s * b]`` (the hidden states' sequence-major order) of the positions to compute logits
+        at; None for every position."""
         if (self.all_logits or labels is None or loss_mask is None or not self.post_process or self.mtp_process
                 or self.config.mtp_num_layers is not None or self.config.sequence_parallel):
             return None
-        picked = torch.nonzero(loss_mask.reshape(-1)).squeeze(1)
+        picked = torch.nonzero(loss_mask.t().reshape(-1)).squeeze(1)
         return None if picked.numel() == loss_mask.numel() else picked
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,10 @@ extend-vocab, resize-vocab, and assets (the offline real model and data sets wri
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
 from viq_mllm.console import existing
+from viq_mllm.recipe.sections import VisualSection
 from viq_mllm.cli.launch import on_every_rank
 
 
@@ -110,7 +112,8 @@ def add_resize_vocab(sub) -> None:
     rsz.add_argument("--vocab", required=True, type=existing, help="folder with vocab.json from extend-vocab")
     rsz.add_argument("--out", required=True)
     rsz.add_argument("--init", choices=["mean-cov", "mean"], default="mean-cov")
-    rsz.add_argument("--group", type=int, choices=[1, 4, 16], default=16,
+    rsz.add_argument("--group", type=int, choices=get_args(VisualSection.model_fields["group"].annotation),
+                     default=VisualSection.model_fields["group"].default,
                      help="codes per visual position of the VLM to train (its model.visual.group, default 16): code "
                           "rows start at mean / G and covariance / G, so a position's sum starts as a new token")
     rsz.add_argument("--seed", type=int, default=0)
