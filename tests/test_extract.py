@@ -59,7 +59,7 @@ def messy_folder(tmp_path_factory):
 
 def test_bad_inputs_are_reported_and_awkward_ones_encoded(viq_dir, messy_folder, tmp_path):
     manifest = run_tokenize(viq_dir, messy_folder, tmp_path / "out", shard_size=4, max_source_pixels=4_000_000,
-                            show_progress=False)
+                            show_progress=False, allow_no_text=True)
     report = json.loads((tmp_path / "out" / "report.json").read_text())["skipped"]
     reasons = {item["source"]: item["reason"] for item in report}
     assert set(reasons) == {"empty.png", "notes.png", "truncated.jpg", "bomb.png"}
@@ -85,7 +85,7 @@ def test_bad_inputs_are_reported_and_awkward_ones_encoded(viq_dir, messy_folder,
 
 
 def test_shards_refuse_another_tokenizer(viq_dir, messy_folder, tmp_path):
-    run_tokenize(viq_dir, messy_folder, tmp_path / "out", shard_size=50, show_progress=False)
+    run_tokenize(viq_dir, messy_folder, tmp_path / "out", shard_size=50, show_progress=False, allow_no_text=True)
     other = ViQTokenizer.from_config("tiny", preset="4k", seed=1).fingerprint
     with pytest.raises(FingerprintMismatch) as err:
         CodeShards(tmp_path / "out", expected_fingerprint=other)
@@ -96,7 +96,7 @@ def test_shards_refuse_another_tokenizer(viq_dir, messy_folder, tmp_path):
 def test_webdataset_reads_our_shards(viq_dir, messy_folder, tmp_path):
     import webdataset as wds
 
-    run_tokenize(viq_dir, messy_folder, tmp_path / "out", shard_size=50, show_progress=False)
+    run_tokenize(viq_dir, messy_folder, tmp_path / "out", shard_size=50, show_progress=False, allow_no_text=True)
     ours = list(read_shard(tmp_path / "out" / "codes-00000.tar"))
     theirs = list(wds.WebDataset(str(tmp_path / "out" / "codes-00000.tar"), shardshuffle=False))
     assert [s["__key__"] for s in theirs] == [s.key for s in ours]
@@ -141,7 +141,7 @@ def _many_images(root, count):
 @pytest.mark.e2e
 def test_kill_9_then_rerun_gives_identical_shards(viq_dir, tmp_path):
     images = _many_images(tmp_path / "images", 120)
-    args = ["tokenize", "--viq", str(viq_dir), "--input", str(images), "--shard-size", "3"]
+    args = ["tokenize", "--viq", str(viq_dir), "--input", str(images), "--shard-size", "3", "--allow-no-text"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     subprocess.run([sys.executable, "-m", "viq_mllm", *args, "--out", str(tmp_path / "straight")], check=True,
                    env=env, cwd=ROOT, capture_output=True)
@@ -149,7 +149,7 @@ def test_kill_9_then_rerun_gives_identical_shards(viq_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "viq_mllm", *args, "--out", str(killed)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (killed / "codes-00003.json").exists() and time.time() < deadline:
+    while not (tmp_path / "killed.partial" / ".units" / "unit-00003.json").exists() and time.time() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -160,7 +160,7 @@ def test_kill_9_then_rerun_gives_identical_shards(viq_dir, tmp_path):
     assert straight == sorted(p.name for p in killed.glob("codes-*.tar")) and len(straight) == 40
     for name in straight:
         assert (tmp_path / "straight" / name).read_bytes() == (killed / name).read_bytes(), name
-    assert not list(killed.glob("*.tmp"))
+    assert not list(killed.glob("*.tmp")) and not (tmp_path / "killed.partial").exists()
 
 
 @pytest.mark.e2e
@@ -171,8 +171,9 @@ def test_two_ranks_split_the_shards_and_agree_with_one(viq_dir, tmp_path):
     for nproc in ("0", "2"):
         outs[nproc] = tmp_path / f"n{nproc}"
         subprocess.run([sys.executable, "-m", "viq_mllm", "tokenize", "--viq", str(viq_dir), "--input", str(images),
-                        "--out", str(outs[nproc]), "--shard-size", "3", "--workers", "1", "--nproc", nproc],
+                        "--out", str(outs[nproc]), "--shard-size", "3", "--workers", "1", "--nproc", nproc,
+                        "--allow-no-text"],
                        check=True, env=env, cwd=ROOT, capture_output=True)
     one, two = (json.loads((outs[n] / "manifest.json").read_text()) for n in ("0", "2"))
-    assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
-    assert two["samples"] == 10 and len(two["shards"]) == 4
+    assert one["files"] == two["files"]
+    assert two["summary"]["samples"] == 10 and len(two["summary"]["shards"]) == 4

@@ -50,7 +50,7 @@ def test_prepared_rows_equal_the_in_memory_rows(vlm_assets, tmp_path, group, one
 def test_reruns_and_an_interrupted_run_give_byte_identical_files(vlm_assets, tmp_path, monkeypatch):
     first = run_prepare(vlm_assets, tmp_path / "a")
     files = digests(tmp_path / "a")
-    assert {"tokens.bin", "tokens.idx", "codes.bin", "rows.npy", "prepared.json"} <= set(files)
+    assert {"tokens.bin", "tokens.idx", "codes.bin", "rows.npy", "manifest.json"} <= set(files)
     assert run_prepare(vlm_assets, tmp_path / "a") == first and digests(tmp_path / "a") == files  # cached
 
     def killed(*args, **kwargs):
@@ -59,8 +59,8 @@ def test_reruns_and_an_interrupted_run_give_byte_identical_files(vlm_assets, tmp
     monkeypatch.setattr(prepared, "_finish", killed)
     with pytest.raises(KeyboardInterrupt):
         run_prepare(vlm_assets, tmp_path / "b")
-    parts = tmp_path / "b" / "parts"
-    (parts / "part-00001.done").unlink()  # as if killed while writing shard 1
+    parts = tmp_path / "b.partial" / "parts"
+    (tmp_path / "b.partial" / ".units" / "unit-00001.json").unlink()  # as if killed while writing shard 1
     (parts / "part-00001.tokens.bin").write_bytes(b"half a part")
     monkeypatch.undo()
     run_prepare(vlm_assets, tmp_path / "b")
@@ -197,11 +197,12 @@ def test_kill_9_mid_prepare_then_rerun_gives_byte_identical_files(tmp_path):
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (killed / "parts" / "part-00003.done").exists() and time.time() < deadline:
+    staging = tmp_path / "killed.partial"
+    while not (staging / ".units" / "unit-00003.json").exists() and time.time() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / prepared.PREPARED).exists(), "prepare finished before it was killed"
-    assert (killed / "parts").is_dir()
+    assert not killed.exists(), "prepare finished before it was killed"
+    assert (staging / "parts").is_dir()
     run_prepare(assets, killed, seq_length=1024)
-    assert digests(killed) == digests(tmp_path / "straight") and not (killed / "parts").exists()
+    assert digests(killed) == digests(tmp_path / "straight") and not staging.exists()

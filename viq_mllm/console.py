@@ -8,6 +8,7 @@ suit a terminal and a log file alike.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -30,7 +31,12 @@ def plain(doc: str) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line (``prog: argument --x: why``), exit status 2."""
+    """An ``ArgumentParser`` whose usage errors are one line (``prog: argument --x: why``), exit status 2, and
+    whose ``--help`` shows every option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (--help for usage)\n")
@@ -51,6 +57,44 @@ def fail(prog: str, error: BaseException) -> int:
     """Print an expected error as one line naming the command, and return the exit status 2."""
     print(f"{prog}: {error}", file=sys.stderr)
     return 2
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines written through ``tqdm.write``, so an open progress bar is redrawn below them, not torn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never stop a job
+            self.handleError(record)
+
+
+def configure_logging(debug: bool = False) -> None:
+    """The one logging set-up of the command line: the project's loggers (``viq_mllm``, ``megatron_ext``) print
+    their messages to standard error (warnings prefixed), rank 0 at INFO, other ranks (``RANK`` set by torchrun)
+    warnings only, so a run of 8 processes says each thing once."""
+    rank = int(os.environ.get("RANK", "0"))
+    handler = _TqdmHandler()
+    handler.setFormatter(_Format(rank))
+    for name in ("viq_mllm", "megatron_ext"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        logger.setLevel(logging.DEBUG if debug else logging.INFO if rank == 0 else logging.WARNING)
+
+
+class _Format(logging.Formatter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        return f"[rank {self.rank}] {text}" if self.rank else text
 
 
 def progress(total: int, desc: str, unit: str, initial: int = 0, disable: bool = False):

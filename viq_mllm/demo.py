@@ -187,8 +187,8 @@ def run_demo(out: str | Path, vlm_steps: int = 500, text_steps: int = 300, token
     say("3/8 extracting codes offline")
     for split, items in (("train", train), ("eval", held)):
         viq_mllm("tokenize", "--viq", str(out / "viq"), "--input", str(write_jsonl(out / f"{split}.jsonl", items)),
-                 "--out", str(out / "shards" / split), "--shard-size", "256")
-    summary["shards"] = json.loads((out / "shards" / "train" / "manifest.json").read_text())
+                 "--out", str(out / "shards" / split), "--shard-size", "256", "--overwrite")
+    summary["shards"] = json.loads((out / "shards" / "train" / "manifest.json").read_text())["summary"]
     summary["shards"].pop("shards")
 
     say("4/8 text tokenizer and extended vocabulary")

@@ -6,19 +6,25 @@ Megatron-LM's ``preprocess_data.py``) per document field, one sequence per docum
 =============  ======  =====================================================================
 file prefix    dtype   per document
 =============  ======  =====================================================================
-``tokens``     int32   the ids of its positions (a visual position holds its first code's id)
+``tokens``     ids     the ids of its positions (a visual position holds its first code's id)
 ``loss_mask``  uint8   1 where the next id is supervised
 ``visual``     uint8   1 at visual positions
-``codes``      int32   the ``G`` code ids of each visual position, flattened
+``codes``      ids     the ``G`` code ids of each visual position, flattened
 ``images``     uint8   its image blocks' source locators (UTF-8, each ended by a line break)
 =============  ======  =====================================================================
 
-and the packing, computed once: ``rows.npy`` (the documents of every row, concatenated) and ``row_offsets.npy``.
-``prepared.json`` is written last and holds the hash of every input (the shards' checksums, the vocabulary
-fingerprint, task, sequence length, group, truncation, packing): a run on the same inputs finds it and does nothing,
-and training refuses prepared data whose inputs differ from its recipe's. Shards are prepared one by one into
-``parts/`` (split over ranks under torchrun), each part kept once complete, so an interrupted run resumes; every
-file is a pure function of the inputs, so reruns are byte-identical.
+where ``ids`` is megatron's dtype for the vocabulary (``DType.optimal_dtype``: uint16 below 65,500 ids, else
+int32), what megatron-core's own readers assume; and the packing, computed once: ``rows.npy`` (the documents of
+every row, concatenated) and ``row_offsets.npy``.
+
+The folder is an artifact (:mod:`viq_mllm.artifact`): ``manifest.json`` holds the shards' checksums, the ViQ and
+vocabulary fingerprints, task, sequence length, group, truncation and packing, and every file's checksum. A run
+on the same inputs finds it and does nothing; other inputs are refused (or redone with ``overwrite``); training
+refuses prepared data whose inputs differ from its recipe's, and a file whose size differs from the manifest.
+``prepare`` first checks that the shards were made by the ViQ tokenizer the vocabulary was extended for. Shards
+are prepared one by one into ``parts/`` (split over ranks under torchrun, :class:`~viq_mllm.artifact.ShardedJob`),
+each part kept once complete, so an interrupted run resumes; every file is a pure function of the inputs, so
+reruns are byte-identical.
 
 Training maps the files and builds a row's documents when the row is read (:class:`PreparedRows`): memory grows
 with the index (a few bytes per document), not with the data.
@@ -32,7 +38,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -41,90 +46,111 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
+from viq_mllm import artifact
 from viq_mllm.console import progress
 from viq_mllm.data.layout import Document
 from viq_mllm.data.multimodal import sample_document
 from viq_mllm.data.packing import Row, fit, row_documents
-from viq_mllm.data.shards import CodeShards, read_shard
+from viq_mllm.data.shards import CodeShards, FingerprintMismatch, read_shard
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
-FORMAT = 2
-PREPARED = "prepared.json"
-FIELDS = {"tokens": np.int32, "loss_mask": np.uint8, "visual": np.uint8, "codes": np.int32, "images": np.uint8}
+KIND = "prepared"
+FORMAT = 3  # the artifact's schema; 3: token and code ids in megatron's dtype for the vocabulary (2: always int32)
+#: per-document fields and their dtypes; ``None``: megatron's choice for the vocabulary's ids
+#: (``DType.optimal_dtype``: uint16 below 65,500 ids, else int32), what its own readers assume
+FIELDS = {"tokens": None, "loss_mask": np.uint8, "visual": np.uint8, "codes": None, "images": np.uint8}
+PARTS = "parts"
 
 
 class PreparedMismatch(ValueError):
     """Prepared data made from other inputs than the run's recipe names."""
 
 
-def inputs_of(shards: CodeShards, tokenizer: MultimodalTokenizer, task: str, seq_length: int, group: int,
-              truncate: bool, pack: bool) -> dict:
-    """Everything the prepared files depend on; its hash is the cache key."""
-    return {"format": FORMAT, "shards": [s["sha256"] for s in shards.manifest["shards"]],
-            "viq_fingerprint": shards.manifest["viq_fingerprint"], "vocab_fingerprint": tokenizer.vocab.fingerprint,
-            "task": task, "seq_length": seq_length, "group": group, "truncate": truncate, "pack": pack}
+def spec_of(shards: CodeShards, tokenizer: MultimodalTokenizer, task: str, seq_length: int, group: int,
+            truncate: bool, pack: bool) -> artifact.Spec:
+    """Everything the prepared files depend on: the artifact's identity."""
+    made_from = {"shards": hashlib.sha256("".join(shards.checksums).encode()).hexdigest()[:16],
+                 "viq_fingerprint": shards.fingerprint, "vocab_fingerprint": tokenizer.vocab.fingerprint}
+    options = {"task": task, "seq_length": seq_length, "group": group, "truncate": truncate, "pack": pack,
+               "id_dtype": np.dtype(_id_dtype(tokenizer.vocab.size)).name}
+    return artifact.Spec(KIND, FORMAT, made_from, options)
 
 
-def key_of(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+def _id_dtype(vocab_size: int):
+    return DType.optimal_dtype(vocab_size)
+
+
+def check_chain(shards: CodeShards, tokenizer: MultimodalTokenizer) -> None:
+    """Refuse shards made by another ViQ tokenizer than the vocabulary was extended with (both named)."""
+    if shards.fingerprint != tokenizer.vocab.viq_fingerprint:
+        raise FingerprintMismatch(
+            f"{shards.directory} holds codes of ViQ tokenizer {shards.fingerprint}, but the vocabulary was extended "
+            f"for ViQ tokenizer {tokenizer.vocab.viq_fingerprint}; tokenize with that tokenizer or extend-vocab "
+            "with this one")
 
 
 def prepare(shards_dir: str | Path, vocab_dir: str | Path, out: str | Path, task: str, seq_length: int,
             group: int = 16, truncate: bool = False, pack: bool = True, rank: int = 0, world: int = 1,
-            show_progress: bool = True) -> dict:
-    """Prepare ``shards_dir`` into ``out`` (see the module); returns ``prepared.json``'s record."""
+            show_progress: bool = True, overwrite: bool = False) -> dict:
+    """Prepare ``shards_dir`` into ``out`` (see the module); returns the summary (rank 0; ``{}`` on the others).
+    ``out`` made from the same inputs is reused; from others, refused (or redone with ``overwrite``)."""
     shards, tokenizer, out = CodeShards(shards_dir), MultimodalTokenizer.from_dir(vocab_dir), Path(out)
-    inputs = inputs_of(shards, tokenizer, task, seq_length, group, truncate, pack)
-    key = key_of(inputs)
-    if (out / PREPARED).is_file() and json.loads((out / PREPARED).read_text())["key"] == key:
-        return json.loads((out / PREPARED).read_text())
-    parts = out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    mine = [s for s in range(len(shards.shards)) if s % world == rank and not _part_done(parts, s, key)]
+    check_chain(shards, tokenizer)
+    spec = spec_of(shards, tokenizer, task, seq_length, group, truncate, pack)
+    found = artifact.check_reuse(out, spec, overwrite, hint=" (or pass --overwrite to redo it)")
+    if found is not None:
+        return found["summary"]
+    job = artifact.ShardedJob(out, spec, len(shards.shards), rank, world)
+    mine = job.todo()
     bar = progress(len(mine), desc="prepare", unit="shard", disable=not (show_progress and rank == 0))
     for s in mine:
-        _prepare_part(shards, s, tokenizer, task, seq_length, group, truncate, parts, key)
+        _prepare_part(job, shards, s, tokenizer, task, seq_length, group, truncate)
         bar.update(1)
     bar.close()
     if rank != 0:
         return {}
-    _wait_for_parts(parts, len(shards.shards), key)
-    return _finish(out, parts, len(shards.shards), inputs, key, seq_length, pack)
+    job.gather()
+    return _finish(job, len(shards.shards), seq_length, pack, _dtypes(tokenizer.vocab.size))
 
 
-def _part_name(shard: int) -> str:
-    return f"part-{shard:05d}"
+def _part_prefix(job: artifact.ShardedJob, shard: int) -> Path:
+    return job.path / PARTS / f"part-{shard:05d}"
 
 
-def _part_done(parts: Path, shard: int, key: str) -> bool:
-    marker = parts / f"{_part_name(shard)}.done"
-    return marker.is_file() and marker.read_text() == key
-
-
-def _prepare_part(shards: CodeShards, shard: int, tokenizer: MultimodalTokenizer, task: str, seq_length: int,
-                  group: int, truncate: bool, parts: Path, key: str) -> None:
-    """One shard's documents into ``parts/part-NNNNN.<field>.{bin,idx}``, then its completion marker."""
-    prefix = parts / _part_name(shard)
-    builders = {f: IndexedDatasetBuilder(f"{prefix}.{f}.bin.tmp", dtype=dtype) for f, dtype in FIELDS.items()}
+def _prepare_part(job: artifact.ShardedJob, shards: CodeShards, shard: int, tokenizer: MultimodalTokenizer,
+                  task: str, seq_length: int, group: int, truncate: bool) -> None:
+    """One shard's documents into ``parts/part-NNNNN.<field>.{bin,idx}``, then its unit record."""
+    prefix = _part_prefix(job, shard)
+    prefix.parent.mkdir(exist_ok=True)
+    dtypes = _dtypes(tokenizer.vocab.size)
+    builders = {f: IndexedDatasetBuilder(f"{prefix}.{f}.bin.tmp", dtype=dtypes[f]) for f in FIELDS}
     for sample in read_shard(shards.shards[shard]):
         name = f"{shards.shards[shard].name}: sample {sample.key}"
         doc = fit(sample_document(shards.directory, sample, tokenizer, task, group), seq_length, truncate, name)
-        for field, values in _fields(doc).items():
+        for field, values in _fields(doc, dtypes).items():
             builders[field].add_item(torch.from_numpy(values))
             builders[field].end_document()
+    files = {}
     for field, builder in builders.items():
         builder.finalize(f"{prefix}.{field}.idx.tmp")
         for ext in ("bin", "idx"):
             os.replace(f"{prefix}.{field}.{ext}.tmp", f"{prefix}.{field}.{ext}")
-    (parts / f"{_part_name(shard)}.done").write_text(key)
+            path = Path(f"{prefix}.{field}.{ext}")
+            files[str(path.relative_to(job.path))] = {"bytes": path.stat().st_size, "sha256": ""}
+    job.finish_unit(shard, files, {})
 
 
-def _fields(doc: Document) -> dict[str, np.ndarray]:
-    return {"tokens": doc.tokens.numpy().astype(np.int32), "loss_mask": doc.loss_mask.numpy().astype(np.uint8),
-            "visual": doc.visual.numpy().astype(np.uint8), "codes": doc.codes.reshape(-1).numpy().astype(np.int32),
-            "images": np.frombuffer(_locators(doc.images).encode(), dtype=np.uint8).copy()}
+def _dtypes(vocab_size: int) -> dict[str, type]:
+    return {f: dtype or _id_dtype(vocab_size) for f, dtype in FIELDS.items()}
+
+
+def _fields(doc: Document, dtypes: dict[str, type]) -> dict[str, np.ndarray]:
+    values = {"tokens": doc.tokens.numpy(), "loss_mask": doc.loss_mask.numpy(), "visual": doc.visual.numpy(),
+              "codes": doc.codes.reshape(-1).numpy(),
+              "images": np.frombuffer(_locators(doc.images).encode(), dtype=np.uint8)}
+    return {field: values[field].astype(dtypes[field]) for field in FIELDS}
 
 
 def _locators(images: list) -> str:
@@ -135,22 +161,15 @@ def _locators(images: list) -> str:
     return "".join(f"{path or ''}\n" for path in images)
 
 
-def _wait_for_parts(parts: Path, count: int, key: str, timeout_s: float = 86400) -> None:
-    deadline = time.time() + timeout_s
-    while not all(_part_done(parts, s, key) for s in range(count)):
-        if time.time() > deadline:
-            raise TimeoutError(f"{parts}: other ranks did not finish their parts")
-        time.sleep(1.0)
-
-
-def _finish(out: Path, parts: Path, count: int, inputs: dict, key: str, seq_length: int, pack: bool) -> dict:
-    """Merge the parts, pack once, write ``prepared.json`` last, drop the parts."""
+def _finish(job: artifact.ShardedJob, count: int, seq_length: int, pack: bool, dtypes: dict[str, type]) -> dict:
+    """Merge the parts, pack once, drop the parts, publish."""
+    out, parts = job.path, job.path / PARTS
     gc.freeze()  # megatron's add_index runs gc.collect() per part: seconds each over a process holding torch
     try:
-        for field, dtype in FIELDS.items():
-            builder = IndexedDatasetBuilder(str(out / f"{field}.bin"), dtype=dtype)
+        for field in FIELDS:
+            builder = IndexedDatasetBuilder(str(out / f"{field}.bin"), dtype=dtypes[field])
             for s in range(count):
-                builder.add_index(str(parts / f"{_part_name(s)}.{field}"))
+                builder.add_index(str(parts / f"{_part_prefix(job, s).name}.{field}"))
             builder.finalize(str(out / f"{field}.idx"))
     finally:
         gc.unfreeze()
@@ -160,13 +179,10 @@ def _finish(out: Path, parts: Path, count: int, inputs: dict, key: str, seq_leng
     rows = row_documents(lengths.tolist(), seq_length, one_per_row=not pack)
     np.save(out / "rows.npy", np.array([d for row in rows for d in row], dtype=np.int64))
     np.save(out / "row_offsets.npy", np.cumsum([0] + [len(row) for row in rows], dtype=np.int64))
-    record = {"key": key, "inputs": inputs, "documents": int(len(lengths)), "rows": len(rows),
-              "padding_fraction": 1.0 - float(lengths.sum()) / (len(rows) * seq_length)}
-    tmp = out / f"{PREPARED}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, out / PREPARED)
     shutil.rmtree(parts)
-    return record
+    summary = {"documents": int(len(lengths)), "rows": len(rows),
+               "padding_fraction": 1.0 - float(lengths.sum()) / (len(rows) * seq_length) if rows else 0.0}
+    return job.seal(summary)["summary"]
 
 
 def _open(prefix: Path) -> IndexedDataset:
@@ -175,22 +191,27 @@ def _open(prefix: Path) -> IndexedDataset:
 
 
 class PreparedRows(Sequence):
-    """The packed rows of a prepared directory, each built from the memory-mapped files when read."""
+    """The packed rows of a prepared directory, each built from the memory-mapped files when read. Opening checks
+    the manifest (kind, schema, every file at its recorded size: a truncated ``.bin`` is named here, before the
+    first step); ``viq-mllm verify`` checks the checksums too."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        if not (self.directory / PREPARED).is_file():
-            raise FileNotFoundError(f"{self.directory}: no {PREPARED}; run `viq-mllm prepare` into it first")
-        self.record = json.loads((self.directory / PREPARED).read_text())
-        self.inputs = self.record["inputs"]
+        if not (self.directory / artifact.MANIFEST).is_file():
+            raise FileNotFoundError(f"{self.directory}: no {artifact.MANIFEST}; run `viq-mllm prepare` into it first")
+        manifest = artifact.verify(self.directory, kind=KIND)
+        if manifest["schema"] != FORMAT:
+            raise ValueError(f"{self.directory}: prepared data of format {manifest['schema']}, this version reads "
+                             f"format {FORMAT}; run `viq-mllm prepare` again into a new folder")
+        self.inputs = {**manifest["made_from"], **manifest["options"]}
         self.seq_length, self.group = self.inputs["seq_length"], self.inputs["group"]
-        self.padding_fraction = self.record["padding_fraction"]
+        self.padding_fraction = manifest["summary"]["padding_fraction"]
         self._fields = {f: _open(self.directory / f) for f in FIELDS}
         self._rows = np.load(self.directory / "rows.npy", mmap_mode="r")
         self._offsets = np.load(self.directory / "row_offsets.npy", mmap_mode="r")
 
     def check(self, **expected) -> None:
-        """Refuse data prepared from other inputs than ``expected`` (fields of :func:`inputs_of`)."""
+        """Refuse data prepared from other inputs than ``expected`` (fields of :func:`spec_of`)."""
         for name, value in expected.items():
             if self.inputs[name] != value:
                 raise PreparedMismatch(f"{self.directory} was prepared with {name}={self.inputs[name]!r}, this run "

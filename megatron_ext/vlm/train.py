@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.data.prepared import PREPARED, PreparedRows
+from megatron_ext.data import prepared
+from megatron_ext.data.prepared import PreparedRows
 from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.training.checkpoint import VocabRecord
 from megatron_ext.training.loop import build_trainer, initialize_from, run_training
@@ -27,6 +28,7 @@ from megatron_ext.vlm.model import (
     viq_fingerprint,
     vlm_forward_step,
 )
+from viq_mllm import artifact
 from viq_mllm.data.loader import MicroBatchLoader
 from viq_mllm.data.multimodal import PackedDataset, PackedSource, documents_from_shards
 from viq_mllm.data.packing import pack
@@ -44,7 +46,7 @@ def load_data(recipe: Recipe, tokenizer: MultimodalTokenizer, expected_viq: str)
     data, model = recipe.data, recipe.model
     sources = []
     for source in data.sources:
-        if (Path(source.path) / PREPARED).is_file():
+        if artifact.kind_of(Path(source.path)) == prepared.KIND:
             rows = PreparedRows(source.path)
             rows.check(viq_fingerprint=expected_viq, vocab_fingerprint=tokenizer.vocab.fingerprint, task=data.task,
                        seq_length=model.seq_length, group=model.visual.group, truncate=data.truncate,

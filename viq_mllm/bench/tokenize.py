@@ -55,7 +55,8 @@ def one_by_one(viq_dir: Path, paths: list[Path]) -> float:
 def job(viq_dir: Path, folder: Path, out: Path, workers: int, count: int) -> tuple[float, dict]:
     shutil.rmtree(out, ignore_errors=True)
     began = time.perf_counter()
-    manifest = run_tokenize(viq_dir, folder, out, workers=workers, shard_size=max(count // 2, 1), show_progress=False)
+    manifest = run_tokenize(viq_dir, folder, out, workers=workers, shard_size=max(count // 2, 1), show_progress=False,
+                            allow_no_text=True)
     return count / (time.perf_counter() - began), manifest
 
 
@@ -71,7 +72,8 @@ def bench_size(root: Path, viq_dir: Path, size: int, count: int) -> dict:
             rates[key].append(rate)
     row = {"size": size, "images": count, **{k: statistics.median(v) for k, v in rates.items()}}
     row.update(code_bytes=manifest["code_bytes"], pixel_bytes=manifest["pixel_bytes"],
-               file_bytes=manifest["file_bytes"], shard_bytes=sum(s["bytes"] for s in manifest["shards"]))
+               file_bytes=manifest["file_bytes"],
+               shard_bytes=sum((root / f"out_{size}_2" / s["name"]).stat().st_size for s in manifest["shards"]))
     return row
 
 

@@ -18,7 +18,7 @@ import sys
 
 from viq_mllm.cli import data, models, runs
 from viq_mllm.cli.runs import BENCHMARKS
-from viq_mllm.console import Parser, debugging, fail, plain
+from viq_mllm.console import Parser, configure_logging, debugging, fail, plain
 
 __all__ = ["BENCHMARKS", "EXPECTED_ERRORS", "build_parser", "main"]
 
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]  # overrides may follow --nproc
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    configure_logging(debugging(args.debug))
     try:
         return args.func(args)
     except EXPECTED_ERRORS as error:

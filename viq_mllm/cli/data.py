@@ -17,7 +17,7 @@ def _tokenize(args: argparse.Namespace, rank: int, world: int) -> int:
 
     run_tokenize(args.viq, args.input, args.out, workers=args.workers, shard_size=args.shard_size,
                  max_tokens=args.max_tokens, max_source_pixels=args.max_source_pixels, rank=rank, world=world,
-                 image_root=args.image_root)
+                 image_root=args.image_root, allow_no_text=args.allow_no_text, overwrite=args.overwrite)
     return 0
 
 
@@ -26,10 +26,10 @@ def _prepare(args: argparse.Namespace, rank: int, world: int) -> int:
     from megatron_ext.data.prepared import prepare
 
     record = prepare(args.shards, args.vocab, args.out, args.task, args.seq_length, args.group, args.truncate,
-                     not args.one_per_row, rank=rank, world=world)
+                     not args.one_per_row, rank=rank, world=world, overwrite=args.overwrite)
     if rank == 0:
         print(f"wrote {args.out}: {record['documents']} documents in {record['rows']} rows of {args.seq_length} "
-              f"(padding {record['padding_fraction']:.1%}; key {record['key']})")
+              f"(padding {record['padding_fraction']:.1%})")
     return 0
 
 
@@ -54,8 +54,9 @@ def add_tokenize(sub) -> None:
         "tokenize",
         help="extract ViQ codes offline into webdataset shards (resumable)",
         description="Encode every sample of --input with the ViQ tokenizer in --viq and write code shards, "
-        "manifest.json (fingerprint, counts, checksums) and report.json (skipped inputs and why) into --out. "
-        "Rerun the same command after a crash: finished shards are kept, the rest is redone identically.",
+        "manifest.json (fingerprints, options, counts, checksums) and report.json (skipped inputs and why) into "
+        "--out. Rerun the same command after a crash: finished shards are kept, the rest is redone identically. "
+        "An --out made with another tokenizer, other inputs or options is refused (--overwrite redoes it).",
     )
     tok.add_argument("--viq", required=True, type=existing, help="ViQ tokenizer folder (save_pretrained output)")
     tok.add_argument("--input", required=True, type=existing,
@@ -70,6 +71,11 @@ def add_tokenize(sub) -> None:
     tok.add_argument("--max-tokens", type=int, default=2048, help="patches per packed encoder pass")
     tok.add_argument("--max-source-pixels", type=int, default=64_000_000,
                      help="refuse larger images before decoding (decompression bombs)")
+    tok.add_argument("--allow-no-text", action="store_true",
+                     help="keep images with no caption or conversation (codes for reconstruction); by default they "
+                     "are skipped and listed in report.json")
+    tok.add_argument("--overwrite", action="store_true",
+                     help="redo an --out made from other inputs or options (default: refuse, naming the difference)")
     tok.set_defaults(func=_tokenize)
 
 
@@ -91,6 +97,8 @@ def add_prepare(sub) -> None:
     prep.add_argument("--truncate", action="store_true", help="cut documents longer than a row (data.truncate)")
     prep.add_argument("--one-per-row", action="store_true", help="no packing: one document per row (data.pack)")
     prep.add_argument("--nproc", type=int, default=0, help="launch N processes (torchrun); shards split by rank")
+    prep.add_argument("--overwrite", action="store_true",
+                      help="redo an --out made from other inputs or options (default: refuse, naming the difference)")
     prep.set_defaults(func=_prepare)
 
 

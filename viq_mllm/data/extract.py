@@ -3,18 +3,19 @@ a bad image.
 
 Inputs (``sources.py``) are numbered in a fixed order and cut into shards of ``shard_size``; rank ``r`` of
 ``world`` processes shards ``r, r + world, ...``. Images are decoded and preprocessed in DataLoader workers,
-encoded in packs of up to ``max_tokens`` patches, and each shard is written atomically (``shards.py``). A rerun
-skips shards whose completion record matches the tar, and rebuilds the others from scratch: after a crash or
-``kill -9`` the result is byte-identical to an uninterrupted run.
+encoded in packs of up to ``max_tokens`` patches. The output folder is an artifact written unit by unit
+(:class:`viq_mllm.artifact.ShardedJob`, one unit per shard): a rerun keeps the shards this same job finished and
+rebuilds the others, so after a crash or ``kill -9`` the result is byte-identical to an uninterrupted run; a rerun
+with another tokenizer, other inputs or options is refused (or, with ``overwrite``, redone from scratch).
 
-Unreadable inputs (missing, empty, truncated, not an image, over the pixel limit) are skipped and listed with
-their reason in ``report.json``; the summary line counts them.
+Unreadable inputs (missing, empty, truncated, not an image, over the pixel limit) and samples with no text to
+train on are skipped and listed with their reason in ``report.json``; the summary line counts them.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,15 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from viq_mllm import artifact
 from viq_mllm.console import progress
 from viq_mllm.data.layout import placeholder_problem
-from viq_mllm.data.shards import (MANIFEST, REPORT, SHARD_FORMAT, SHARD_NAME, CodeImage, CodeSample, sha256_of,
-                                  write_shard)
-from viq_mllm.data.sources import SourceRecord, TarMember, list_sources
+from viq_mllm.data.shards import KIND, REPORT, SHARD_FORMAT, SHARD_NAME, CodeImage, CodeSample, write_shard
+from viq_mllm.data.sources import SourceRecord, TarMember, list_sources, sources_fingerprint
 from viq_mllm.viq import ViQTokenizer
 from viq_mllm.viq.preprocess import ImageInputError, Preprocessed, load_image, preprocess
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,15 +85,6 @@ def shard_ranges(count: int, shard_size: int) -> list[range]:
     return [range(s, min(s + shard_size, count)) for s in range(0, count, shard_size)]
 
 
-def _shard_done(out: Path, shard: int) -> bool:
-    record_path = out / SHARD_NAME.format(shard).replace(".tar", ".json")
-    tar_path = out / SHARD_NAME.format(shard)
-    if not (record_path.is_file() and tar_path.is_file()):
-        return False
-    record = json.loads(record_path.read_text())
-    return record.get("format") == SHARD_FORMAT and record["sha256"] == sha256_of(tar_path)
-
-
 def _encode_shard(model: ViQTokenizer, records: list[SourceRecord], workers: int, max_tokens: int,
                   max_source_pixels: int, progress) -> tuple[list[CodeSample], list[dict], dict]:
     cfg = model.config
@@ -129,73 +123,88 @@ def _encode_shard(model: ViQTokenizer, records: list[SourceRecord], workers: int
 
 def run_tokenize(viq_dir: str | Path, src: str | Path, out: str | Path, workers: int = 0, shard_size: int = 1000,
                  max_tokens: int = 2048, max_source_pixels: int = 64_000_000, rank: int = 0, world: int = 1,
-                 show_progress: bool = True, image_root: str | Path | None = None) -> dict:
+                 show_progress: bool = True, image_root: str | Path | None = None, allow_no_text: bool = False,
+                 overwrite: bool = False) -> dict:
     """Tokenize ``src`` (``sources.py``; LLaVA-style paths relative to ``image_root``) into ``out``; returns the
-    summary (the manifest when rank 0 finishes last)."""
+    summary (rank 0; ``{}`` on the others).
+
+    ``out`` made by this same job is reused as it is; made from other inputs or options it is refused (both values
+    named), or redone with ``overwrite``. Samples without a caption or conversation are skipped and reported
+    unless ``allow_no_text`` (codes for reconstruction, or text joined later)."""
     model = ViQTokenizer.from_pretrained(viq_dir)
     records = list_sources(src, image_root)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not allow_no_text:
+        records = [_require_text(record) for record in records]
+    spec = artifact.Spec(KIND, SHARD_FORMAT,
+                         made_from={"viq_fingerprint": model.fingerprint, "sources": sources_fingerprint(records)},
+                         options={"shard_size": shard_size, "max_tokens": max_tokens,
+                                  "max_source_pixels": max_source_pixels, "allow_no_text": allow_no_text})
+    found = artifact.check_reuse(Path(out), spec, overwrite, hint=" (or pass --overwrite to redo it)")
+    if found is not None:
+        log.info("%s is up to date (same tokenizer, inputs and options): nothing to do", out)
+        return found["summary"]
     ranges = shard_ranges(len(records), shard_size)
-    mine = [s for s in range(len(ranges)) if s % world == rank and not _shard_done(out, s)]
+    job = artifact.ShardedJob(Path(out), spec, len(ranges), rank, world)
+    mine = job.todo()
     todo = sum(len(ranges[s]) for s in mine)
     bar = _progress_bar(todo, show_progress and rank == 0)
     began = time.perf_counter()
     for shard in mine:
         samples, skipped, stats = _encode_shard(model, [records[i] for i in ranges[shard]], workers, max_tokens,
                                                 max_source_pixels, bar.update if bar else (lambda n: None))
-        info = write_shard(out / SHARD_NAME.format(shard), samples)
-        info.update(name=SHARD_NAME.format(shard), inputs=len(ranges[shard]), skipped=skipped, **stats)
-        _write_json(out / SHARD_NAME.format(shard).replace(".tar", ".json"), info)
+        name = SHARD_NAME.format(shard)
+        with job.stage.open(name) as f:
+            write_shard(f, samples)
+        job.finish_unit(shard, {name: job.stage.records[name]},
+                        dict(name=name, samples=len(samples), inputs=len(ranges[shard]), skipped=skipped, **stats))
     if bar:
         bar.close()
     elapsed = time.perf_counter() - began
     if rank != 0:
         return {}
-    _wait_for_all(out, len(ranges))
-    return _write_manifest(out, model, len(records), len(ranges), todo / elapsed if elapsed > 0 else 0.0)
+    units = job.gather()
+    summary, skipped = _summary(model, [u["summary"] for u in units], len(records))
+    job.stage.write_json(REPORT, {"skipped": skipped})
+    job.seal(summary, {name: r for unit in units for name, r in unit["files"].items()})
+    _say_done(out, summary, skipped, todo / elapsed if elapsed > 0 else 0.0)
+    return summary
+
+
+def _require_text(record: SourceRecord) -> SourceRecord:
+    """The record, marked as a problem when it has images but no caption or conversation to train on."""
+    if record.problem is None and not record.text:
+        record.problem = (f"{record.source}: no caption or conversations (a sidecar .txt, 'caption' or "
+                          "'conversations'); pass --allow-no-text to keep images without text")
+    return record
 
 
 def _progress_bar(total: int, show: bool):
     return progress(total, desc="tokenize", unit="sample") if show else None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _wait_for_all(out: Path, shards: int, timeout_s: float = 86400) -> None:
-    deadline = time.time() + timeout_s
-    while not all((out / SHARD_NAME.format(s).replace(".tar", ".json")).is_file() for s in range(shards)):
-        if time.time() > deadline:
-            raise TimeoutError(f"{out}: other ranks did not finish their shards")
-        time.sleep(1.0)
-
-
-def _write_manifest(out: Path, model: ViQTokenizer, inputs: int, shards: int, samples_per_s: float) -> dict:
-    records = [json.loads((out / SHARD_NAME.format(s).replace(".tar", ".json")).read_text()) for s in range(shards)]
-    skipped = [item for r in records for item in r.pop("skipped")]
-    totals = {k: sum(r[k] for r in records) for k in ("samples", "code_bytes", "pixel_bytes", "file_bytes")}
-    manifest = {
-        "format": SHARD_FORMAT,
+def _summary(model: ViQTokenizer, units: list[dict], inputs: int) -> tuple[dict, list[dict]]:
+    """The shard set's summary (counts, sizes, per-shard records) and the skipped inputs, from the units'."""
+    skipped = [item for unit in units for item in unit["skipped"]]
+    totals = {k: sum(u[k] for u in units) for k in ("samples", "code_bytes", "pixel_bytes", "file_bytes")}
+    summary = {
         "viq_fingerprint": model.fingerprint,
         "viq_config": json.loads(model.config.to_json()),
         "codebook_size": model.head.embedder.fsq.codebook_size,
         "inputs": inputs,
         "skipped": len(skipped),
         **totals,
-        "shards": [{k: r[k] for k in ("name", "samples", "sha256", "bytes", "inputs")} for r in records],
+        "shards": [{k: u[k] for k in ("name", "samples", "inputs")} for u in units],
     }
-    _write_json(out / MANIFEST, manifest)
-    _write_json(out / REPORT, {"skipped": skipped})
+    return summary, skipped
+
+
+def _say_done(out: str | Path, summary: dict, skipped: list[dict], samples_per_s: float) -> None:
     reasons: dict[str, int] = {}
     for item in skipped:
-        kind = item["reason"].split(": ", 1)[-1].split(" (")[0]
+        kind = item["reason"].split(": ", 1)[-1].split(" (")[0].split(";")[0]
         reasons[kind] = reasons.get(kind, 0) + 1
-    size = (f"codes are 1/{totals['pixel_bytes'] / totals['code_bytes']:.0f} of the raw pixels"
-            if totals["code_bytes"] else "no images")
-    print(f"tokenized {totals['samples']} of {inputs} samples into {shards} shards in {out}; skipped "
-          f"{len(skipped)} {reasons if reasons else ''}; {samples_per_s:.1f} samples/s; {size} (see {REPORT})")
-    return manifest
+    size = (f"codes are 1/{summary['pixel_bytes'] / summary['code_bytes']:.0f} of the raw pixels"
+            if summary["code_bytes"] else "no images")
+    log.info("tokenized %d of %d samples into %d shards in %s; skipped %d %s; %.1f samples/s; %s (see %s)",
+             summary["samples"], summary["inputs"], len(summary["shards"]), out, len(skipped),
+             reasons if reasons else "", samples_per_s, size, REPORT)

@@ -9,29 +9,31 @@ its images ``i`` (none for a text-only sample, several for a multi-image convers
     000001234.0.codes.npy  uint16 array (h, w, 4): image 0's code grid
     000001234.1.codes.npy  ...
 
-Beside it, ``codes-00003.json`` is the shard's completion record (sample count, sha256, skipped inputs); a shard
-counts as done only when its record exists and matches the tar. ``manifest.json`` gathers the records with the
-ViQ tokenizer's fingerprint; :class:`CodeShards` refuses to feed a model whose fingerprint differs.
+The folder is an artifact (:mod:`viq_mllm.artifact`): ``manifest.json`` holds the ViQ tokenizer's fingerprint,
+the inputs' fingerprint, the options, every shard's checksum and the summary (counts, sizes, per-shard records);
+``report.json`` lists the skipped inputs and why. :class:`CodeShards` refuses to feed a model whose fingerprint
+differs, and a shard whose size or checksum differs from the manifest.
 
 Tar members have fixed metadata (mtime 0, uid/gid 0, sorted keys), so the same codes give the same bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import BinaryIO, Iterator, Optional
 
 import numpy as np
 
-SHARD_FORMAT = 2  # 2: a list of images per sample (1: one image per sample, no longer read)
+from viq_mllm import artifact
+from viq_mllm.artifact import MANIFEST
+
+KIND = "code-shards"
+SHARD_FORMAT = 2  # the artifact's schema; 2: a list of images per sample (1: one image per sample, no longer read)
 SHARD_NAME = "codes-{:05d}.tar"
-MANIFEST = "manifest.json"
 REPORT = "report.json"
 
 
@@ -83,23 +85,13 @@ def encode_sample(sample: CodeSample) -> list[tuple[str, bytes]]:
     return [(f"{sample.key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()), *members]
 
 
-def write_shard(path: Path, samples: list[CodeSample]) -> dict:
-    """Write atomically (temporary name, then rename); returns {"samples", "sha256", "bytes"}."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+def write_shard(file: BinaryIO, samples: list[CodeSample]) -> None:
+    """Write ``samples`` as one tar into ``file`` (sorted by key, fixed member metadata: the same codes give the
+    same bytes)."""
+    with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in sorted(samples, key=lambda s: s.key):
             for name, data in encode_sample(sample):
                 _member(tar, name, data)
-    os.replace(tmp, path)
-    return {"samples": len(samples), "sha256": sha256_of(path), "bytes": path.stat().st_size, "format": SHARD_FORMAT}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_shard(path: Path) -> Iterator[CodeSample]:
@@ -118,32 +110,30 @@ def read_shard(path: Path) -> Iterator[CodeSample]:
 
 
 class CodeShards:
-    """A shard set written by ``viq-mllm tokenize``; checks the fingerprint and the shards' checksums."""
+    """A shard set written by ``viq-mllm tokenize``: checks its manifest (every shard present at its size; with
+    ``verify``, every checksum) and the ViQ tokenizer's fingerprint before anything is read."""
 
     def __init__(self, directory: str | Path, expected_fingerprint: str | None = None, verify: bool = True):
         self.directory = Path(directory)
-        manifest_path = self.directory / MANIFEST
-        if not manifest_path.is_file():
+        if not (self.directory / MANIFEST).is_file():
             raise FileNotFoundError(f"{self.directory}: no {MANIFEST}; is this the output of `viq-mllm tokenize`?")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != SHARD_FORMAT:
-            raise ValueError(f"{self.directory}: code shards of format {self.manifest.get('format', 1)}, this "
-                             f"version reads format {SHARD_FORMAT}; run `viq-mllm tokenize` again into a new folder")
-        found = self.manifest["viq_fingerprint"]
-        if expected_fingerprint is not None and found != expected_fingerprint:
+        manifest = artifact.verify(self.directory, full=verify, kind=KIND)
+        if manifest["schema"] != SHARD_FORMAT:
+            raise ValueError(f"{self.directory}: code shards of format {manifest['schema']}, this version reads "
+                             f"format {SHARD_FORMAT}; run `viq-mllm tokenize` again into a new folder")
+        self.summary = manifest["summary"]
+        self.fingerprint = manifest["made_from"]["viq_fingerprint"]
+        if expected_fingerprint is not None and self.fingerprint != expected_fingerprint:
             raise FingerprintMismatch(
-                f"{self.directory}: shards were made by ViQ tokenizer {found}, but this model expects "
+                f"{self.directory}: shards were made by ViQ tokenizer {self.fingerprint}, but this model expects "
                 f"{expected_fingerprint}; re-tokenize with the right tokenizer or point the recipe at it"
             )
-        self.shards = [self.directory / s["name"] for s in self.manifest["shards"]]
-        if verify:
-            for record, path in zip(self.manifest["shards"], self.shards):
-                if not path.is_file() or sha256_of(path) != record["sha256"]:
-                    raise ValueError(f"{path}: missing or its checksum differs from {MANIFEST}")
+        self.shards = [self.directory / s["name"] for s in self.summary["shards"]]
+        self.checksums = [manifest["files"][s["name"]]["sha256"] for s in self.summary["shards"]]
 
     def __iter__(self) -> Iterator[CodeSample]:
         for path in self.shards:
             yield from read_shard(path)
 
     def __len__(self) -> int:
-        return sum(s["samples"] for s in self.manifest["shards"])
+        return sum(s["samples"] for s in self.summary["shards"])

@@ -15,6 +15,7 @@ Each record's ``key`` is its index in this order, so shard assignment and sample
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -154,3 +155,22 @@ def _from_tars(tars: list[Path]) -> list[SourceRecord]:
                 records.append(SourceRecord(len(records), [member], f"{tar_path.name}:{member.name}",
                                             texts.get(key, {})))
     return records
+
+
+def sources_fingerprint(records: list[SourceRecord]) -> str:
+    """A hash of what ``tokenize`` reads: every record's key, text and image locations, with each file's size and
+    modification time (hashing the images' bytes would read a 100k-image set twice; a replaced file changes its
+    size or time)."""
+    digest = hashlib.sha256()
+    stamps: dict[Path, tuple[int, int]] = {}
+    for record in records:
+        images = []
+        for image in record.images:
+            path = Path(image.tar if isinstance(image, TarMember) else image)
+            if path not in stamps:
+                stat = path.stat() if path.is_file() else None
+                stamps[path] = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+            images.append([str(image), *stamps[path]])
+        item = [record.key, record.source, record.text, images, record.problem]
+        digest.update(json.dumps(item, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]

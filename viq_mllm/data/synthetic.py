@@ -49,11 +49,10 @@ def make_code_shards(root: Path, samples: int, grid: tuple[int, int] = (24, 24),
     """``samples`` random code grids (a 384 px image's 24 x 24 patches by default) with short captions, written as
     a code-shard set of the tiny 2k tokenizer, and its extended vocabulary: data at scale without encoding any
     image (for benchmarks of the data path)."""
-    import json
-
     import numpy as np
 
-    from viq_mllm.data.shards import MANIFEST, SHARD_FORMAT, SHARD_NAME, CodeImage, CodeSample, write_shard
+    from viq_mllm import artifact
+    from viq_mllm.data.shards import KIND, SHARD_FORMAT, SHARD_NAME, CodeImage, CodeSample, write_shard
     from viq_mllm.viq import ViQTokenizer
     from viq_mllm.vocab.extend import extend_vocab
     from viq_mllm.vocab.text_tokenizers import train_sentencepiece
@@ -62,17 +61,19 @@ def make_code_shards(root: Path, samples: int, grid: tuple[int, int] = (24, 24),
     viq_dir = viq.save_pretrained(root / "viq")
     rng = np.random.default_rng(seed)
     words = [f"{c} {s}" for c in COLORS for s in ("square", "circle", "star", "cloud")]
-    (root / "shards").mkdir(parents=True)
+    made_from = {"viq_fingerprint": viq.fingerprint, "sources": f"random codes, seed {seed}, {samples} x {grid}"}
+    stage = artifact.Staging.begin(root / "shards", artifact.Spec(KIND, SHARD_FORMAT, made_from,
+                                                                  {"shard_size": shard_size}))
     records = []
     for shard, first in enumerate(range(0, samples, shard_size)):
         batch = [CodeSample(f"s{i:09d}", [CodeImage(rng.integers(0, 2304, (*grid, 4), dtype=np.uint16), (384, 384))],
                             "synthetic", {"caption": f"A {words[i % len(words)]} number {i % 97}."})
                  for i in range(first, min(first + shard_size, samples))]
-        info = write_shard(root / "shards" / SHARD_NAME.format(shard), batch)
-        records.append({"name": SHARD_NAME.format(shard), **info})
-    (root / "shards" / MANIFEST).write_text(json.dumps(
-        {"format": SHARD_FORMAT, "viq_fingerprint": viq.fingerprint, "inputs": samples, "samples": samples,
-         "shards": records}, indent=1))
+        with stage.open(SHARD_NAME.format(shard)) as f:
+            write_shard(f, batch)
+        records.append({"name": SHARD_NAME.format(shard), "samples": len(batch), "inputs": len(batch)})
+    stage.seal({"viq_fingerprint": viq.fingerprint, "inputs": samples, "samples": samples, "skipped": 0,
+                "shards": records})
     sp = train_sentencepiece([f"A {w} number {n}." for w in words for n in range(97)], root / "text.model", 400)
     extend_vocab(sp, viq_dir, root / "vocab")
     return {"root": root, "viq": viq_dir, "shards": root / "shards", "vocab": root / "vocab"}
