@@ -75,6 +75,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys
     import megatron_ext.training.loop as training
+    from viq_mllm.health import NonFiniteLossError
     from megatron_ext.training.jobs import run_recipe
     from viq_mllm.recipe import load_recipe
 
@@ -89,7 +90,7 @@ SCRIPT = textwrap.dedent(
     training.global_loss = poisoned
     try:
         run_recipe(load_recipe(overrides[0], overrides[1:]))
-    except training.NonFiniteLossError as err:
+    except NonFiniteLossError as err:
         print("ABORTED:", err)
     """
 )
@@ -118,5 +119,6 @@ def test_nan_steps_are_skipped_and_counted(tmp_path):
 def test_too_many_nan_steps_abort(tmp_path):
     out, rows = _run_with_nan(tmp_path / "r", [2, 3, 4, 5], "train.steps=5", "train.warmup_steps=2",
                               "train.max_nan_skips=2")
-    assert "ABORTED: step 4: loss is nan; 3 non-finite steps exceed train.max_nan_skips=2" in out
+    assert "ABORTED: step 4: loss nan, gradient norm nan; 3 consecutive steps were not finite " \
+           "(train.max_nan_skips=2)" in out
     assert len(rows) == 3

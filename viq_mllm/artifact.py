@@ -197,6 +197,12 @@ def verify(folder: Path, full: bool = False, kind: Optional[str] = None) -> dict
     return manifest
 
 
+def find(folder: Path) -> list[Path]:
+    """``folder`` and every folder below it that holds a manifest (published artifacts, not staging ones)."""
+    folder = Path(folder)
+    return sorted(p.parent for p in folder.rglob(MANIFEST) if not any(q.name.endswith(PARTIAL) for q in p.parents))
+
+
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 

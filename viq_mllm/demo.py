@@ -193,7 +193,8 @@ def run_demo(out: str | Path, vlm_steps: int = 500, text_steps: int = 300, token
 
     say("4/8 text tokenizer and extended vocabulary")
     corpus, sp_model = build_text_corpus(out, train)
-    viq_mllm("extend-vocab", "--text-tokenizer", str(sp_model), "--viq", str(out / "viq"), "--out", str(out / "vocab"))
+    viq_mllm("extend-vocab", "--text-tokenizer", str(sp_model), "--viq", str(out / "viq"), "--out", str(out / "vocab"),
+             "--overwrite")
 
     say(f"5/8 text LM with megatron-core ({text_steps} steps), then resize-vocab")
     viq_mllm("train", str(ROOT / "recipes" / "tiny_text_cpu.yaml"), f"run.dir={out / 'text_lm'}",

@@ -24,6 +24,7 @@ import torch
 from megatron_ext.model.gpt import build_gpt, gpt_from_checkpoint, transformer_config
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import init_distributed, shutdown
+from viq_mllm import artifact
 from viq_mllm.recipe import ModelSection, ParallelSection, RecipeError, TrainSection, check_model_layout
 from viq_mllm.vocab import padded_vocab_size
 from viq_mllm.vocab.text_tokenizers import hf_tokenizer_fingerprint
@@ -245,7 +246,8 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path) -> dict:
     hf = apply(mappings(ctx), state, ctx, "to_hf")
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in hf.items()}, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    stage = artifact.Staging.begin(out, artifact.Spec("hf-model", 1, {"checkpoint": str(ckpt.resolve())}))
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(stage.path / "model.safetensors"))
+    stage.write_json("config.json", config)
+    stage.seal()
     return meta

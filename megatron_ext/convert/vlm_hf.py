@@ -33,11 +33,13 @@ import torch
 from megatron_ext.convert.hf import ConversionError, apply, hf_config, mappings, shapes_of
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import shutdown
+from viq_mllm import artifact
 from viq_mllm.hf import CONFIG_FILE, SLOTS_FILE
 from viq_mllm.vocab import Vocab
 
 #: files of a vocabulary folder that are not the tokenizer (its record of where the base tokenizer lives)
-_NOT_TOKENIZER = {"text_tokenizer.json"}
+_NOT_TOKENIZER = {"text_tokenizer.json", artifact.MANIFEST}
+KIND = "hf-export"
 
 
 def export_hf(ckpt: str | Path, out: str | Path) -> dict:
@@ -64,9 +66,12 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict:
     tied = meta.model.tie_embeddings
     if visual.group == 1:
         tied = _fold_slot(weights, slots[0], vocab, tied)
-    out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
+    made_from = {"checkpoint": str(ckpt.resolve()), "vocab_fingerprint": vocab.fingerprint,
+                 "viq_fingerprint": vocab.viq_fingerprint}
+    stage = artifact.Staging.begin(out, artifact.Spec(KIND, 1, made_from))
+    out = stage.path
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
     if visual.group > 1:
         save_file({"slots": slots.contiguous()}, str(out / SLOTS_FILE))
@@ -78,10 +83,11 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict:
         "eos_token_id": eod, "pad_token_id": eod, "do_sample": False,
         "suppress_tokens": list(range(vocab.text_size, vocab.size))})
     _copy_tokenizer(Path(meta.vocab.vocab_dir), out)
-    shutil.copytree(meta.vocab.viq_dir, out / "viq", dirs_exist_ok=True)
+    shutil.copytree(meta.vocab.viq_dir, out / "viq", dirs_exist_ok=True, ignore=shutil.ignore_patterns(artifact.MANIFEST))
     record = {"group": visual.group, "vocab_fingerprint": vocab.fingerprint, "viq_fingerprint": vocab.viq_fingerprint,
               "text_tokenizer_fingerprint": vocab.text_fingerprint, "checkpoint": str(ckpt.resolve())}
     _write_json(out / CONFIG_FILE, record)
+    stage.seal(record)
     return record
 
 

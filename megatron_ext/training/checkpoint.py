@@ -2,11 +2,14 @@
 
 Layout under ``run.dir/checkpoints``::
 
-    step_00000003/        a dist_checkpointing directory (torch_dist format, any TP/PP can read the model)
+    step_00000003/        a dist_checkpointing directory (torch_dist format, any TP/PP can read the model),
+                          with model.json and manifest.json (an artifact, :mod:`viq_mllm.artifact`)
     latest                text file naming the newest *complete* checkpoint
 
-``latest`` is replaced atomically only after every rank has finished writing, so a run killed mid-save
-(SIGKILL included) resumes from the previous complete checkpoint; the partial directory is removed then.
+Every rank writes into ``step_00000003.partial/``; rank 0 then hashes the files, writes the manifest, renames the
+folder into place and replaces ``latest``, so a run killed mid-save (SIGKILL included) resumes from the previous
+complete checkpoint, and the partial folder is removed then. Every load checks the files against the manifest
+(sizes and sha256, on rank 0, the verdict shared with every rank): a flipped byte is refused, never loaded.
 The data position is the step number itself (the sample order is a pure function of seed and position).
 RNG states are saved per rank and restored when the world size matches.
 """
@@ -26,6 +29,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from pydantic import BaseModel, ConfigDict
 
+from viq_mllm import artifact
 from viq_mllm.recipe import ModelSection
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -100,54 +104,78 @@ def _sharded_state(model, optimizer, scheduler, step: int, counters: dict, is_lo
     }
 
 
+KIND = "checkpoint"
+SCHEMA = 1
+
+
+def _spec(meta: CheckpointMeta) -> artifact.Spec:
+    made_from = {k: v for k, v in meta.vocab.model_dump().items() if k.endswith("fingerprint") and v is not None}
+    return artifact.Spec(KIND, SCHEMA, made_from, {})
+
+
+def _publish(path: Path, meta: CheckpointMeta, state: dict, summary: dict) -> None:
+    """Every rank writes ``state`` into the staging folder of ``path``; rank 0 adds ``model.json`` and seals."""
+    stage = artifact.Staging(path, _spec(meta))
+    if dist.get_rank() == 0:
+        stage = artifact.Staging.begin(path, _spec(meta))
+    dist.barrier()
+    dist_checkpointing.save(state, str(stage.path))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        stage.write_json(META_FILE, meta.model_dump(mode="json"))
+        stage.seal(summary)
+
+
 def save(ckpt_root: Path, step: int, model, optimizer, scheduler, keep_last: int, counters: dict,
          meta: CheckpointMeta) -> Path:
     """Write ``step_XXXXXXXX`` (with ``model.json`` = ``meta``) and point ``latest`` at it; keep the newest
     ``keep_last`` checkpoints."""
     path = ckpt_root / f"step_{step:08d}"
+    state = _sharded_state(model, optimizer, scheduler, step, counters, is_loading=False)
+    _publish(path, meta, state, {"step": step, **counters})
     if dist.get_rank() == 0:
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, step, counters, is_loading=False), str(path))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        write_meta(path, meta)
         tmp = ckpt_root / "latest.tmp"
         tmp.write_text(path.name)
         tmp.replace(ckpt_root / "latest")
-        for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
+        for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return path
 
 
-def write_meta(path: Path, meta: CheckpointMeta) -> None:
-    (path / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2, sort_keys=True))
-
-
 def read_meta(path: Path) -> CheckpointMeta:
+    """A checkpoint's ``model.json``, after the cheap check that every file is there at its recorded size."""
     file = Path(path) / META_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no {META_FILE}; is this a checkpoint directory (checkpoints/step_XXXXXXXX)?")
+    artifact.verify(path, kind=KIND)
     return CheckpointMeta.model_validate(json.loads(file.read_text()))
+
+
+def verify_for_loading(path: Path) -> None:
+    """Full check (sha256 of every file) on rank 0, its verdict raised on every rank alike, so no rank loads a
+    damaged checkpoint and none waits for one that refused."""
+    verdict = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            artifact.verify(path, full=True, kind=KIND)
+        except artifact.ArtifactError as error:
+            verdict = [str(error)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise artifact.DamagedArtifact(verdict[0])
 
 
 def save_model(path: Path, model, meta: CheckpointMeta) -> None:
     """A model-only checkpoint (e.g. after a vocabulary resize), loadable at any TP/PP by :func:`load_model`."""
-    if dist.get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(path))
-    if dist.get_rank() == 0:
-        write_meta(path, meta)
+    _publish(Path(path), meta, {"model": model.sharded_state_dict()}, {})
     dist.barrier()
 
 
 def load_model(path: Path, model) -> None:
     """Load only the model weights of any checkpoint written by :func:`save` or :func:`save_model`."""
+    verify_for_loading(path)
     with torch.no_grad():
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
     model.load_state_dict(state["model"])
@@ -164,11 +192,11 @@ def latest(ckpt_root: Path) -> Optional[Path]:
 
 
 def remove_incomplete(ckpt_root: Path) -> None:
-    """Delete step directories newer than ``latest`` (left by a run killed while saving)."""
+    """Delete what a run killed while saving left: staging folders, and step folders newer than ``latest``."""
     if dist.get_rank() == 0 and ckpt_root.is_dir():
         done = latest(ckpt_root)
         for path in ckpt_root.glob("step_*"):
-            if done is None or path.name > done.name:
+            if path.name.endswith(artifact.PARTIAL) or done is None or path.name > done.name:
                 shutil.rmtree(path, ignore_errors=True)
     dist.barrier()
 
@@ -193,6 +221,7 @@ def _restore_adam_steps(optimizer) -> None:
 
 def load(path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
     """Restore everything saved by :func:`save` into freshly built objects; returns (step, counters)."""
+    verify_for_loading(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):  # megatron returns a ChainedOptimizer
         if hasattr(part, "_init_optimizer_states_with_dummy_values"):  # the distributed optimizer's state is

@@ -32,12 +32,9 @@ from megatron_ext.patches import cpu_compat
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import Layout, device
 from viq_mllm.console import progress
+from viq_mllm.health import Health
 from viq_mllm.metrics import MetricsLog
 from viq_mllm.recipe import ModelSection, Recipe, dump_recipe
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when more than ``train.max_nan_skips`` steps had a NaN/inf loss."""
 
 
 @dataclass
@@ -192,11 +189,20 @@ def forward_backward(trainer: Trainer, batches: Iterator[dict], forward_step: Ca
     return global_loss(reported, trainer.layout)
 
 
-def optimizer_step(trainer: Trainer) -> float:
-    """Clip, update, advance the LR schedule; returns the gradient norm before clipping."""
-    _, grad_norm, _ = cpu_compat.native(trainer.optimizer.step)()  # only clip_grads needs the mode (cpu_compat)
-    trainer.scheduler.step(increment=1)
-    return float(grad_norm) if grad_norm is not None else float("nan")
+def optimizer_step(trainer: Trainer) -> tuple[bool, float]:
+    """Clip, update, advance the LR schedule; returns (applied, gradient norm before clipping).
+
+    A non-finite gradient norm skips the update: megatron's ``step`` would clip by a NaN factor (a no-op) and apply
+    the NaN gradients. The norm is megatron's own (``get_grad_norm``: over every model-parallel rank, so every rank
+    decides alike); a skip leaves parameters, optimizer state and LR schedule as they were, as megatron's own skip on
+    ``found_inf`` (loss-scaled fp16) does, which ``step`` still performs."""
+    grad_norm = float(cpu_compat.native(trainer.optimizer.get_grad_norm)())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    applied, _, _ = cpu_compat.native(trainer.optimizer.step)()  # only clip_grads needs the mode (cpu_compat)
+    if applied:
+        trainer.scheduler.step(increment=1)
+    return bool(applied), grad_norm
 
 
 class CheckpointMismatch(ValueError):
@@ -266,7 +272,7 @@ def run_training(
             resume_from, trainer.unwrapped, trainer.optimizer, trainer.scheduler
         )
 
-    log = None
+    log, health = None, Health(t.max_nan_skips, counters["nan_skips"])
     if layout.rank == 0:
         log = MetricsLog(run_dir, start, recipe.log.tensorboard, recipe.log.wandb, recipe.log.wandb_project,
                          recipe.run.name)
@@ -278,17 +284,10 @@ def run_training(
         loss = loss_sum / max(count, 1.0)
         lr = trainer.optimizer.param_groups[0]["lr"]
         finite = all(math.isfinite(v) for v in (loss, *extras.values()))
-        if finite:
-            grad_norm = optimizer_step(trainer)
-        else:
-            counters["nan_skips"] += 1
-            grad_norm = float("nan")
-            if counters["nan_skips"] > t.max_nan_skips:
-                terms = f" ({extras})" if extras else ""
-                raise NonFiniteLossError(
-                    f"step {step + 1}: loss is {loss}{terms}; {counters['nan_skips']} non-finite steps exceed "
-                    f"train.max_nan_skips={t.max_nan_skips}"
-                )
+        applied, grad_norm = optimizer_step(trainer) if finite else (False, float("nan"))
+        terms = f" ({extras})" if extras else ""
+        health.record(step + 1, applied, f"loss {loss}{terms}, gradient norm {grad_norm}")
+        counters["nan_skips"] = health.total
         elapsed = time.perf_counter() - began
         row = {
             "step": step + 1,
@@ -301,7 +300,7 @@ def run_training(
             "padding_fraction": 1.0 - real / tokens_per_step,
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_step / elapsed,
-            "skipped": not finite,
+            "skipped": not applied,
             "nan_skips": counters["nan_skips"],
             **extras,
         }

@@ -11,8 +11,8 @@ does once, before its first step:
    mean and covariance, the code rows scaled for the recipe's ``model.visual.group`` (``vocab_resize.py``;
    TP-safe padding: 128 x 8 rows);
 
-into ``RUN_DIR/init/checkpoint``, with ``RUN_DIR/init/source.json`` naming what it was made from. A rerun or a
-resumed run finds it and does nothing. Rank 0 builds it in a child process (the conversion is a one-process job
+into ``RUN_DIR/init/checkpoint``. ``RUN_DIR/init`` is an artifact (:mod:`viq_mllm.artifact`) whose manifest names
+what it was made from: a rerun or a resumed run on the same inputs finds it and does nothing; other inputs rebuild it. Rank 0 builds it in a child process (the conversion is a one-process job
 and the run's process groups are already up); the other ranks wait.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -29,7 +30,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_ext.training.parallel import Layout
+from viq_mllm import artifact
 from viq_mllm.recipe import Recipe
+
+log = logging.getLogger(__name__)
+KIND = "init-hf"
 
 #: the variables torchrun sets; the child is a plain single process
 _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
@@ -40,8 +45,8 @@ def init_checkpoint(recipe: Recipe, layout: Layout) -> Path:
     """``RUN_DIR/init/checkpoint`` for ``init.hf``, built by rank 0 when missing or made from other inputs."""
     target = Path(recipe.run.dir) / "init"
     group = recipe.model.visual.group
-    source = source_record(Path(recipe.init.hf), Path(recipe.model.visual.viq), group)
-    if layout.rank == 0 and not _up_to_date(target, source):
+    spec = _spec(source_record(Path(recipe.init.hf), Path(recipe.model.visual.viq), group))
+    if layout.rank == 0 and artifact.check_reuse(target, spec, overwrite=True) is None:
         command = [sys.executable, "-m", "megatron_ext.vlm.from_hf", recipe.init.hf, recipe.data.vocab,
                    recipe.model.visual.viq, str(target), str(group)]
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
@@ -66,9 +71,8 @@ def source_record(hf_dir: Path, viq_dir: Path, group: int) -> dict:
             "tokenizer": hf_tokenizer_fingerprint(hf_dir), "viq": viq_fingerprint(viq_dir), "group": group}
 
 
-def _up_to_date(target: Path, source: dict) -> bool:
-    record = target / "source.json"
-    return record.is_file() and json.loads(record.read_text()) == source and (target / "checkpoint").is_dir()
+def _spec(source: dict) -> artifact.Spec:
+    return artifact.Spec(KIND, 1, source)
 
 
 def build(hf_dir: Path, vocab_dir: Path, viq_dir: Path, target: Path, group: int) -> None:
@@ -82,22 +86,22 @@ def build(hf_dir: Path, vocab_dir: Path, viq_dir: Path, target: Path, group: int
 
     if not (vocab_dir / VOCAB_FILE).is_file():
         extend_vocab(hf_dir, viq_dir, vocab_dir)
-        print(f"init.hf: extended {hf_dir}'s tokenizer into data.vocab={vocab_dir}", flush=True)
+        log.info("init.hf: extended %s's tokenizer into data.vocab=%s", hf_dir, vocab_dir)
     vocab, tokenizer = Vocab.load(vocab_dir), hf_tokenizer_fingerprint(hf_dir)
     if vocab.text_fingerprint != tokenizer:
         raise VocabMismatch(f"data.vocab={vocab_dir} was built on text tokenizer {vocab.text_fingerprint}, init.hf="
                             f"{hf_dir} has {tokenizer}; point data.vocab at a new folder to extend this one")
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    hf_to_mcore(hf_dir, staging / "converted")
-    resize_checkpoint(staging / "converted", vocab_dir, staging / "checkpoint", group)
-    shutil.rmtree(staging / "converted")
-    (staging / "source.json").write_text(json.dumps(source_record(hf_dir, viq_dir, group), indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    stage = artifact.Staging.begin(target, _spec(source_record(hf_dir, viq_dir, group)))
+    hf_to_mcore(hf_dir, stage.path / "converted")
+    resize_checkpoint(stage.path / "converted", vocab_dir, stage.path / "checkpoint", group)
+    shutil.rmtree(stage.path / "converted")
+    stage.seal()
 
 
 if __name__ == "__main__":
+    from viq_mllm.console import configure_logging
+
+    configure_logging()
     try:
         build(*(Path(arg) for arg in sys.argv[1:5]), int(sys.argv[5]))
     except (OSError, ValueError) as error:

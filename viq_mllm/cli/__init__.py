@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an expected error (or set VIQ_MLLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (runs.add_train, data.add_tokenize, data.add_prepare, data.add_extend_vocab, data.add_resize_vocab,
-                data.add_assets, models.add_convert, models.add_generate, models.add_export, models.add_eval,
+                data.add_assets, data.add_verify, models.add_convert, models.add_generate, models.add_export, models.add_eval,
                 models.add_import_viq, runs.add_demo, runs.add_viq_chain, runs.add_bench):
         add(sub)
     return parser

@@ -36,7 +36,7 @@ def _prepare(args: argparse.Namespace, rank: int, world: int) -> int:
 def _extend_vocab(args: argparse.Namespace) -> int:
     from viq_mllm.vocab.extend import extend_vocab
 
-    vocab = extend_vocab(args.text_tokenizer, args.viq, args.out)
+    vocab = extend_vocab(args.text_tokenizer, args.viq, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: text {vocab.text_size} + special {len(vocab.special_tokens)} + codes "
           f"{vocab.codebook_size} = {vocab.size} ids, padded to {vocab.padded_size} ({vocab.fingerprint})")
     return 0
@@ -47,6 +47,37 @@ def _resize_vocab(args: argparse.Namespace) -> int:
 
     resize_checkpoint(args.checkpoint, args.vocab, args.out, args.group, init=args.init, seed=args.seed)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from viq_mllm import artifact
+
+    roots = artifact.find(args.folder)
+    if not roots:
+        raise FileNotFoundError(f"{args.folder}: no {artifact.MANIFEST} in it or below; nothing viq-mllm wrote")
+    damaged = 0
+    for root in roots:
+        try:
+            manifest = artifact.verify(root, full=not args.sizes_only)
+        except artifact.ArtifactError as error:
+            damaged += 1
+            print(f"DAMAGED {error}")
+            continue
+        size = sum(f["bytes"] for f in manifest["files"].values())
+        print(f"ok      {root}: {manifest['kind']} (schema {manifest['schema']}), {len(manifest['files'])} files, "
+              f"{size / 1e6:.1f} MB {'sizes' if args.sizes_only else 'sha256'} checked")
+    print(f"{len(roots) - damaged} of {len(roots)} folders intact")
+    return 1 if damaged else 0
+
+
+def add_verify(sub) -> None:
+    ver = sub.add_parser("verify", help="check folders viq-mllm wrote against their manifests (checksums)",
+                         description="Check every file of DIR (and of every folder below it that holds a "
+                         "manifest.json: shards, prepared data, checkpoints, vocabularies, exports) against its "
+                         "manifest: present, at its size, with its sha256. Exit status 1 if any folder is damaged.")
+    ver.add_argument("folder", type=existing, help="a folder written by viq-mllm, or one holding several")
+    ver.add_argument("--sizes-only", action="store_true", help="check sizes, not checksums (seconds on terabytes)")
+    ver.set_defaults(func=_verify)
 
 
 def add_tokenize(sub) -> None:
@@ -109,6 +140,8 @@ def add_extend_vocab(sub) -> None:
     ext.add_argument("--text-tokenizer", required=True, type=existing, help="SentencePiece .model file or HF tokenizer folder")
     ext.add_argument("--viq", required=True, type=existing, help="ViQ tokenizer folder (its preset sets the number of codes)")
     ext.add_argument("--out", required=True)
+    ext.add_argument("--overwrite", action="store_true",
+                     help="redo an --out made from other tokenizers (default: refuse, naming both fingerprints)")
     ext.set_defaults(func=_extend_vocab)
 
 

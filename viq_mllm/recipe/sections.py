@@ -175,7 +175,9 @@ class TrainSection(_Section):
     adam_eps: float = Field(default=1e-8, gt=0)
     clip_grad: float = Field(default=1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
-    max_nan_skips: int = Field(default=10, ge=0)
+    #: consecutive steps whose loss or gradient norm is NaN/inf (each skipped, its update not applied) that the
+    #: run tolerates; one more stops it with a non-zero exit, its last checkpoint intact
+    max_nan_skips: int = Field(default=3, ge=0)
 
 
 class ParallelSection(_Section):

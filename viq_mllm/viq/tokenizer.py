@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from viq_mllm import artifact
 from viq_mllm.viq.config import ViQConfig, config_for
 from viq_mllm.viq.decoder import PixelDecoder
 from viq_mllm.viq.head import QuantHead
@@ -33,6 +34,7 @@ from viq_mllm.viq.preprocess import ImageLike, Preprocessed, preprocess
 from viq_mllm.viq.vit import VisionTransformer, cu_seqlens_of
 
 CONFIG_FILE = "config.json"
+KIND = "viq-tokenizer"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -50,13 +52,19 @@ class ViQTokenizer(nn.Module):
         torch.manual_seed(seed)
         return cls(config_for(name, preset=preset, **overrides)).eval()
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, extra: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> Path:
+        """Write ``config.json`` (architecture and fingerprint) and ``model.safetensors``, plus one safetensors file
+        per ``extra`` entry (e.g. a stage's LLM-side adapters), published as one artifact (staged, then renamed
+        into place: a killed save never leaves half a tokenizer)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE))
         meta = {"architecture": json.loads(self.config.to_json()), "fingerprint": fingerprint(self.config, state)}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        stage = artifact.Staging.begin(directory, artifact.Spec(KIND, 1, {"fingerprint": meta["fingerprint"]}))
+        save_file(state, str(stage.path / WEIGHTS_FILE))
+        for name, tensors in (extra or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(stage.path / name))
+        stage.write_json(CONFIG_FILE, meta)
+        stage.seal()
         return directory
 
     @classmethod

@@ -11,8 +11,9 @@ added token's id in the written tokenizer is checked against that layout before 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+
+from viq_mllm import artifact
 
 from viq_mllm.vocab.ids import Vocab
 from viq_mllm.vocab.text_tokenizers import HFTextTokenizer, SentencePieceTokenizer
@@ -42,23 +43,30 @@ def text_tokenizer_kind(path: Path) -> str:
     raise ValueError(f"{path}: expected a SentencePiece .model file or an HF tokenizer folder (tokenizer.json)")
 
 
-def extend_vocab(text_tokenizer: str | Path, viq_dir: str | Path, out_dir: str | Path) -> Vocab:
+KIND = "vocabulary"
+
+
+def extend_vocab(text_tokenizer: str | Path, viq_dir: str | Path, out_dir: str | Path,
+                 overwrite: bool = False) -> Vocab:
+    """Extend ``text_tokenizer`` with ``viq_dir``'s codes into ``out_dir`` (an artifact). A folder already made
+    from the same two tokenizers is reused; from others, refused naming both (or redone with ``overwrite``)."""
     text_path, viq_dir, out_dir = Path(text_tokenizer), Path(viq_dir), Path(out_dir)
     viq_fingerprint, codebook = _viq_identity(viq_dir)
     kind = text_tokenizer_kind(text_path)
     base = SentencePieceTokenizer(text_path) if kind == "sentencepiece" else HFTextTokenizer(text_path)
+    spec = artifact.Spec(KIND, 1, {"text_fingerprint": base.fingerprint, "viq_fingerprint": viq_fingerprint},
+                         {"text_tokenizer_kind": kind})
+    if artifact.check_reuse(out_dir, spec, overwrite, hint=" (or pass --overwrite)") is not None:
+        return Vocab.load(out_dir)
     vocab = Vocab.build(base.vocab_size, codebook, viq_fingerprint, base.fingerprint)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    stage = artifact.Staging.begin(out_dir, spec)
     if kind == "sentencepiece":
-        _extend_sentencepiece(text_path, vocab, tmp)
+        _extend_sentencepiece(text_path, vocab, stage.path)
     else:
-        _extend_hf(base, vocab, tmp)
-    vocab.save(tmp)
-    (tmp / "text_tokenizer.json").write_text(json.dumps({"kind": kind, "source": str(text_path.resolve())}))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+        _extend_hf(base, vocab, stage.path)
+    vocab.save(stage.path)
+    stage.write_json("text_tokenizer.json", {"kind": kind, "source": str(text_path.resolve())})
+    stage.seal({"size": vocab.size, "padded_size": vocab.padded_size, "fingerprint": vocab.fingerprint})
     return vocab
 
 

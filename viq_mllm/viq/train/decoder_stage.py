@@ -4,19 +4,20 @@ Loss ``loss_rec + perceptual_weight * loss_perceptual`` (pixel MSE and an Effici
 ``teachers.PerceptualDistance``); only ``tokenizer.decoder`` trains. The release has no adversarial term in
 any stage and neither do we. Each step draws ``train.global_batch_size`` images as a pure function of
 ``(seed, step)``; AdamW with megatron's warmup + cosine schedule (:mod:`viq_mllm.viq.train.loop`). Resumable: checkpoints
-(decoder weights, optimizer state, step) under ``RUN_DIR/checkpoints/step_XXXXXXXX``, loaded with
-``weights_only=True``.
+(decoder weights, optimizer state, step) under ``RUN_DIR/checkpoints/step_XXXXXXXX``, each an artifact whose
+checksums are verified before it is loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from viq_mllm import artifact
 from viq_mllm.metrics import MetricsLog
 from viq_mllm.recipe import Recipe, dump_recipe
 from viq_mllm.viq.preprocess import Preprocessed
@@ -27,30 +28,38 @@ from viq_mllm.viq.train.stage_io import evaluate_stage, held_out_images, save_st
 from viq_mllm.viq.train.stages import trainable
 from viq_mllm.viq.train.teachers import PerceptualDistance
 
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "viq-decoder-checkpoint"
+
 
 def _save(root: Path, step: int, tokenizer: ViQTokenizer, optimizer, keep_last: int) -> None:
-    path = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tokenizer.decoder.state_dict().items()}, str(tmp / "decoder.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    tmp.rename(path)
-    for old in sorted(root.glob("step_*"))[:-keep_last]:
+    """``step_XXXXXXXX``: decoder weights, optimizer and RNG state, step; published as an artifact."""
+    stage = artifact.Staging.begin(root / f"step_{step:08d}",
+                                   artifact.Spec(CHECKPOINT_KIND, 1, {"viq_fingerprint": tokenizer.fingerprint}))
+    save_file({k: v.contiguous() for k, v in tokenizer.decoder.state_dict().items()},
+              str(stage.path / "decoder.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, stage.path / "optimizer.pt")
+    stage.seal({"step": step})
+    for old in _checkpoints(root)[:-keep_last]:
         shutil.rmtree(old)
 
 
+def _checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()) if root.is_dir() else []
+
+
 def _resume(root: Path, tokenizer: ViQTokenizer, optimizer) -> int:
-    done = sorted(root.glob("step_*")) if root.is_dir() else []
+    """Load the newest checkpoint after checking every file against its manifest; returns its step (0: none)."""
+    done = _checkpoints(root)
     if not done:
         return 0
-    latest = done[-1]
-    tokenizer.decoder.load_state_dict(load_file(str(latest / "decoder.safetensors")))
-    state = torch.load(latest / "optimizer.pt", weights_only=True)
+    manifest = artifact.verify(done[-1], full=True, kind=CHECKPOINT_KIND)
+    tokenizer.decoder.load_state_dict(load_file(str(done[-1] / "decoder.safetensors")))
+    state = torch.load(done[-1] / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
-    return json.loads((latest / "state.json").read_text())["step"]
+    return manifest["summary"]["step"]
 
 
 def train_decoder_stage(recipe: Recipe) -> list[dict]:
@@ -88,7 +97,7 @@ def train_decoder_stage(recipe: Recipe) -> list[dict]:
         row["tokens_per_s"] = row["tokens"] / row["step_time_s"]
         log.log(row)
         if recipe.log.progress and row["step"] % 50 == 0:
-            print(f"decoder step {row['step']}/{t.steps}: loss {row['loss']:.4f}", flush=True)
+            log.info("decoder step %d/%d: loss %.4f", row["step"], t.steps, row["loss"])
         every = recipe.checkpoint.every
         if every and (row["step"] % every == 0 or row["step"] == t.steps):
             _save(ckpt_root, row["step"], tokenizer, optimizer, recipe.checkpoint.keep_last)

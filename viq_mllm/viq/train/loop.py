@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from viq_mllm.health import Health
 from viq_mllm.recipe import TrainSection
 
 
@@ -44,10 +45,11 @@ def train_steps(optimizer: torch.optim.Optimizer, t: TrainSection, start: int,
                 loss_terms: Callable[[int], dict[str, torch.Tensor]],
                 after_step: Callable[[dict], None] = lambda row: None) -> list[dict]:
     """Steps ``start + 1 .. t.steps``. ``loss_terms(step)`` returns the tensors of one step, ``"loss"`` (what is
-    minimised) among them; each step's row (``step``, ``loss``, ``lr``, ``grad_norm``, ``step_time_s`` and every
+    minimised) among them; a step whose loss or gradient norm is not finite is skipped (:mod:`viq_mllm.health`).
+    Each step's row (``step``, ``loss``, ``lr``, ``grad_norm``, ``step_time_s`` and every
     other term as a float) goes to ``after_step`` (logging, checkpoints) and into the returned list."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    rows = []
+    rows, health = [], Health(t.max_nan_skips)
     for step in range(start, t.steps):
         began = time.perf_counter()
         lr = warmup_cosine(t, step)
@@ -57,8 +59,13 @@ def train_steps(optimizer: torch.optim.Optimizer, t: TrainSection, start: int,
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.clip_grad or float("inf")))
-        optimizer.step()
+        loss = float(terms["loss"].detach())
+        applied = math.isfinite(loss) and math.isfinite(grad_norm)
+        if applied:
+            optimizer.step()
+        health.record(step + 1, applied, f"loss {loss}, gradient norm {grad_norm}")
         row = {"step": step + 1, "lr": lr, "grad_norm": grad_norm, "step_time_s": time.perf_counter() - began,
+               "skipped": not applied, "nan_skips": health.total,
                **{name: float(value.detach()) for name, value in terms.items()}}
         after_step(row)
         rows.append(row)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from viq_mllm.recipe import Recipe
@@ -62,11 +62,8 @@ def load_adapters(recipe: Recipe, modules: dict[str, nn.Module]) -> list[str]:
 
 def save_stage(run_dir: Path, tokenizer: ViQTokenizer, adapters: dict[str, Optional[nn.Module]],
                handoff: Optional[Handoff]) -> Path:
-    out = tokenizer.save_pretrained(Path(run_dir) / "tokenizer")
-    state = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in adapters.items() if m is not None
-             for k, v in m.state_dict().items()}
-    if state:
-        save_file(state, str(out / ADAPTERS_FILE))
+    state = {f"{name}.{k}": v for name, m in adapters.items() if m is not None for k, v in m.state_dict().items()}
+    out = tokenizer.save_pretrained(Path(run_dir) / "tokenizer", {ADAPTERS_FILE: state} if state else None)
     if handoff is not None:
         (Path(run_dir) / "handoff.json").write_text(json.dumps(
             {"loaded": handoff.loaded, "reinitialised": handoff.reinitialised, "dropped": handoff.dropped}, indent=2))
