@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from viq_mllm.console import existing
@@ -47,7 +48,28 @@ def _generate(args: argparse.Namespace) -> int:
     print(text)
     if args.output_ids:
         Path(args.output_ids).write_text(" ".join(map(str, ids)) + "\n")
-    return 0
+    if text.strip():
+        return 0
+    print(f"viq-mllm generate: {_why_nothing(args, ids)}", file=sys.stderr)
+    return 1
+
+
+def _why_nothing(args: argparse.Namespace, ids: list[int]) -> str:
+    """Why greedy decoding gave no text: the model ended at once, or wrote only ids that decode to nothing; with
+    the task the checkpoint's run trained on when its ``recipe.yaml`` is beside it."""
+    what = ("the model ended the text at its first token" if not ids else
+            f"the model wrote {len(ids)} ids that decode to blank text")
+    task = None
+    if args.checkpoint:
+        recipe = Path(args.checkpoint).resolve().parent.parent / "recipe.yaml"
+        if recipe.is_file():
+            import yaml
+
+            task = (yaml.safe_load(recipe.read_text()).get("data") or {}).get("task")
+    if task == "pretrain" and args.prompt:
+        return (f"{what}: it was trained with data.task=pretrain (a caption follows the image, no prompts), so a "
+                "--prompt is a layout it never saw; run without --prompt for a caption, or train with task=sft")
+    return f"{what}; nothing was generated (try another --prompt, or more training steps)"
 
 
 def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:

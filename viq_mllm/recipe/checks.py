@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from viq_mllm.recipe.sections import ModelSection, ParallelSection, Recipe, RecipeError, TrainSection
-from viq_mllm.vocab import MAX_TP
+from viq_mllm.recipe.sections import MAX_TP, ModelSection, ParallelSection, Recipe, RecipeError, TrainSection
 
 
 def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:

@@ -25,8 +25,17 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+def _yaml(text: str, where: str):
+    """Parse ``text``; malformed YAML becomes one :class:`RecipeError` naming ``where``, the line and column, and
+    the problem (the key being read, when YAML knows it)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        context = getattr(error, "context", None)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecipeError(f"{where}{at}: malformed YAML: {problem}" + (f" ({context})" if context else "")) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), world_size: Optional[int] = None) -> Recipe:
@@ -48,7 +57,7 @@ def read_composed(path: Path, including: tuple[Path, ...] = ()) -> dict:
         raise RecipeError(f"recipe file not found: {path}" + (f" (base of {including[-1]})" if including else ""))
     if path.resolve() in including:
         raise RecipeError(f"{path}: base files include each other ({' -> '.join(map(str, including))})")
-    raw = _yaml(path.read_text()) or {}
+    raw = _yaml(path.read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
     bases = raw.pop("base", [])
@@ -76,7 +85,7 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = _yaml(value) if value else ""
+    node[parts[-1]] = _yaml(value, f"override {item!r}") if value else ""
 
 
 def recipe_from_dict(raw: dict) -> Recipe:

@@ -7,6 +7,11 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
+#: the largest tensor-parallel size: vocabularies are padded to a multiple of 128 x MAX_TP rows, so one checkpoint
+#: serves every TP up to it (``viq_mllm.vocab`` pads by it)
+MAX_TP = 8
+
+
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the offending field."""
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-#: Padded vocabularies divide by 128 x MAX_TP, so one checkpoint serves every tensor-parallel size up to it.
-MAX_TP = 8
+from viq_mllm.recipe.sections import MAX_TP  # padded vocabularies divide by 128 x MAX_TP
+
 SPECIAL_TOKENS = {"image_start": "<|image_start|>", "image_end": "<|image_end|>", "row_end": "<|row_end|>"}
 CODE_TOKEN = "<|viq_{:05d}|>"
 VOCAB_FILE = "vocab.json"
