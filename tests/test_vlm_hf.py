@@ -64,6 +64,8 @@ def test_the_exported_model_gives_the_megatron_logits_and_greedy_answers(trained
         shutdown()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     assert type(model).__name__ == "LlamaForCausalLM"
+    # at G = 16 the code rows live outside the model's vocabulary (viq_slots.safetensors)
+    rows = tokenizer.vocab.size if group == 1 else tokenizer.vocab.code_offset
     start = 0
     for document in documents:
         ids = hf.flat_ids(document)
@@ -72,11 +74,34 @@ def test_the_exported_model_gives_the_megatron_logits_and_greedy_answers(trained
                 theirs = model(torch.tensor([ids])).logits[0]
             else:
                 theirs = model(inputs_embeds=hf.inputs_embeds(model, ids, folder)).logits[0]
-        assert theirs.shape == (len(document), tokenizer.vocab.size)
-        assert relative_error(ours[start:start + len(document), :tokenizer.vocab.size], theirs) < 1e-4
+        assert theirs.shape == (len(document), rows)
+        assert relative_error(ours[start:start + len(document), :rows], theirs) < 1e-4
         start += len(document)
     for sample, prompt, answer in zip(samples, ["", "What is in this picture?", "Describe it."], answers):
         assert hf.generate(folder, sample.images[0].path, prompt, 10, model)[0] == answer
+
+
+@pytest.mark.e2e
+def test_the_export_serves_as_its_base_model_and_a_group_16_folder_refuses_flat_ids(trained, smollm2, vlm_assets):
+    """The context length and bos come from SmolLM2's config, not the training sequence length; a 16-code export fed
+    its flat ids as ``input_ids`` (what a stock server does) fails instead of embedding one code per position."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from viq_mllm import hf
+    from viq_mllm.data.shards import CodeShards
+
+    base = json.loads((smollm2[0] / "config.json").read_text())
+    for group in (1, 16):
+        config = json.loads((trained[group][1] / "config.json").read_text())
+        assert config["max_position_embeddings"] == base["max_position_embeddings"] != SEQ[group]
+        assert config["bos_token_id"] == base["bos_token_id"]
+    folder = trained[16][1]
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    image = next(iter(CodeShards(vlm_assets["shards"]))).images[0].path
+    with pytest.raises(IndexError):
+        model(torch.tensor([hf.prompt_ids(folder, image)]))
 
 
 @pytest.mark.e2e

@@ -11,8 +11,9 @@ of the stock causal LM (for ``G = 1`` simply its ``embed_tokens`` rows, so ``inp
     >>> text_of("vlm_hf", out[0].tolist())
     'A cat on a mat.'
 
-A visual position of ``G`` codes ``c_1 .. c_G`` is ``sum_g slot_g * E[c_g]`` (``E``: the input embedding, ``slot``:
-the learned per-slot vectors in ``viq_slots.safetensors``); ids outside code runs are looked up as usual.
+A visual position of ``G`` codes ``c_1 .. c_G`` is ``sum_g slot_g * C[c_g]`` (``C``: the code rows and ``slot``: the
+learned per-slot vectors, both in ``viq_slots.safetensors``, outside the model's vocabulary); ids outside code runs
+are looked up in the model's input embedding as usual.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class ExportedLayout:
     folder: Path
     vocab: Vocab
     group: int
-    slots: Optional[torch.Tensor]
+    slots: Optional[torch.Tensor]  # [G, hidden] at G > 1
+    code_rows: Optional[torch.Tensor]  # [codebook, hidden] at G > 1: the code embeddings, kept out of the model
     text: TextTokenizer
 
     @classmethod
@@ -50,14 +52,14 @@ class ExportedLayout:
             raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; is this the output of `viq-mllm export hf`?")
         record = json.loads((folder / CONFIG_FILE).read_text())
         vocab = Vocab.load(folder)
-        slots = None
+        side = {}
         if record["group"] > 1:
             from safetensors.torch import load_file
 
-            slots = load_file(str(folder / SLOTS_FILE))["slots"]
+            side = load_file(str(folder / SLOTS_FILE))
         sentencepiece = (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file()
         text = SentencePieceTokenizer(str(folder / "tokenizer.model")) if sentencepiece else HFTextTokenizer(str(folder))
-        return cls(folder, vocab, record["group"], slots, text)
+        return cls(folder, vocab, record["group"], side.get("slots"), side.get("code_rows"), text)
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,15 +98,17 @@ def inputs_embeds(model: torch.nn.Module, ids: list[int] | torch.Tensor, folder:
     layout = _layout(str(Path(folder or model.config.name_or_path).resolve()))
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     embedding = model.get_input_embeddings()
-    rows = embedding(ids.to(embedding.weight.device))
     if layout.group == 1:
-        return rows[None]
-    position, slot = _positions(layout.vocab.is_code(ids).tolist(), layout.group)
-    weights = torch.ones_like(rows)
+        return embedding(ids.to(embedding.weight.device))[None]
+    is_code = layout.vocab.is_code(ids)
+    position, slot = _positions(is_code.tolist(), layout.group)
+    rows = embedding.weight.new_zeros(len(ids), embedding.weight.shape[1])
+    rows[~is_code] = embedding(ids[~is_code].to(embedding.weight.device))
+    codes = ids[is_code] - layout.vocab.code_offset
     code = slot >= 0
-    weights[code] = layout.slots.to(rows)[slot[code]]
+    rows[is_code] = layout.code_rows.to(rows)[codes] * layout.slots.to(rows)[slot[code]]
     out = rows.new_zeros(int(position[-1]) + 1, rows.shape[-1])
-    return out.index_add_(0, position.to(rows.device), rows * weights)[None]
+    return out.index_add_(0, position.to(rows.device), rows)[None]
 
 
 def _positions(is_code: list[bool], group: int) -> tuple[torch.Tensor, torch.Tensor]:

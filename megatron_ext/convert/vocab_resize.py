@@ -22,6 +22,7 @@ The result is a model-only checkpoint, loadable at any TP by ``checkpoint.load_m
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import init_distributed, shutdown
 from viq_mllm.recipe import ParallelSection, TrainSection
 from viq_mllm.vocab import Vocab
+
+log = logging.getLogger(__name__)
 
 
 class VocabMismatch(ValueError):
@@ -96,13 +99,13 @@ def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path
             for i, table in enumerate(tables):
                 table.copy_(grow(table, vocab, init, cov_scale, seed + i, group))
         new_meta = checkpoint.CheckpointMeta(
-            model=model, resized_from=str(source.resolve()),
+            model=model, resized_from=str(source.resolve()), hf_config=meta.hf_config,
             vocab=checkpoint.VocabRecord(text_size=vocab.text_size, padded_size=vocab.padded_size,
                                          text_fingerprint=vocab.text_fingerprint, vocab_fingerprint=vocab.fingerprint))
         checkpoint.save_model(out, gpt, new_meta)
     finally:
         shutdown()
-    print(f"wrote {out}: embedding {meta.vocab.padded_size} -> {vocab.padded_size} rows "
-          f"({vocab.text_size} kept, {vocab.size - vocab.text_size} new, init {init}; code rows scaled for "
-          f"{group} codes per visual position)")
+    log.info("wrote %s: embedding %d -> %d rows (%d kept, %d new, init %s; code rows scaled for %d codes per "
+             "visual position)", out, meta.vocab.padded_size, vocab.padded_size, vocab.text_size,
+             vocab.size - vocab.text_size, init, group)
     return new_meta

@@ -55,10 +55,11 @@ class Trainer:
 
 
 def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab: checkpoint.VocabRecord,
-                  packed: bool = False) -> Trainer:
+                  packed: bool = False, hf_config: Optional[dict] = None) -> Trainer:
     """Wrap a megatron model in DDP and build the optimizer and warmup + cosine schedule of the recipe.
 
-    ``vocab`` describes the embedding rows; it goes into every checkpoint's ``model.json``. ``packed``: each
+    ``vocab`` describes the embedding rows and ``hf_config`` the HF model the run started from (see
+    :func:`base_hf_config`); both go into every checkpoint's ``model.json``. ``packed``: each
     micro-batch is one thd sequence of ``micro_batch_size`` rows (the schedule then sees batch 1).
 
     bf16 / fp8 runs hold every parameter in bf16, as Megatron-LM's ``Float16Module`` does: megatron's local-spec
@@ -109,7 +110,7 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab:
         wd_incr_steps=t.steps,
         wd_incr_style="constant",
     )
-    meta = checkpoint.CheckpointMeta(model=recipe.model, vocab=vocab)
+    meta = checkpoint.CheckpointMeta(model=recipe.model, vocab=vocab, hf_config=hf_config)
     seq, mbs = recipe.model.seq_length, t.micro_batch_size
     return Trainer(recipe, layout, ddp, optimizer, scheduler, meta, (seq * mbs, 1) if packed else (seq, mbs))
 
@@ -229,6 +230,14 @@ def check_same_model(model: ModelSection, found: ModelSection, where: Path) -> N
         same = math.isclose(ours[key], value, rel_tol=1e-6) if isinstance(value, float) else ours[key] == value
         if not same:
             raise CheckpointMismatch(f"model.{key}={ours[key]!r} but init.checkpoint={where} has {value!r}")
+
+
+def base_hf_config(recipe: Recipe, start: Optional[Path] = None) -> Optional[dict]:
+    """The HF ``config.json`` of the model a run starts from (``start``, else ``init.checkpoint``; None when it was
+    not converted from HF), carried into the run's checkpoints so an export serves as its base model did
+    (context length, bos / eos)."""
+    start = start or recipe.init.checkpoint
+    return checkpoint.read_meta(Path(start)).hf_config if start else None
 
 
 def initialize_from(recipe: Recipe, vocab: checkpoint.VocabRecord,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.training.checkpoint import VocabRecord
-from megatron_ext.training.loop import build_trainer, initialize_from, run_training
+from megatron_ext.training.loop import base_hf_config, build_trainer, initialize_from, run_training
 from megatron_ext.training.parallel import init_distributed
 from viq_mllm.data.text import TokenWindows, micro_batches, read_text_files, stdlib_docs_corpus
 from viq_mllm.recipe import Recipe
@@ -23,7 +23,7 @@ def train_text_lm(recipe: Recipe) -> list[dict]:
     vocab = VocabRecord(text_size=tokenizer.vocab_size, padded_size=padded_vocab_size(tokenizer.vocab_size),
                         text_fingerprint=tokenizer.fingerprint)
     initialize_from(recipe, vocab, lambda meta: model)  # e.g. a converted HF checkpoint
-    trainer = build_trainer(recipe, layout, model, vocab)
+    trainer = build_trainer(recipe, layout, model, vocab, hf_config=base_hf_config(recipe))
 
     def batches(step: int):
         return micro_batches(

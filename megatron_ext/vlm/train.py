@@ -9,6 +9,7 @@ both fingerprints.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from megatron_ext.data import prepared
 from megatron_ext.data.prepared import PreparedRows
 from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.training.checkpoint import VocabRecord
-from megatron_ext.training.loop import build_trainer, initialize_from, run_training
+from megatron_ext.training.loop import base_hf_config, build_trainer, initialize_from, run_training
 from megatron_ext.training.parallel import Layout, device, init_distributed
 from megatron_ext.vlm.from_hf import init_checkpoint
 from megatron_ext.vlm.model import (
@@ -38,6 +39,8 @@ from viq_mllm.recipe import ModelSection, ParallelSection, Recipe, TrainSection
 from viq_mllm.viq import ViQTokenizer
 from viq_mllm.viq.preprocess import preprocess
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
+
+log = logging.getLogger(__name__)
 
 
 def load_data(recipe: Recipe, tokenizer: MultimodalTokenizer, expected_viq: str) -> PackedDataset:
@@ -123,11 +126,10 @@ def train_vlm(recipe: Recipe) -> list[dict]:
     vocab = vocab_record(recipe, tokenizer)
     # a VLM checkpoint, or a GPT one (resize-vocab's output)
     initialize_from(recipe, vocab, lambda found: vlm if found.model.visual else vlm.gpt, start)
-    trainer = build_trainer(recipe, layout, vlm, vocab, packed=True)
-    if layout.rank == 0:
-        padding = [round(s.padding_fraction, 4) for s in dataset.sources]
-        print(f"packed {sum(len(s.rows) for s in dataset.sources)} rows of {m.seq_length} positions; "
-              f"padding fraction per source {padding}", flush=True)
+    trainer = build_trainer(recipe, layout, vlm, vocab, packed=True, hf_config=base_hf_config(recipe, start))
+    padding = [round(s.padding_fraction, 4) for s in dataset.sources]
+    log.info("packed %d rows of %d positions; padding fraction per source %s",
+             sum(len(s.rows) for s in dataset.sources), m.seq_length, padding)
 
     pixels = PixelSource(m.visual.viq, tokenizer.vocab) if m.visual.embedding == "continuous" else None
     batches = MicroBatchLoader(dataset, t.global_batch_size, t.micro_batch_size, layout.dp_rank, layout.dp_size,

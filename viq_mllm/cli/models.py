@@ -48,10 +48,9 @@ def _generate(args: argparse.Namespace) -> int:
     print(text)
     if args.output_ids:
         Path(args.output_ids).write_text(" ".join(map(str, ids)) + "\n")
-    if text.strip():
-        return 0
-    print(f"viq-mllm generate: {_why_nothing(args, ids)}", file=sys.stderr)
-    return 1
+    if not text.strip():
+        print(f"viq-mllm generate: warning: {_why_nothing(args, ids)}", file=sys.stderr)
+    return 0
 
 
 def _why_nothing(args: argparse.Namespace, ids: list[int]) -> str:
