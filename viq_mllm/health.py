@@ -26,10 +26,17 @@ class Health:
     """Counts skipped steps (``total``, resumed from a checkpoint's counters) and consecutive ones."""
 
     def __init__(self, max_consecutive: int, total: int = 0):
-        self.max_consecutive, self.total, self.consecutive = max_consecutive, total, 0
+        self.max_consecutive, self.total, self.consecutive, self.step = max_consecutive, total, 0, 0
+
+    @property
+    def suspect_step(self) -> int:
+        """During a run of skips, the step whose update left the parameters that go non-finite (skips change
+        nothing, so its checkpoint and any written since hold that state); otherwise the last step."""
+        return self.step - self.consecutive
 
     def record(self, step: int, applied: bool, detail: str) -> None:
         """Count step ``step`` (1-based); raise once the consecutive skips exceed the limit."""
+        self.step = step
         if applied:
             self.consecutive = 0
             return
@@ -39,5 +46,4 @@ class Health:
         if self.consecutive > self.max_consecutive:
             raise NonFiniteLossError(
                 f"step {step}: {detail}; {self.consecutive} consecutive steps were not finite "
-                f"(train.max_nan_skips={self.max_consecutive}); the run stops with its last checkpoint intact: lower "
-                "train.lr or raise train.warmup_steps")
+                f"(train.max_nan_skips={self.max_consecutive}); lower train.lr or raise train.warmup_steps")

@@ -137,18 +137,19 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, keep_last: int
         tmp = ckpt_root / "latest.tmp"
         tmp.write_text(path.name)
         tmp.replace(ckpt_root / "latest")
-        for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())[:-keep_last]:
+        for old in _steps(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return path
 
 
 def read_meta(path: Path) -> CheckpointMeta:
-    """A checkpoint's ``model.json``, after the cheap check that every file is there at its recorded size."""
+    """A checkpoint's ``model.json``, after the cheap check that every file is there at its recorded size (and
+    that ``model.json`` itself is intact)."""
     file = Path(path) / META_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no {META_FILE}; is this a checkpoint directory (checkpoints/step_XXXXXXXX)?")
-    artifact.verify(path, kind=KIND)
+    artifact.verify(path, kind=KIND, hashed=(META_FILE,))
     return CheckpointMeta.model_validate(json.loads(file.read_text()))
 
 
@@ -191,11 +192,45 @@ def latest(ckpt_root: Path) -> Optional[Path]:
     return path
 
 
+SUSPECT = ".nonfinite"
+
+
+def set_aside_from(ckpt_root: Path, step: int) -> str:
+    """Rename the checkpoints of ``step`` and later to ``step_XXXXXXXX.nonfinite`` (kept for inspection, never
+    resumed from) and point ``latest`` at the newest one before; returns what was done, for the run's error."""
+    suspect = [p for p in _steps(ckpt_root) if int(p.name[5:]) >= step]
+    if dist.get_rank() == 0:
+        for path in suspect:
+            shutil.rmtree(path.with_name(path.name + SUSPECT), ignore_errors=True)
+            path.rename(path.with_name(path.name + SUSPECT))
+        kept = _steps(ckpt_root)
+        if kept:
+            (ckpt_root / "latest.tmp").write_text(kept[-1].name)
+            (ckpt_root / "latest.tmp").replace(ckpt_root / "latest")
+        elif (ckpt_root / "latest").exists():
+            (ckpt_root / "latest").unlink()
+    dist.barrier()
+    kept = _steps(ckpt_root)
+    where = f"a rerun resumes from {kept[-1].name}" if kept else "no checkpoint before it: a rerun starts afresh"
+    moved = f"{', '.join(p.name for p in suspect)} hold the parameters that went non-finite: set aside as " \
+            f"*{SUSPECT}; " if suspect else ""
+    return moved + where
+
+
+def _steps(ckpt_root: Path) -> list[Path]:
+    """The published checkpoints under ``ckpt_root``, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+
+
 def remove_incomplete(ckpt_root: Path) -> None:
     """Delete what a run killed while saving left: staging folders, and step folders newer than ``latest``."""
     if dist.get_rank() == 0 and ckpt_root.is_dir():
         done = latest(ckpt_root)
         for path in ckpt_root.glob("step_*"):
+            if path.name.endswith(SUSPECT):
+                continue
             if path.name.endswith(artifact.PARTIAL) or done is None or path.name > done.name:
                 shutil.rmtree(path, ignore_errors=True)
     dist.barrier()

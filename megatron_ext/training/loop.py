@@ -32,7 +32,7 @@ from megatron_ext.patches import cpu_compat
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import Layout, device
 from viq_mllm.console import progress
-from viq_mllm.health import Health
+from viq_mllm.health import Health, NonFiniteLossError
 from viq_mllm.metrics import MetricsLog
 from viq_mllm.recipe import ModelSection, Recipe, dump_recipe
 
@@ -295,7 +295,11 @@ def run_training(
         finite = all(math.isfinite(v) for v in (loss, *extras.values()))
         applied, grad_norm = optimizer_step(trainer) if finite else (False, float("nan"))
         terms = f" ({extras})" if extras else ""
-        health.record(step + 1, applied, f"loss {loss}{terms}, gradient norm {grad_norm}")
+        try:
+            health.record(step + 1, applied, f"loss {loss}{terms}, gradient norm {grad_norm}")
+        except NonFiniteLossError as error:
+            set_aside = checkpoint.set_aside_from(ckpt_root, health.suspect_step)
+            raise NonFiniteLossError(f"{error}; {set_aside}") from None
         counters["nan_skips"] = health.total
         elapsed = time.perf_counter() - began
         row = {
@@ -320,7 +324,7 @@ def run_training(
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)  # redraws (postfix included) at the bar's interval, not every step
         every = recipe.checkpoint.every
-        if every and ((step + 1) % every == 0 or step + 1 == t.steps):
+        if every and applied and ((step + 1) % every == 0 or step + 1 == t.steps):
             checkpoint.save(
                 ckpt_root, step + 1, trainer.unwrapped, trainer.optimizer, trainer.scheduler,
                 recipe.checkpoint.keep_last, counters, trainer.meta,
