@@ -223,3 +223,21 @@ def test_extend_vocab_into_a_folder_of_other_tokenizers_is_refused(vlm_assets, t
     extend_vocab(vlm_assets["sp"], two_tokenizers[0], tmp_path / "vocab")
     with pytest.raises(artifact.StaleArtifact, match="made_from.viq_fingerprint"):
         extend_vocab(vlm_assets["sp"], two_tokenizers[1], tmp_path / "vocab")
+
+
+def test_generate_says_why_it_produced_nothing(tmp_path):
+    """A --prompt given to a model trained on captions: the reason names the task its run trained on."""
+    import argparse
+
+    import yaml
+
+    from viq_mllm.cli.models import _why_nothing
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "run" / "recipe.yaml").write_text(yaml.safe_dump({"data": {"task": "pretrain"}}))
+    asked = argparse.Namespace(checkpoint=str(ckpt), prompt="What is it?")
+    assert "trained with data.task=pretrain" in _why_nothing(asked, [])
+    assert "ended the text at its first token" in _why_nothing(asked, [])
+    bare = argparse.Namespace(checkpoint=str(ckpt), prompt="")
+    assert "3 ids that decode to blank text; nothing was generated" in _why_nothing(bare, [1, 2, 3])
