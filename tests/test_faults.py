@@ -241,3 +241,31 @@ def test_generate_says_why_it_produced_nothing(tmp_path):
     assert "ended the text at its first token" in _why_nothing(asked, [])
     bare = argparse.Namespace(checkpoint=str(ckpt), prompt="")
     assert "3 ids that decode to blank text; nothing was generated" in _why_nothing(bare, [1, 2, 3])
+
+
+def test_a_nan_gradient_with_a_finite_loss_changes_nothing(megatron_single):
+    """megatron's own step applied NaN gradients (its clip factor is NaN, a no-op). Poisoned after a finite forward
+    and backward, the update is skipped: parameters and LR schedule stay bit for bit; the same step unpoisoned
+    moves the parameters."""
+    import torch
+    from conftest import micro_batches, tiny_trainer
+
+    from megatron_ext.training.loop import forward_backward, optimizer_step
+
+    trainer = tiny_trainer(megatron_single)
+
+    def snapshot():
+        return [p.detach().clone() for p in trainer.model.parameters()], trainer.scheduler.num_steps
+
+    loss_sum, _, _, _ = forward_backward(trainer, iter(micro_batches(0)))
+    assert torch.isfinite(torch.tensor(loss_sum))
+    trainer.model.buffers[0].grad_data[0] = float("nan")
+    before = snapshot()
+    applied, norm = optimizer_step(trainer)
+    after = snapshot()
+    assert not applied and norm != norm
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])) and before[1] == after[1]
+    forward_backward(trainer, iter(micro_batches(0)))
+    applied, norm = optimizer_step(trainer)
+    assert applied and norm > 0 and trainer.scheduler.num_steps == before[1] + 1
+    assert any(not torch.equal(a, p) for a, p in zip(before[0], trainer.model.parameters()))

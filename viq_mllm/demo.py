@@ -19,6 +19,7 @@ Writes ``summary.json``, ``report.md`` and PNG plots into ``--out``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -33,9 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 VLM_MODEL = ["model.hidden_size=128", "model.ffn_hidden_size=344", "model.seq_length=256",
              "model.num_query_groups=2", "model.num_attention_heads=4", "model.num_layers=4"]
 
+log = logging.getLogger(__name__)
+
 
 def say(message: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    log.info("[demo %s] %s", time.strftime("%H:%M:%S"), message)
 
 
 def ensure_stamps() -> Path:

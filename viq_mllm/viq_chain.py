@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -26,9 +27,11 @@ HELD_OUT_PHOTOS = ["astronaut", "coffee", "chelsea", "grace_hopper"]
 TRAIN_PHOTOS = ["rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
 STAGES = ["stage1", "stage2_proximal", "stage2_fsq", "decoder"]
 
+log = logging.getLogger(__name__)
+
 
 def say(message: str) -> None:
-    print(f"[viq-chain {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    log.info("[viq-chain %s] %s", time.strftime("%H:%M:%S"), message)
 
 
 def prepare_data(out: Path) -> dict:

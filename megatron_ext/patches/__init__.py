@@ -25,8 +25,8 @@ for speed (docs/benchmarks.md), except ``cpu_compat``, which exists for correctn
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 
 import torch
 
@@ -38,6 +38,7 @@ OPTIONAL = ("apex_free", "one_rank_regions", "plain_linear", "cross_entropy")
 _INSTALLERS = {"apex_free": apex_free.install, "one_rank_regions": one_rank_regions.install,
                "plain_linear": plain_linear.install}
 _installed: list[str] | None = None
+log = logging.getLogger(__name__)
 
 
 def enabled(name: str) -> bool:
@@ -57,7 +58,7 @@ def enabled(name: str) -> bool:
 
 def install() -> list[str]:
     """Apply the patches active on this device, once per process (after the process group exists, before any
-    model is built); returns their names, and rank 0 prints them once to stderr."""
+    model is built); returns their names, and logs them once (rank 0's log)."""
     global _installed
     if _installed is None:
         _installed = ["cpu_compat"] if cpu_compat.install() else []
@@ -66,10 +67,8 @@ def install() -> list[str]:
                 if name in _INSTALLERS:
                     _INSTALLERS[name]()
                 _installed.append(name)
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            print(f"megatron-core patches: {', '.join(_installed) or 'none'} "
-                  f"({'CPU' if not torch.cuda.is_available() else 'GPU, ' + GPU_OPT_IN + ' to opt in'})",
-                  file=sys.stderr)
+        log.info("megatron-core patches: %s (%s)", ", ".join(_installed) or "none",
+                 "CPU" if not torch.cuda.is_available() else f"GPU, {GPU_OPT_IN} to opt in")
     return list(_installed)
 
 

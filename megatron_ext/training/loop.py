@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, clip_grads, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -193,17 +193,28 @@ def forward_backward(trainer: Trainer, batches: Iterator[dict], forward_step: Ca
 def optimizer_step(trainer: Trainer) -> tuple[bool, float]:
     """Clip, update, advance the LR schedule; returns (applied, gradient norm before clipping).
 
-    A non-finite gradient norm skips the update: megatron's ``step`` would clip by a NaN factor (a no-op) and apply
-    the NaN gradients. The norm is megatron's own (``get_grad_norm``: over every model-parallel rank, so every rank
-    decides alike); a skip leaves parameters, optimizer state and LR schedule as they were, as megatron's own skip on
-    ``found_inf`` (loss-scaled fp16) does, which ``step`` still performs."""
-    grad_norm = float(cpu_compat.native(trainer.optimizer.get_grad_norm)())
+    megatron's ``ChainedOptimizer.step`` with one addition: a non-finite gradient norm skips the update. Its own
+    ``step`` skips only on ``found_inf``, which a loss scaler (fp16) alone raises; in bf16 / fp32 it clips by a NaN
+    factor, a no-op, and applies the NaN gradients. The same calls in the same order (``prepare_grads``, the global
+    norm, ``clip_grad_by_total_norm_fp32``, ``step_with_ready_grads``), so the norm is computed once and every rank
+    decides alike (it is reduced over the model-parallel ranks); a skip changes no parameter, optimizer state or
+    LR schedule, as megatron's skip on ``found_inf`` does."""
+    optimizer = trainer.optimizer
+    if cpu_compat.native(optimizer.prepare_grads)():  # found_inf: megatron's own skip (loss-scaled fp16)
+        return False, float("nan")
+    grad_norm = float(cpu_compat.native(optimizer.get_grad_norm)())
     if not math.isfinite(grad_norm):
         return False, grad_norm
-    applied, _, _ = cpu_compat.native(trainer.optimizer.step)()  # only clip_grads needs the mode (cpu_compat)
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(part, "is_stub_optimizer", False) else part.get_parameters()
+        if params and part.config.clip_grad > 0.0:  # clip_grads runs in cpu_compat's mode wherever it is called
+            clip_grads.clip_grad_by_total_norm_fp32(
+                params, max_norm=part.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    applied = bool(cpu_compat.native(optimizer.step_with_ready_grads)())
     if applied:
         trainer.scheduler.step(increment=1)
-    return bool(applied), grad_norm
+    return applied, grad_norm
 
 
 class CheckpointMismatch(ValueError):

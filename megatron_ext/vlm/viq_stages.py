@@ -14,6 +14,7 @@ The decoder stage has no language model and runs :func:`viq_mllm.viq.train.decod
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +40,8 @@ from viq_mllm.viq.train.stage_io import evaluate_stage, held_out_images, load_ad
 from viq_mllm.viq.train.stages import trainable
 from viq_mllm.viq.train.teachers import build_teacher
 from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class LanguageModelMismatch(ValueError):
@@ -180,10 +183,9 @@ def train_viq_stage(recipe: Recipe) -> list[dict]:
         checkpoint.load_model(Path(recipe.init.checkpoint), vlm.gpt)
     vlm.gpt.requires_grad_(v.train_lm)
     trainer = build_trainer(recipe, layout, vlm, vocab, packed=True)
-    if layout.rank == 0:
-        print(f"viq {v.stage}: {len(data.documents)} captioned images in {sum(len(s.rows) for s in sources)} rows "
-              f"({len(data.skipped)} skipped); {'carried over: ' + handoff.summary() if handoff else 'fresh tokenizer'}"
-              f"; adapters from init.from: {loaded_adapters or 'none'}", flush=True)
+    log.info("viq %s: %d captioned images in %d rows (%d skipped); %s; adapters from init.from: %s", v.stage,
+             len(data.documents), sum(len(s.rows) for s in sources), len(data.skipped),
+             "carried over: " + handoff.summary() if handoff else "fresh tokenizer", loaded_adapters or "none")
 
     pool = image_pool(recipe, data, cfg) if v.text_every > 1 else []
 

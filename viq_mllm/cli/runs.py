@@ -41,6 +41,7 @@ BENCHMARKS = {
     "speedup": "megatron_ext.bench.speedup",
     "train": "megatron_ext.bench.train",
     "packing": "megatron_ext.bench.packing",
+    "health": "megatron_ext.bench.health",
     "data": "megatron_ext.bench.data",
     "tokenize": "viq_mllm.bench.tokenize",
     "encode": "viq_mllm.bench.encode",
