@@ -48,7 +48,7 @@ def test_a_bf16_vlm_holds_every_parameter_in_bf16_and_takes_fp32_pixels(monkeypa
 def test_a_bf16_teacher_takes_fp32_pixels():
     """The tokenizer stages' teachers sit inside the trained model, so a bf16 run casts them too; pixels stay fp32
     (they are also the reconstruction target)."""
-    from viq_mllm.viq.train.teachers import EfficientNetTeacher
+    from viq_mllm.viq_training.teachers import EfficientNetTeacher
 
     teacher = EfficientNetTeacher(resolution=64)
     pixels = [torch.rand(3, 48, 80) * 2 - 1, torch.rand(3, 64, 64) * 2 - 1]

@@ -79,7 +79,7 @@ def test_caption_eval_and_generation_see_the_documents_training_saw(vlm_assets, 
     from megatron_ext.training.parallel import shutdown
     from megatron_ext.vlm.inference import caption_losses, load_for_inference
     from megatron_ext.vlm.model import packed_params
-    from megatron_ext.vlm.train import PixelSource
+    from megatron_ext.vlm.build import PixelSource
     from viq_mllm.data.multimodal import sample_document
     from viq_mllm.data.packing import collate, pack
     from viq_mllm.data.shards import CodeShards

@@ -76,7 +76,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import megatron_ext.training.loop as training
     from viq_mllm.health import NonFiniteLossError
-    from megatron_ext.training.jobs import run_recipe
+    from megatron_ext.jobs.run import run_recipe
     from viq_mllm.recipe import load_recipe
 
     bad_steps, overrides = set(json.loads(sys.argv[1])), sys.argv[2:]

@@ -7,7 +7,7 @@ import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from viq_mllm.recipe import TrainSection
-from viq_mllm.viq.train.loop import adamw, train_steps, warmup_cosine
+from viq_mllm.viq_training.loop import adamw, train_steps, warmup_cosine
 
 
 def megatrons_lrs(t: TrainSection) -> list[float]:

@@ -9,7 +9,7 @@ import torch
 from conftest import QUIET, ROOT, TINY, viq_mllm
 
 from viq_mllm.viq import ViQTokenizer
-from viq_mllm.viq.train.stages import HandoffError, carry_over, tokenizer_for_stage
+from viq_mllm.viq_training.stages import HandoffError, carry_over, tokenizer_for_stage
 
 FSQ_ONLY = ("head.rope_blocks.", "head.project_in.", "head.embedder.project_out.")
 
@@ -46,7 +46,7 @@ def test_same_quantizer_handoff_is_strict_and_other_architectures_are_refused():
 
 
 def test_perceptual_distance_is_zero_for_identical_images_and_grows_with_the_distortion():
-    from viq_mllm.viq.train.teachers import PerceptualDistance
+    from viq_mllm.viq_training.teachers import PerceptualDistance
 
     torch.manual_seed(0)
     distance = PerceptualDistance()

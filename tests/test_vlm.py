@@ -9,7 +9,7 @@ STEPS = ["train.steps=6", "train.warmup_steps=2", "checkpoint.every=0"]
 
 def test_document_logits_inside_a_packed_row_equal_alone(vlm_assets, megatron_single):
     from megatron_ext.vlm.model import packed_params
-    from megatron_ext.vlm.train import build_vlm
+    from megatron_ext.vlm.build import build_vlm
     from viq_mllm.data.multimodal import documents_from_shards
     from viq_mllm.data.packing import collate, pack
     from viq_mllm.data.shards import CodeShards

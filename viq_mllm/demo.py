@@ -68,7 +68,7 @@ def viq_mllm(*args: str) -> None:
 
 def train_tokenizer(out: Path, train: list[tuple[Path, str]], held: list[tuple[Path, str]], steps: int) -> dict:
     from viq_mllm.viq import ViQTokenizer
-    from viq_mllm.viq.train.reconstruction import evaluate_reconstruction, plot_reconstructions, train_reconstruction
+    from viq_mllm.viq_training.reconstruction import evaluate_reconstruction, plot_reconstructions, train_reconstruction
 
     model = ViQTokenizer.from_config("tiny", preset="16k", seed=0)
     items = model.preprocess([p for p, _ in train])

@@ -40,7 +40,6 @@ import gc
 import hashlib
 import os
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 

@@ -1,1 +1,1 @@
-"""Running a job: process groups, the megatron-core training loop, checkpoints, and the text-LM run kind."""
+"""Running a job: process groups, the megatron-core training loop, checkpoints, with no run kind in it (those are ``megatron_ext.jobs``)."""

@@ -1,1 +1,1 @@
-"""The VLM: discrete and continuous visual embeddings around the GPT, its run kinds (VLM pretrain / SFT, the ViQ tokenizer stages) and inference (held-out losses, generation)."""
+"""The VLM: discrete and continuous visual embeddings around the GPT, built from a recipe (``build.py``), and inference (held-out losses, generation)."""

@@ -19,7 +19,7 @@ from megatron_ext.model.gpt import gpt_from_checkpoint
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import Layout, device, init_distributed
 from megatron_ext.vlm.model import VisionLanguageModel, packed_params
-from megatron_ext.vlm.train import PixelSource, build_vlm
+from megatron_ext.vlm.build import PixelSource, build_vlm
 from viq_mllm.data.layout import Document, caption_document
 from viq_mllm.data.multimodal import caption_text
 from viq_mllm.data.packing import collate, pack

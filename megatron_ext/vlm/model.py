@@ -67,7 +67,7 @@ class ContinuousVisualEmbedding(nn.Module):
     visual path of the ViQ tokenizer stages.
 
     ``encoder(pixels, grids) -> (features [T, C], cu_seqlens)``: the ViQ tokenizer's ViT (the baseline) or a
-    :class:`viq_mllm.viq.train.objectives.StageModel`. ``trained=False`` runs it forward-only (frozen); ``True``
+    :class:`viq_mllm.viq_training.objectives.StageModel`. ``trained=False`` runs it forward-only (frozen); ``True``
     trains it (the parameters it marks trainable). ``markers=False``: one vector per 2x2 window, in the window
     order of the discrete layout (markers are special text tokens); ``True``: the projector also writes the
     learned begin / row-end / end vectors, filling a ``SequenceBuilder.projected_image`` block.

@@ -23,7 +23,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from megatron_ext.convert.vlm_hf import export_hf
+    from megatron_ext.jobs.export_hf import export_hf
 
     record = export_hf(args.checkpoint, args.out)
     kind = "a stock causal LM (input_ids)" if record["group"] == 1 else "a stock causal LM + viq_mllm.hf.inputs_embeds"

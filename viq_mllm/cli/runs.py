@@ -16,7 +16,7 @@ def _train(args: argparse.Namespace) -> int:
     status = relaunched(args)
     if status is not None:
         return status
-    from megatron_ext.training.jobs import run_recipe
+    from megatron_ext.jobs.run import run_recipe
 
     run_recipe(recipe)
     return 0

@@ -129,7 +129,7 @@ class InitSection(_Section):
 
 
 class ViQSection(_Section):
-    """A ViQ tokenizer training stage (``kind: viq``; ``viq_mllm/viq/train/stages.py`` has the stage table).
+    """A ViQ tokenizer training stage (``kind: viq``; ``viq_mllm/viq_training/stages.py`` has the stage table).
 
     A fresh tokenizer (no ``init.from`` / ``init.viq``) has ``architecture`` and ``preset``. The loss is
     ``loss_text + distill_weight * loss_distill + rec_weight * loss_rec`` (the decoder stage:

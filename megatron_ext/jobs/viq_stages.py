@@ -2,14 +2,14 @@
 
 Stages 1, 2-1 and 2-2 are continuous VLM training with extra losses, on the continuous baseline's model:
 :class:`~megatron_ext.vlm.model.VisionLanguageModel` whose visual path is a
-:class:`~megatron_ext.vlm.model.ContinuousVisualEmbedding` around a :class:`~viq_mllm.viq.train.objectives.StageModel`
+:class:`~megatron_ext.vlm.model.ContinuousVisualEmbedding` around a :class:`~viq_mllm.viq_training.objectives.StageModel`
 (pixels -> ViT -> [head] -> projector, plus distillation / reconstruction terms). The loss of a micro-batch is
 ``caption loss sum + count * (distill_weight * loss_distill + rec_weight * loss_rec)``, so after megatron's
 per-token normalisation the objective is ``loss_text + weighted auxiliary terms``. The same megatron loop as
 every other run (DDP, optimizer, warmup + cosine, NaN skip, checkpoints with automatic resume).
 With ``viq.text_every > 1`` the steps between caption steps are image-only: the stage model alone on
 ``viq.images_per_step`` images, the weighted terms as the loss, no language model.
-The decoder stage has no language model and runs :func:`viq_mllm.viq.train.decoder_stage.train_decoder_stage`.
+The decoder stage has no language model and runs :func:`viq_mllm.viq_training.decoder_stage.train_decoder_stage`.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from viq_mllm.data.packing import pack
 from viq_mllm.recipe import Recipe
 from viq_mllm.viq.config import ViQConfig
 from viq_mllm.viq.preprocess import Preprocessed
-from viq_mllm.viq.train.objectives import StageModel
-from viq_mllm.viq.train.stage_io import evaluate_stage, held_out_images, load_adapters, save_stage, starting_tokenizer
-from viq_mllm.viq.train.stages import trainable
-from viq_mllm.viq.train.teachers import build_teacher
+from viq_mllm.viq_training.objectives import StageModel
+from viq_mllm.viq_training.stage_io import evaluate_stage, held_out_images, load_adapters, save_stage, starting_tokenizer
+from viq_mllm.viq_training.stages import trainable
+from viq_mllm.viq_training.teachers import build_teacher
 from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def image_micro_batches(images: list[Preprocessed], recipe: Recipe, layout: Layo
 def train_viq_stage(recipe: Recipe) -> list[dict]:
     v, t, p = recipe.viq, recipe.train, recipe.parallel
     if v.stage == "decoder":
-        from viq_mllm.viq.train.decoder_stage import train_decoder_stage
+        from viq_mllm.viq_training.decoder_stage import train_decoder_stage
 
         return train_decoder_stage(recipe)
     layout = init_distributed(p.tp, p.pp, t.seed)

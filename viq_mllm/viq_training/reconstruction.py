@@ -23,7 +23,7 @@ from torch import nn
 from viq_mllm.recipe import TrainSection
 from viq_mllm.viq.preprocess import Preprocessed
 from viq_mllm.viq.tokenizer import ViQTokenizer
-from viq_mllm.viq.train.loop import adamw, train_steps
+from viq_mllm.viq_training.loop import adamw, train_steps
 
 
 def reconstruct(model: ViQTokenizer, items: list[Preprocessed]) -> list[torch.Tensor]:
@@ -66,7 +66,7 @@ def train_reconstruction(model: ViQTokenizer, items: list[Preprocessed], steps: 
                          lr: float = 2e-3, seed: int = 0,
                          on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
     """Every parameter on pixel MSE, ``batch`` images a step drawn with ``seed``: AdamW, 5% warmup then cosine to
-    0 (:mod:`viq_mllm.viq.train.loop`); returns the per-step losses. The model is left in eval mode."""
+    0 (:mod:`viq_mllm.viq_training.loop`); returns the per-step losses. The model is left in eval mode."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     t = TrainSection(steps=steps, lr=lr, min_lr=0.0, warmup_steps=max(1, steps // 20), weight_decay=0.01,

@@ -23,7 +23,7 @@ from viq_mllm.recipe import Recipe
 from viq_mllm.viq.config import config_for
 from viq_mllm.viq.preprocess import Preprocessed
 from viq_mllm.viq.tokenizer import ViQTokenizer
-from viq_mllm.viq.train.stages import Handoff, tokenizer_for_stage
+from viq_mllm.viq_training.stages import Handoff, tokenizer_for_stage
 
 ADAPTERS_FILE = "adapters.safetensors"
 
@@ -72,7 +72,7 @@ def save_stage(run_dir: Path, tokenizer: ViQTokenizer, adapters: dict[str, Optio
 
 def evaluate_stage(run_dir: Path, tokenizer: ViQTokenizer, images: list[Preprocessed], extra: dict) -> dict:
     """Held-out reconstruction numbers into ``eval.json`` and the originals-vs-reconstructions ``eval.png``."""
-    from viq_mllm.viq.train.reconstruction import evaluate_reconstruction, plot_reconstructions
+    from viq_mllm.viq_training.reconstruction import evaluate_reconstruction, plot_reconstructions
 
     result = {**extra}
     if images:

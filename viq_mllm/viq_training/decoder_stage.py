@@ -3,7 +3,7 @@
 Loss ``loss_rec + perceptual_weight * loss_perceptual`` (pixel MSE and an EfficientNet-Lite0 feature distance,
 ``teachers.PerceptualDistance``); only ``tokenizer.decoder`` trains. The release has no adversarial term in
 any stage and neither do we. Each step draws ``train.global_batch_size`` images as a pure function of
-``(seed, step)``; AdamW with megatron's warmup + cosine schedule (:mod:`viq_mllm.viq.train.loop`). Resumable: checkpoints
+``(seed, step)``; AdamW with megatron's warmup + cosine schedule (:mod:`viq_mllm.viq_training.loop`). Resumable: checkpoints
 (decoder weights, optimizer state, step) under ``RUN_DIR/checkpoints/step_XXXXXXXX``, each an artifact whose
 checksums are verified before it is loaded with ``weights_only=True``.
 """
@@ -22,11 +22,11 @@ from viq_mllm.metrics import MetricsLog
 from viq_mllm.recipe import Recipe, dump_recipe
 from viq_mllm.viq.preprocess import Preprocessed
 from viq_mllm.viq.tokenizer import ViQTokenizer
-from viq_mllm.viq.train.loop import adamw, train_steps
-from viq_mllm.viq.train.reconstruction import reconstruction_terms
-from viq_mllm.viq.train.stage_io import evaluate_stage, held_out_images, save_stage, starting_tokenizer
-from viq_mllm.viq.train.stages import trainable
-from viq_mllm.viq.train.teachers import PerceptualDistance
+from viq_mllm.viq_training.loop import adamw, train_steps
+from viq_mllm.viq_training.reconstruction import reconstruction_terms
+from viq_mllm.viq_training.stage_io import evaluate_stage, held_out_images, save_stage, starting_tokenizer
+from viq_mllm.viq_training.stages import trainable
+from viq_mllm.viq_training.teachers import PerceptualDistance
 
 log = logging.getLogger(__name__)
 

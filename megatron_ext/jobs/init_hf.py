@@ -47,7 +47,7 @@ def init_checkpoint(recipe: Recipe, layout: Layout) -> Path:
     group = recipe.model.visual.group
     spec = _spec(source_record(Path(recipe.init.hf), Path(recipe.model.visual.viq), group))
     if layout.rank == 0 and artifact.check_reuse(target, spec, overwrite=True) is None:
-        command = [sys.executable, "-m", "megatron_ext.vlm.from_hf", recipe.init.hf, recipe.data.vocab,
+        command = [sys.executable, "-m", "megatron_ext.jobs.init_hf", recipe.init.hf, recipe.data.vocab,
                    recipe.model.visual.viq, str(target), str(group)]
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
         if subprocess.run(command, env=env).returncode != 0:
