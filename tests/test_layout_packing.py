@@ -173,3 +173,21 @@ def test_blending_follows_the_weights_and_is_a_function_of_the_position():
     again = PackedDataset([a, b], seed=5)
     assert all(again.row_at(p) is drawn[p] for p in (0, 17, 3999))
     assert [PackedDataset([a, b], seed=6).row_at(p) is drawn[p] for p in range(50)].count(False) > 5
+
+
+def test_aligned_packing_pads_each_document_inside_its_segment():
+    """The module's example: documents of 5, 4 and 3 at align 4 take 8, 4 and 4 positions."""
+    import torch
+
+    from viq_mllm.data.layout import Document
+
+    docs = [Document(torch.arange(1, n + 1), torch.zeros(n, dtype=torch.bool), torch.zeros(0, 16, dtype=torch.long),
+                     torch.cat([torch.ones(n - 1), torch.zeros(1)])) for n in (5, 4, 3)]
+    rows = pack(docs, 8, align=4)
+    assert [[len(d) for d in r.documents] for r in rows] == [[5], [4, 3]]
+    batch = collate(rows)
+    assert batch["cu_seqlens"].tolist() == [0, 8, 12, 16] and int(batch["real_tokens"]) == 12
+    assert batch["position_ids"][0, :8].tolist() == list(range(8))  # the padding continues the document
+    assert batch["loss_mask"][0, 5:8].sum() == 0 and batch["loss_mask"][0, 15] == 0
+    with pytest.raises(ValueError, match="not a multiple of the packing alignment 16"):
+        pack(docs, 24, align=16)

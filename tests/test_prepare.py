@@ -27,12 +27,12 @@ def digests(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-@pytest.mark.parametrize("group, one_per_row, seq", [(16, False, SEQ), (1, True, 1024)])
-def test_prepared_rows_equal_the_in_memory_rows(vlm_assets, tmp_path, group, one_per_row, seq):
+@pytest.mark.parametrize("group, one_per_row, seq, align", [(16, False, SEQ, 1), (1, True, 1024, 1), (16, False, SEQ, 16)])
+def test_prepared_rows_equal_the_in_memory_rows(vlm_assets, tmp_path, group, one_per_row, seq, align):
     tokenizer = MultimodalTokenizer.from_dir(vlm_assets["vocab"])
     docs = documents_from_shards(CodeShards(vlm_assets["shards"]), tokenizer, "pretrain", group)
-    expected = pack(docs, seq, one_per_row=one_per_row)
-    run_prepare(vlm_assets, tmp_path / "p", seq, group=group, pack=not one_per_row)
+    expected = pack(docs, seq, one_per_row=one_per_row, align=align)
+    run_prepare(vlm_assets, tmp_path / "p", seq, group=group, pack=not one_per_row, pack_align=align)
     rows = PreparedRows(tmp_path / "p")
     assert len(rows) == len(expected)
     for ours, theirs in zip(rows, expected):
@@ -44,7 +44,7 @@ def test_prepared_rows_equal_the_in_memory_rows(vlm_assets, tmp_path, group, one
     for key, value in collate(list(rows)).items():
         reference = collate(expected)[key]
         assert value == reference if key == "images" else torch.equal(value, reference), key
-    assert rows.padding_fraction == pytest.approx(1 - sum(r.used for r in expected) / (len(expected) * seq))
+    assert rows.padding_fraction == pytest.approx(1 - sum(r.real for r in expected) / (len(expected) * seq))
 
 
 def test_reruns_and_an_interrupted_run_give_byte_identical_files(vlm_assets, tmp_path, monkeypatch):

@@ -36,6 +36,46 @@ def test_document_logits_inside_a_packed_row_equal_alone(vlm_assets, megatron_si
     assert (leaky[len(rows[0].documents[0]) :] - packed[len(rows[0].documents[0]) :]).abs().max() > 1e-3
 
 
+def test_aligned_packing_gives_every_document_the_losses_of_the_unaligned_packing(vlm_assets, megatron_single):
+    """data.pack_align=16 (FP8's multiple) on the same documents: other rows, other offsets, padding inside each
+    document's segment; every document's per-token losses equal the unaligned packing's (fp32; 1e-5: the same
+    arithmetic per segment, summed in another order), and the padding is never a target."""
+    import torch.nn.functional as F
+
+    from megatron_ext.vlm.build import build_vlm
+    from megatron_ext.vlm.model import packed_params
+    from viq_mllm.data.multimodal import documents_from_shards
+    from viq_mllm.data.packing import aligned, collate, pack
+    from viq_mllm.data.shards import CodeShards
+    from viq_mllm.recipe import load_recipe
+    from viq_mllm.vocab.tokenizer import MultimodalTokenizer
+
+    recipe = load_recipe(VLM, vlm_overrides(vlm_assets))
+    tokenizer = MultimodalTokenizer.from_dir(vlm_assets["vocab"])
+    docs = documents_from_shards(CodeShards(vlm_assets["shards"]), tokenizer, "pretrain", 16)[:12]
+    model = build_vlm(recipe.model, recipe.parallel, recipe.train, tokenizer, megatron_single).eval()
+
+    def per_document_losses(align: int) -> dict[int, torch.Tensor]:
+        rows = pack(docs, 256, align=align)
+        batch = collate(rows)
+        with torch.no_grad():
+            logits = model(batch, packed_params(batch), labels=False)[0].float()
+        losses, offset = {}, 0
+        for row in rows:
+            for doc in row.documents:
+                token_losses = F.cross_entropy(logits[offset:offset + len(doc)], doc.labels, reduction="none")
+                losses[next(i for i, d in enumerate(docs) if d is doc)] = token_losses * doc.loss_mask
+                offset += aligned(len(doc), align)
+            offset += row.seq_length - row.used
+        assert batch["loss_mask"].sum() == sum(float(d.loss_mask.sum()) for d in docs)
+        return losses
+
+    plain, padded = per_document_losses(1), per_document_losses(16)
+    assert any(len(d) % 16 for d in docs) and sorted(plain) == sorted(padded) == list(range(len(docs)))
+    for index in plain:
+        torch.testing.assert_close(padded[index], plain[index], rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def single(vlm_assets, tmp_path_factory):
     return train_vlm_cli(tmp_path_factory.mktemp("single") / "run", vlm_assets, *STEPS)

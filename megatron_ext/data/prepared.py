@@ -68,11 +68,12 @@ class PreparedMismatch(ValueError):
 
 
 def spec_of(shards: CodeShards, tokenizer: MultimodalTokenizer, task: str, seq_length: int, group: int,
-            truncate: bool, pack: bool) -> artifact.Spec:
+            truncate: bool, pack: bool, pack_align: int = 1) -> artifact.Spec:
     """Everything the prepared files depend on: the artifact's identity."""
     made_from = {"shards": hashlib.sha256("".join(shards.checksums).encode()).hexdigest()[:16],
                  "viq_fingerprint": shards.fingerprint, "vocab_fingerprint": tokenizer.vocab.fingerprint}
     options = {"task": task, "seq_length": seq_length, "group": group, "truncate": truncate, "pack": pack,
+               "pack_align": pack_align,
                "id_dtype": np.dtype(_id_dtype(tokenizer.vocab.size)).name}
     return artifact.Spec(KIND, FORMAT, made_from, options)
 
@@ -92,12 +93,14 @@ def check_chain(shards: CodeShards, tokenizer: MultimodalTokenizer) -> None:
 
 def prepare(shards_dir: str | Path, vocab_dir: str | Path, out: str | Path, task: str, seq_length: int,
             group: int = 16, truncate: bool = False, pack: bool = True, rank: int = 0, world: int = 1,
-            show_progress: bool = True, overwrite: bool = False) -> dict:
+            show_progress: bool = True, overwrite: bool = False, pack_align: int = 1) -> dict:
     """Prepare ``shards_dir`` into ``out`` (see the module); returns the summary (rank 0; ``{}`` on the others).
     ``out`` made from the same inputs is reused; from others, refused (or redone with ``overwrite``)."""
     shards, tokenizer, out = CodeShards(shards_dir), MultimodalTokenizer.from_dir(vocab_dir), Path(out)
     check_chain(shards, tokenizer)
-    spec = spec_of(shards, tokenizer, task, seq_length, group, truncate, pack)
+    if seq_length % pack_align:
+        raise ValueError(f"--seq-length {seq_length} is not a multiple of --pack-align {pack_align}")
+    spec = spec_of(shards, tokenizer, task, seq_length, group, truncate, pack, pack_align)
     found = artifact.check_reuse(out, spec, overwrite, hint=" (or pass --overwrite to redo it)")
     if found is not None:
         return found["summary"]
@@ -111,7 +114,7 @@ def prepare(shards_dir: str | Path, vocab_dir: str | Path, out: str | Path, task
     if rank != 0:
         return {}
     job.gather()
-    return _finish(job, len(shards.shards), seq_length, pack, _dtypes(tokenizer.vocab.size))
+    return _finish(job, len(shards.shards), seq_length, pack, pack_align, _dtypes(tokenizer.vocab.size))
 
 
 def _part_prefix(job: artifact.ShardedJob, shard: int) -> Path:
@@ -160,7 +163,8 @@ def _locators(images: list) -> str:
     return "".join(f"{path or ''}\n" for path in images)
 
 
-def _finish(job: artifact.ShardedJob, count: int, seq_length: int, pack: bool, dtypes: dict[str, type]) -> dict:
+def _finish(job: artifact.ShardedJob, count: int, seq_length: int, pack: bool, align: int,
+            dtypes: dict[str, type]) -> dict:
     """Merge the parts, pack once, drop the parts, publish."""
     out, parts = job.path, job.path / PARTS
     gc.freeze()  # megatron's add_index runs gc.collect() per part: seconds each over a process holding torch
@@ -175,7 +179,7 @@ def _finish(job: artifact.ShardedJob, count: int, seq_length: int, pack: bool, d
     tokens = IndexedDataset(str(out / "tokens"))
     lengths = np.array(tokens.sequence_lengths, dtype=np.int64)  # a copy: the index is unmapped with ``tokens``
     del tokens
-    rows = row_documents(lengths.tolist(), seq_length, one_per_row=not pack)
+    rows = row_documents(lengths.tolist(), seq_length, one_per_row=not pack, align=align)
     np.save(out / "rows.npy", np.array([d for row in rows for d in row], dtype=np.int64))
     np.save(out / "row_offsets.npy", np.cumsum([0] + [len(row) for row in rows], dtype=np.int64))
     shutil.rmtree(parts)
@@ -203,7 +207,8 @@ class PreparedRows(Sequence):
             raise ValueError(f"{self.directory}: prepared data of format {manifest['schema']}, this version reads "
                              f"format {FORMAT}; run `viq-mllm prepare` again into a new folder")
         self.inputs = {**manifest["made_from"], **manifest["options"]}
-        self.seq_length, self.group = self.inputs["seq_length"], self.inputs["group"]
+        self.seq_length, self.group, self.align = (self.inputs["seq_length"], self.inputs["group"],
+                                                   self.inputs["pack_align"])
         self.padding_fraction = manifest["summary"]["padding_fraction"]
         self._fields = {f: _open(self.directory / f) for f in FIELDS}
         self._rows = np.load(self.directory / "rows.npy", mmap_mode="r")
@@ -221,7 +226,7 @@ class PreparedRows(Sequence):
 
     def __getitem__(self, index: int) -> Row:
         first, last = int(self._offsets[index]), int(self._offsets[index + 1])
-        return Row([self._document(int(d)) for d in self._rows[first:last]], self.seq_length)
+        return Row([self._document(int(d)) for d in self._rows[first:last]], self.seq_length, self.align)
 
     def _document(self, index: int) -> Document:
         field = {name: dataset[index] for name, dataset in self._fields.items()}

@@ -39,11 +39,11 @@ def load_data(recipe: Recipe, tokenizer: MultimodalTokenizer, expected_viq: str)
             rows = PreparedRows(source.path)
             rows.check(viq_fingerprint=expected_viq, vocab_fingerprint=tokenizer.vocab.fingerprint, task=data.task,
                        seq_length=model.seq_length, group=model.visual.group, truncate=data.truncate,
-                       pack=data.pack)
+                       pack=data.pack, pack_align=data.pack_align)
         else:
             shards = CodeShards(source.path, expected_fingerprint=expected_viq)
             docs = documents_from_shards(shards, tokenizer, data.task, model.visual.group)
-            rows = pack(docs, model.seq_length, data.truncate, one_per_row=not data.pack)
+            rows = pack(docs, model.seq_length, data.truncate, one_per_row=not data.pack, align=data.pack_align)
         sources.append(PackedSource(rows, source.weight))
     return PackedDataset(sources, recipe.train.seed)
 

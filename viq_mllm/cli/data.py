@@ -26,7 +26,7 @@ def _prepare(args: argparse.Namespace, rank: int, world: int) -> int:
     from megatron_ext.data.prepared import prepare
 
     record = prepare(args.shards, args.vocab, args.out, args.task, args.seq_length, args.group, args.truncate,
-                     not args.one_per_row, rank=rank, world=world, overwrite=args.overwrite)
+                     not args.one_per_row, rank=rank, world=world, overwrite=args.overwrite, pack_align=args.pack_align)
     if rank == 0:
         print(f"wrote {args.out}: {record['documents']} documents in {record['rows']} rows of {args.seq_length} "
               f"(padding {record['padding_fraction']:.1%})")
@@ -127,6 +127,9 @@ def add_prepare(sub) -> None:
     prep.add_argument("--group", type=int, choices=[1, 4, 16], default=16, help="model.visual.group")
     prep.add_argument("--truncate", action="store_true", help="cut documents longer than a row (data.truncate)")
     prep.add_argument("--one-per-row", action="store_true", help="no packing: one document per row (data.pack)")
+    prep.add_argument("--pack-align", type=int, default=1,
+                      help="pad each document to a multiple of this (data.pack_align: 16 for FP8, TP for sequence "
+                      "parallelism)")
     prep.add_argument("--nproc", type=int, default=0, help="launch N processes (torchrun); shards split by rank")
     prep.add_argument("--overwrite", action="store_true",
                       help="redo an --out made from other inputs or options (default: refuse, naming the difference)")

@@ -75,7 +75,7 @@ class PackedSource:
         if known is not None:
             return known
         total = sum(r.seq_length for r in self.rows)
-        return 1.0 - sum(r.used for r in self.rows) / total
+        return 1.0 - sum(r.real for r in self.rows) / total
 
 
 class PackedDataset:

@@ -80,6 +80,9 @@ def _check_kind(recipe: Recipe) -> None:
     if visual is not None and visual.embedding != "table" and visual.group != 16:
         raise RecipeError(f"model.visual.embedding={visual.embedding} pools 2x2 patches: needs "
                           f"model.visual.group=16, got {visual.group}")
+    align = getattr(recipe.data, "pack_align", 1)
+    if recipe.model.seq_length % align:
+        raise RecipeError(f"data.pack_align={align} must divide model.seq_length={recipe.model.seq_length}")
 
 
 def _check_viq(recipe: Recipe) -> None:

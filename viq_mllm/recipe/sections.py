@@ -97,6 +97,9 @@ class CodesDataSection(_Section):
     task: Literal["pretrain", "sft"] = "pretrain"
     truncate: bool = False
     pack: bool = True  # false: one document per row (padding to seq_length), for comparison
+    #: pad each document in a packed row to a multiple of this (16 for FP8 GEMMs, TP for sequence parallelism),
+    #: masked out of the loss and of attention
+    pack_align: int = Field(default=1, ge=1)
     workers: int = Field(default=2, ge=0)  # DataLoader processes building the micro-batches (0: in the step's)
 
 
