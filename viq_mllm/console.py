@@ -59,6 +59,13 @@ def fail(prog: str, error: BaseException) -> int:
     return 2
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table (the benchmarks' and ``eval``'s output)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 class _TqdmHandler(logging.StreamHandler):
     """Log lines written through ``tqdm.write``, so an open progress bar is redrawn below them, not torn."""
 

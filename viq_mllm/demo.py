@@ -27,8 +27,19 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_ext.training.parallel import shutdown
+from megatron_ext.vlm.inference import caption_scorer, greedy, load_for_inference, visual_attach
+from viq_mllm.data.layout import prompt_document
+from viq_mllm.data.shards import CodeShards
+from viq_mllm.data.text import stdlib_docs_corpus
+from viq_mllm.evaluation import caption_report
+from viq_mllm.metrics import read_metrics
 from viq_mllm.offline_assets import STAMPS, captioned_stamps
 from viq_mllm.recipe.compose import load_recipe
+from viq_mllm.viq import ViQTokenizer
+from viq_mllm.viq.preprocess import to_rgb
+from viq_mllm.viq_training.reconstruction import evaluate_reconstruction, plot_reconstructions, train_reconstruction
+from viq_mllm.vocab.text_tokenizers import train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
 VLM_MODEL = ["model.hidden_size=128", "model.ffn_hidden_size=344", "model.seq_length=256",
@@ -67,9 +78,6 @@ def viq_mllm(*args: str) -> None:
 
 
 def train_tokenizer(out: Path, train: list[tuple[Path, str]], held: list[tuple[Path, str]], steps: int) -> dict:
-    from viq_mllm.viq import ViQTokenizer
-    from viq_mllm.viq_training.reconstruction import evaluate_reconstruction, plot_reconstructions, train_reconstruction
-
     model = ViQTokenizer.from_config("tiny", preset="16k", seed=0)
     items = model.preprocess([p for p, _ in train])
     held_items = model.preprocess([p for p, _ in held])
@@ -85,9 +93,6 @@ def train_tokenizer(out: Path, train: list[tuple[Path, str]], held: list[tuple[P
 
 
 def build_text_corpus(out: Path, train: list[tuple[Path, str]]) -> tuple[Path, Path]:
-    from viq_mllm.data.text import stdlib_docs_corpus
-    from viq_mllm.vocab.text_tokenizers import train_sentencepiece
-
     captions = [c for _, c in train]
     docs = stdlib_docs_corpus()[:1500]
     corpus = out / "text_corpus.txt"
@@ -99,11 +104,6 @@ def build_text_corpus(out: Path, train: list[tuple[Path, str]]) -> tuple[Path, P
 def evaluate_vlm(out: Path, checkpoint: Path, captions: int = 12) -> dict:
     """Held-out caption metrics (:func:`viq_mllm.evaluation.caption_report`) and greedy captions for the first
     ``captions`` held-out images, for a discrete VLM or the continuous baseline."""
-    from megatron_ext.training.parallel import shutdown
-    from megatron_ext.vlm.inference import caption_scorer, greedy, load_for_inference, visual_attach
-    from viq_mllm.data.layout import prompt_document
-    from viq_mllm.data.shards import CodeShards
-    from viq_mllm.evaluation import caption_report
 
     model, tokenizer, meta = load_for_inference(checkpoint)
     try:
@@ -132,7 +132,6 @@ def plot_losses(out: Path, panels: list[tuple[str, list[Path], str]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from viq_mllm.metrics import read_metrics
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
     for ax, (name, run_dirs, x) in zip(axes, panels):
@@ -158,7 +157,6 @@ def plot_captions(out: Path, generated: list[dict]) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from viq_mllm.viq.preprocess import to_rgb
 
     fig, axes = plt.subplots(3, 4, figsize=(12, 10))
     for ax, item in zip(axes.flat, generated):
@@ -217,7 +215,6 @@ def run_demo(out: str | Path, vlm_steps: int = 500, text_steps: int = 300, token
     viq_mllm("train", *vlm_args, f"run.dir={out / 'baseline_pretrain'}", "model.visual.embedding=continuous")
 
     say("8/8 held-out evaluation and captions")
-    from viq_mllm.metrics import read_metrics
 
     vlm_rows = read_metrics(out / "vlm_pretrain")
     base_rows = read_metrics(out / "baseline_pretrain")

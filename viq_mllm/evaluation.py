@@ -20,7 +20,8 @@ import random
 from collections.abc import Callable
 from typing import Optional
 
-from viq_mllm.console import progress
+from viq_mllm.console import markdown_table, progress
+from viq_mllm.data.easy_vqa import records
 
 Answerer = Callable[[Optional[str], str], str]
 # [(image i or None, caption j), ...] -> the mean loss of caption j after image i (None: the caption alone)
@@ -61,8 +62,6 @@ def accuracy(answer: Answerer, items: list[dict], shapes: frozenset[str] = froze
 
 def easy_vqa_items(split: str = "test", limit: Optional[int] = None, with_images: bool = True) -> list[dict]:
     """The questions of an easy-VQA split as evaluation items (``image`` None for the language prior)."""
-    from viq_mllm.data.easy_vqa import records
-
     items = []
     for record in records(split, with_images=with_images, limit=limit):
         human, gpt = record["conversations"]
@@ -73,8 +72,6 @@ def easy_vqa_items(split: str = "test", limit: Optional[int] = None, with_images
 
 def report_table(report: dict) -> str:
     """The accuracy overall and per question kind, as a markdown table."""
-    from viq_mllm.bench.report import markdown_table
-
     rows = [["all", f"{report['accuracy']:.1%}", str(report["count"])]]
     rows += [[kind, f"{v['accuracy']:.1%}", str(v["count"])] for kind, v in report["by_kind"].items()]
     return markdown_table(["questions", "exact match", "count"], rows)
@@ -114,8 +111,6 @@ def caption_report(losses: CaptionLosses, n: int, k: int = 10, seed: int = 0) ->
 
 def caption_table(report: dict) -> str:
     """:func:`caption_report` as a markdown table."""
-    from viq_mllm.bench.report import markdown_table
-
     k = report["retrieval_k"]
     return markdown_table(["held-out captions", "value"], [
         ["mean caption loss, right image", f"{report['loss_right_image']:.3f}"],

@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from viq_mllm.data.layout import prompt_document
+from viq_mllm.viq import ViQTokenizer
 from viq_mllm.vocab import Vocab
 from viq_mllm.vocab.text_tokenizers import HFTextTokenizer, SentencePieceTokenizer, TextTokenizer
 
@@ -69,15 +71,12 @@ def _layout(folder: str) -> ExportedLayout:
 
 @functools.lru_cache(maxsize=4)
 def _viq(folder: str):
-    from viq_mllm.viq import ViQTokenizer
-
     return ViQTokenizer.from_pretrained(folder)
 
 
 def prompt_ids(folder: str | Path, image, text: str = "") -> list[int]:
     """The prompt of an image (a path, a PIL image, or None: text only) and ``text`` (empty: caption the image),
     as flat ids."""
-    from viq_mllm.data.layout import prompt_document
 
     layout = _layout(str(Path(folder).resolve()))
     codes = None if image is None else _viq(str(layout.folder / "viq")).encode([image])[0].numpy()

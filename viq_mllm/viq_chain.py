@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from viq_mllm.demo import ensure_stamps, viq_mllm, write_jsonl
+from viq_mllm.metrics import read_metrics
 from viq_mllm.offline_assets import captioned_stamps, photo_crops, photos, smollm2_hf_dir
 
 ROOT = Path(__file__).resolve().parents[1]  # the recipes live here
@@ -69,8 +70,6 @@ def stage_args(out: Path, stage: str, hf: Path, mcore: Path) -> list[str]:
 
 
 def summarise(out: Path, began: float, data: dict) -> dict:
-    from viq_mllm.metrics import read_metrics
-
     summary = {"data": data, "stages": {}}
     for stage in STAGES:
         rows = read_metrics(out / stage)
@@ -96,7 +95,6 @@ def plot_terms(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from viq_mllm.metrics import read_metrics
 
     fig, axes = plt.subplots(1, len(STAGES), figsize=(4.5 * len(STAGES), 3.4))
     for ax, stage in zip(axes, STAGES):

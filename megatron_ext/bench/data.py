@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from megatron_ext.data.prepared import PreparedRows, prepare
-from viq_mllm.bench.report import markdown_table, publish
-from viq_mllm.console import Parser, plain
+from viq_mllm.bench.report import publish
+from viq_mllm.console import Parser, markdown_table, plain
 from viq_mllm.data.loader import MicroBatchLoader
 from viq_mllm.data.multimodal import PackedDataset, PackedSource, documents_from_shards
 from viq_mllm.data.packing import pack

@@ -18,8 +18,8 @@ from megatron_ext.patches import cpu_compat
 from megatron_ext.training.checkpoint import VocabRecord
 from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
 from megatron_ext.training.parallel import init_distributed, shutdown
-from viq_mllm.bench.report import markdown_table, median_interval, publish, timed
-from viq_mllm.console import Parser, plain
+from viq_mllm.bench.report import median_interval, publish, timed
+from viq_mllm.console import Parser, markdown_table, plain
 
 
 def measure(name: str, rounds: int, layout) -> dict:

@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from viq_mllm.bench.report import markdown_table, publish
-from viq_mllm.console import Parser, plain
+from viq_mllm.bench.report import publish
+from viq_mllm.console import Parser, markdown_table, plain
 from viq_mllm.data.synthetic import make_vlm_assets
 from viq_mllm.metrics import read_metrics
 

@@ -48,8 +48,8 @@ from megatron_ext.vlm.model import (
     continuous_batch,
     vlm_forward_step,
 )
-from viq_mllm.bench.report import markdown_table, publish, timed, write_json
-from viq_mllm.console import Parser, plain
+from viq_mllm.bench.report import publish, timed, write_json
+from viq_mllm.console import Parser, markdown_table, plain
 from viq_mllm.data.layout import Document, SequenceBuilder
 from viq_mllm.data.packing import collate, pack
 from viq_mllm.recipe import VisualSection, recipe_from_dict

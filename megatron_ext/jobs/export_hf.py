@@ -37,6 +37,7 @@ import torch
 from megatron_ext.convert.hf import ConversionError, apply, hf_config, mappings, shapes_of
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import shutdown
+from megatron_ext.vlm.inference import load_for_inference
 from viq_mllm import artifact
 from viq_mllm.hf import CONFIG_FILE, SLOTS_FILE
 from viq_mllm.vocab import Vocab
@@ -48,7 +49,6 @@ KIND = "hf-export"
 
 def export_hf(ckpt: str | Path, out: str | Path) -> dict:
     """Write the VLM checkpoint ``ckpt`` as an HF folder ``out`` (see the module); returns ``viq_mllm.json``."""
-    from megatron_ext.vlm.inference import load_for_inference
 
     ckpt, out = Path(ckpt), Path(out)
     meta = checkpoint.read_meta(ckpt)

@@ -29,9 +29,17 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_ext.convert.hf import hf_to_mcore
+from megatron_ext.convert.vocab_resize import VocabMismatch, resize_checkpoint
 from megatron_ext.training.parallel import Layout
+from megatron_ext.vlm.model import viq_fingerprint
 from viq_mllm import artifact
+from viq_mllm.console import configure_logging
 from viq_mllm.recipe import Recipe
+from viq_mllm.vocab import Vocab
+from viq_mllm.vocab.extend import extend_vocab
+from viq_mllm.vocab.ids import VOCAB_FILE
+from viq_mllm.vocab.text_tokenizers import hf_tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 KIND = "init-hf"
@@ -60,8 +68,6 @@ def source_record(hf_dir: Path, viq_dir: Path, group: int) -> dict:
     """What the starting checkpoint depends on: the HF config, its weight files (names and sizes: hashing a 7B
     model's bytes at every start would cost minutes), its tokenizer, the ViQ tokenizer and the codes per visual
     position (the code rows' scale)."""
-    from megatron_ext.vlm.model import viq_fingerprint
-    from viq_mllm.vocab.text_tokenizers import hf_tokenizer_fingerprint
 
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"init.hf={hf_dir}: no config.json (an HF model folder)")
@@ -77,12 +83,6 @@ def _spec(source: dict) -> artifact.Spec:
 
 def build(hf_dir: Path, vocab_dir: Path, viq_dir: Path, target: Path, group: int) -> None:
     """Steps 1-3 of the module, into ``target`` (written beside, then moved in place)."""
-    from megatron_ext.convert.hf import hf_to_mcore
-    from megatron_ext.convert.vocab_resize import VocabMismatch, resize_checkpoint
-    from viq_mllm.vocab import Vocab
-    from viq_mllm.vocab.extend import extend_vocab
-    from viq_mllm.vocab.ids import VOCAB_FILE
-    from viq_mllm.vocab.text_tokenizers import hf_tokenizer_fingerprint
 
     if not (vocab_dir / VOCAB_FILE).is_file():
         extend_vocab(hf_dir, viq_dir, vocab_dir)
@@ -99,8 +99,6 @@ def build(hf_dir: Path, vocab_dir: Path, viq_dir: Path, target: Path, group: int
 
 
 if __name__ == "__main__":
-    from viq_mllm.console import configure_logging
-
     configure_logging()
     try:
         build(*(Path(arg) for arg in sys.argv[1:5]), int(sys.argv[5]))

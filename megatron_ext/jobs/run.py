@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
+from megatron_ext.jobs.text_lm import train_text_lm
+from megatron_ext.jobs.viq_stages import train_viq_stage
+from megatron_ext.jobs.vlm import train_vlm
 from megatron_ext.training.parallel import shutdown
 from viq_mllm.recipe import Recipe
 
 
 def run_recipe(recipe: Recipe) -> list[dict]:
     if recipe.kind == "text_lm":
-        from megatron_ext.jobs.text_lm import train_text_lm
-
         job = train_text_lm
     elif recipe.kind == "vlm":
-        from megatron_ext.jobs.vlm import train_vlm
-
         job = train_vlm
     elif recipe.kind == "viq":
-        from megatron_ext.jobs.viq_stages import train_viq_stage
-
         job = train_viq_stage
     else:
         raise ValueError(f"kind={recipe.kind!r} has no training job")

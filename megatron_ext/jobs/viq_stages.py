@@ -35,8 +35,15 @@ from viq_mllm.data.packing import pack
 from viq_mllm.recipe import Recipe
 from viq_mllm.viq.config import ViQConfig
 from viq_mllm.viq.preprocess import Preprocessed
+from viq_mllm.viq_training.decoder_stage import train_decoder_stage
 from viq_mllm.viq_training.objectives import StageModel
-from viq_mllm.viq_training.stage_io import evaluate_stage, held_out_images, load_adapters, save_stage, starting_tokenizer
+from viq_mllm.viq_training.stage_io import (
+    evaluate_stage,
+    held_out_images,
+    load_adapters,
+    save_stage,
+    starting_tokenizer,
+)
 from viq_mllm.viq_training.stages import trainable
 from viq_mllm.viq_training.teachers import build_teacher
 from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
@@ -162,8 +169,6 @@ def image_micro_batches(images: list[Preprocessed], recipe: Recipe, layout: Layo
 def train_viq_stage(recipe: Recipe) -> list[dict]:
     v, t, p = recipe.viq, recipe.train, recipe.parallel
     if v.stage == "decoder":
-        from viq_mllm.viq_training.decoder_stage import train_decoder_stage
-
         return train_decoder_stage(recipe)
     layout = init_distributed(p.tp, p.pp, t.seed)
     text = load_text_tokenizer(recipe.data.tokenizer)

@@ -18,14 +18,15 @@ import torch
 from megatron_ext.model.gpt import gpt_from_checkpoint
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import Layout, device, init_distributed
-from megatron_ext.vlm.model import VisionLanguageModel, packed_params
 from megatron_ext.vlm.build import PixelSource, build_vlm
-from viq_mllm.data.layout import Document, caption_document
+from megatron_ext.vlm.model import VisionLanguageModel, packed_params
+from viq_mllm.data.layout import Document, caption_document, prompt_document
 from viq_mllm.data.multimodal import caption_text
 from viq_mllm.data.packing import collate, pack
 from viq_mllm.data.shards import CodeSample
 from viq_mllm.evaluation import CaptionLosses
 from viq_mllm.recipe import ParallelSection, TrainSection
+from viq_mllm.viq import ViQTokenizer
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
 
@@ -131,8 +132,6 @@ def answerer(model: VisionLanguageModel, tokenizer: MultimodalTokenizer, viq_dir
              ) -> Callable[[Optional[str], str], str]:
     """``(image or None, question) -> answer`` by greedy decoding (``viq_mllm.evaluation``); each image is
     encoded once. ``attach``: :func:`visual_attach` (the continuous baseline's pixels)."""
-    from viq_mllm.data.layout import prompt_document
-    from viq_mllm.viq import ViQTokenizer
 
     viq = ViQTokenizer.from_pretrained(viq_dir)
     codes = functools.lru_cache(maxsize=4096)(lambda image: viq.encode([image])[0].numpy())

@@ -28,6 +28,7 @@ from torch import nn
 from megatron_ext.training.loop import masked_loss
 from megatron_ext.training.parallel import device
 from viq_mllm.recipe import VisualSection
+from viq_mllm.viq import PoolingProjector, ViQTokenizer
 from viq_mllm.vocab import Vocab
 
 
@@ -46,8 +47,6 @@ class VisualEmbedding(nn.Module):
         if self.mode == "table":
             self.slot = nn.Parameter(torch.ones(section.group, hidden))
         else:
-            from viq_mllm.viq import PoolingProjector, ViQTokenizer
-
             tokenizer = ViQTokenizer.from_pretrained(section.viq)
             self.embedder = tokenizer.head.embedder
             self.embedder.requires_grad_(section.train_embedder)
@@ -75,7 +74,6 @@ class ContinuousVisualEmbedding(nn.Module):
 
     def __init__(self, encoder: nn.Module, width: int, hidden: int, trained: bool, markers: bool = False):
         super().__init__()
-        from viq_mllm.viq import PoolingProjector
 
         self.encoder, self.trained, self.markers = encoder, trained, markers
         if not trained:

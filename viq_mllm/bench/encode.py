@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from viq_mllm.bench.report import markdown_table, publish, write_json
-from viq_mllm.console import Parser, plain
+from viq_mllm.bench.report import publish, write_json
+from viq_mllm.console import Parser, markdown_table, plain
 
 ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 1.0, 2.0, 0.5)
 
@@ -61,9 +61,9 @@ class PeakRss:
 
 def measure(arch: str, size: int, count: int, rounds: int) -> list[dict]:
     """Packed and one-by-one alternate round by round in this one process; medians are reported."""
-    import torch
+    import torch  # here: only the measuring child imports torch (the parent starts one child per cell)
 
-    from viq_mllm.viq import ViQTokenizer
+    from viq_mllm.viq import ViQTokenizer  # noqa: E402 (with torch, for the same reason)
 
     torch.manual_seed(0)
     tok = ViQTokenizer.from_config(arch, image_base=size, max_pixels=4 * size * size)

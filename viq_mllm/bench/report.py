@@ -41,12 +41,6 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
     return xs[j - 1], xs[n - j]
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_json(out: str | Path, filename: str, payload: dict) -> Path:
     """``out/filename`` holds ``payload``; benchmarks with long cells call it after each one, so a run stopped
     part-way (a time limit, a crash) keeps what it measured."""

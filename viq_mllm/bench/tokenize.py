@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from viq_mllm.bench.report import markdown_table, publish
-from viq_mllm.console import Parser, plain
+from viq_mllm.bench.report import publish
+from viq_mllm.console import Parser, markdown_table, plain
 from viq_mllm.data.extract import run_tokenize
 from viq_mllm.viq import ViQTokenizer
 

@@ -5,6 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from viq_mllm import artifact
+from viq_mllm.data.extract import run_tokenize
+from viq_mllm.data.shards import KIND, SHARD_FORMAT, SHARD_NAME, CodeImage, CodeSample, write_shard
+from viq_mllm.viq import ViQTokenizer
+from viq_mllm.vocab.extend import extend_vocab
+from viq_mllm.vocab.text_tokenizers import train_sentencepiece
+
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
@@ -30,10 +37,6 @@ def make_captioned_shapes(folder: Path, images: int = 40, seed: int = 0) -> list
 
 def make_vlm_assets(root: Path, images: int = 40, seed: int = 0) -> dict:
     """Synthetic captioned shapes -> tiny ViQ tokenizer -> code shards -> SentencePiece -> extended vocab."""
-    from viq_mllm.data.extract import run_tokenize
-    from viq_mllm.viq import ViQTokenizer
-    from viq_mllm.vocab.extend import extend_vocab
-    from viq_mllm.vocab.text_tokenizers import train_sentencepiece
 
     folder = root / "images"
     captions = make_captioned_shapes(folder, images, seed)
@@ -51,11 +54,6 @@ def make_code_shards(root: Path, samples: int, grid: tuple[int, int] = (24, 24),
     image (for benchmarks of the data path)."""
     import numpy as np
 
-    from viq_mllm import artifact
-    from viq_mllm.data.shards import KIND, SHARD_FORMAT, SHARD_NAME, CodeImage, CodeSample, write_shard
-    from viq_mllm.viq import ViQTokenizer
-    from viq_mllm.vocab.extend import extend_vocab
-    from viq_mllm.vocab.text_tokenizers import train_sentencepiece
 
     viq = ViQTokenizer.from_config("tiny", preset="2k", seed=seed)
     viq_dir = viq.save_pretrained(root / "viq")

@@ -86,9 +86,9 @@ def _check_kind(recipe: Recipe) -> None:
 
 
 def _check_viq(recipe: Recipe) -> None:
-    v, init = recipe.viq, recipe.init
-    from viq_mllm.viq.fsq import PRESETS
+    from viq_mllm.viq.fsq import PRESETS  # here, not above: it imports torch, which the command line's --help skips
 
+    v, init = recipe.viq, recipe.init
     if v.preset not in PRESETS:
         raise RecipeError(f"viq.preset={v.preset!r}: choose one of {', '.join(PRESETS)}")
     if v.teacher_resolution % 32:

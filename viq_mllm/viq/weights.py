@@ -31,6 +31,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from viq_mllm.viq.tokenizer import ViQTokenizer
+
 StateDict = dict[str, torch.Tensor]
 
 
@@ -199,8 +201,6 @@ def import_release(release: Union[str, Path], config: str = "giant", preset: str
     """A :class:`ViQTokenizer` with the authors' released encoder (``model_viq_fsq.pth``) and, where present,
     its code embedder (``embedder.pth``); returns ``(tokenizer, {file: report})``. The release has no pixel
     decoder of ours: the tokenizer's decoder keeps its initialisation (train it with the decoder stage)."""
-    from viq_mllm.viq.tokenizer import ViQTokenizer
-
     folder = Path(release)
     if not (folder / "model_viq_fsq.pth").is_file():
         raise FileNotFoundError(f"{folder}: no model_viq_fsq.pth; pass the folder of the authors' released weights")

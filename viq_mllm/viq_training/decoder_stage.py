@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from viq_mllm import artifact
+from viq_mllm.data.captioned import images_for_step, load_captioned
 from viq_mllm.metrics import MetricsLog
 from viq_mllm.recipe import Recipe, dump_recipe
 from viq_mllm.viq.preprocess import Preprocessed
@@ -63,8 +64,6 @@ def _resume(root: Path, tokenizer: ViQTokenizer, optimizer) -> int:
 
 
 def train_decoder_stage(recipe: Recipe) -> list[dict]:
-    from viq_mllm.data.captioned import images_for_step, load_captioned
-
     t, v, run_dir = recipe.train, recipe.viq, Path(recipe.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, run_dir / "recipe.yaml")

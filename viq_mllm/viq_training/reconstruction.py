@@ -22,7 +22,7 @@ from torch import nn
 
 from viq_mllm.recipe import TrainSection
 from viq_mllm.viq.preprocess import Preprocessed
-from viq_mllm.viq.tokenizer import ViQTokenizer
+from viq_mllm.viq.tokenizer import ViQTokenizer, to_pil
 from viq_mllm.viq_training.loop import adamw, train_steps
 
 
@@ -117,7 +117,6 @@ def plot_reconstructions(model: ViQTokenizer, items: list[Preprocessed], path: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from viq_mllm.viq.tokenizer import to_pil
 
     with torch.no_grad():
         recon = reconstruct(model.eval(), items)

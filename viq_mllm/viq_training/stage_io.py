@@ -1,7 +1,6 @@
 """What a ViQ stage reads and writes: the tokenizer it starts from, the tokenizer it leaves, its evaluation.
 
 A stage's run directory ends with::
-
     RUN_DIR/tokenizer/            a loadable ViQTokenizer (config.json + model.safetensors) ...
     RUN_DIR/tokenizer/adapters.safetensors   ... plus the LLM-side projector (and distillation projection)
     RUN_DIR/handoff.json          what was carried over from init.from, re-initialised, dropped
@@ -19,10 +18,12 @@ from typing import Optional
 from safetensors.torch import load_file
 from torch import nn
 
+from viq_mllm.data.captioned import load_captioned
 from viq_mllm.recipe import Recipe
 from viq_mllm.viq.config import config_for
 from viq_mllm.viq.preprocess import Preprocessed
 from viq_mllm.viq.tokenizer import ViQTokenizer
+from viq_mllm.viq_training.reconstruction import evaluate_reconstruction, plot_reconstructions
 from viq_mllm.viq_training.stages import Handoff, tokenizer_for_stage
 
 ADAPTERS_FILE = "adapters.safetensors"
@@ -72,7 +73,6 @@ def save_stage(run_dir: Path, tokenizer: ViQTokenizer, adapters: dict[str, Optio
 
 def evaluate_stage(run_dir: Path, tokenizer: ViQTokenizer, images: list[Preprocessed], extra: dict) -> dict:
     """Held-out reconstruction numbers into ``eval.json`` and the originals-vs-reconstructions ``eval.png``."""
-    from viq_mllm.viq_training.reconstruction import evaluate_reconstruction, plot_reconstructions
 
     result = {**extra}
     if images:
@@ -84,8 +84,6 @@ def evaluate_stage(run_dir: Path, tokenizer: ViQTokenizer, images: list[Preproce
 
 
 def held_out_images(recipe: Recipe, tokenizer: ViQTokenizer) -> list[Preprocessed]:
-    from viq_mllm.data.captioned import load_captioned
-
     if recipe.viq.eval_images is None:
         return []
     cfg = tokenizer.config

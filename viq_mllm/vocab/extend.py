@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from viq_mllm import artifact
-
+from viq_mllm.viq.fsq import PRESETS
 from viq_mllm.vocab.ids import Vocab
 from viq_mllm.vocab.text_tokenizers import HFTextTokenizer, SentencePieceTokenizer
 
@@ -26,7 +26,6 @@ def _viq_identity(viq_dir: Path) -> tuple[str, int]:
     if not config.is_file():
         raise FileNotFoundError(f"{viq_dir}: no config.json; pass a folder written by ViQTokenizer.save_pretrained")
     meta = json.loads(config.read_text())
-    from viq_mllm.viq.fsq import PRESETS
 
     levels = PRESETS[meta["architecture"]["preset"]]
     size = 1
