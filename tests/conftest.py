@@ -97,7 +97,7 @@ def tiny_trainer(layout, distributed_optimizer: bool = False):
         "train": {"steps": 1, "micro_batch_size": 2, "global_batch_size": 6},
         "parallel": {"distributed_optimizer": distributed_optimizer},
     })
-    config = transformer_config(recipe.model, recipe.parallel, recipe.train)
+    config = transformer_config(recipe.model, recipe.parallel, recipe.train.precision)
     gpt = build_gpt(config, recipe.model, recipe.parallel, 128, layout, 0)
     return build_trainer(recipe, layout, gpt, VocabRecord(text_size=128, padded_size=128, text_fingerprint="-"))
 

@@ -49,7 +49,7 @@ def core_attention(*overrides):
     from megatron_ext.model.gpt import transformer_config
 
     r = load_recipe(TINY, list(overrides))
-    return SDPACoreAttention(transformer_config(r.model, r.parallel, r.train), 1, AttnMaskType.causal, "self")
+    return SDPACoreAttention(transformer_config(r.model, r.parallel, r.train.precision), 1, AttnMaskType.causal, "self")
 
 
 def test_thd_core_attention_equals_per_document(megatron_single):
@@ -94,7 +94,8 @@ def test_document_logits_in_packed_row_equal_alone(megatron_single):
     from megatron_ext.model.gpt import build_gpt, transformer_config
 
     r = load_recipe(TINY)
-    gpt = build_gpt(transformer_config(r.model, r.parallel, r.train), r.model, r.parallel, 1024, megatron_single, 0)
+    config = transformer_config(r.model, r.parallel, r.train.precision)
+    gpt = build_gpt(config, r.model, r.parallel, 1024, megatron_single, 0)
     gpt.eval()
     torch.manual_seed(1)
     dev = gpt.embedding.word_embeddings.weight.device

@@ -36,11 +36,11 @@ def test_an_unknown_patch_name_is_refused_naming_the_variable(monkeypatch):
 
 def test_on_gpu_without_opt_in_the_config_asks_for_megatrons_fused_loss(monkeypatch):
     from megatron_ext.model.gpt import transformer_config
-    from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
+    from viq_mllm.recipe import ModelSection
 
     model = ModelSection(num_layers=1, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2, seq_length=8)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for chosen, fused in (("", True), ("cross_entropy", False)):
         monkeypatch.setenv(patches.GPU_OPT_IN, chosen)
-        config = transformer_config(model, ParallelSection(), TrainSection(steps=1))
+        config = transformer_config(model)
         assert config.cross_entropy_loss_fusion is fused

@@ -18,8 +18,7 @@ def per_token_loss_and_grads(layout, all_logits: bool, tie: bool, batch: dict):
         "model": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
                   "num_query_groups": 2, "seq_length": 16, "tie_embeddings": tie},
     })
-    gpt = build_gpt(transformer_config(recipe.model, recipe.parallel, recipe.train), recipe.model, recipe.parallel,
-                    128, layout, 0, all_logits=all_logits)
+    gpt = build_gpt(transformer_config(recipe.model), recipe.model, recipe.parallel, 128, layout, 0, all_logits=all_logits)
     loss = gpt(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"])
     (loss * batch["loss_mask"]).sum().backward()
     return loss.detach(), {name: p.grad.clone() for name, p in gpt.named_parameters()}
@@ -52,8 +51,7 @@ def test_the_output_layer_sees_only_supervised_positions(megatron_single):
     recipe = recipe_from_dict({"run": {"dir": "-"}, "train": {"steps": 1},
                                "model": {"num_layers": 1, "hidden_size": 32, "ffn_hidden_size": 64,
                                          "num_attention_heads": 4, "seq_length": 16}})
-    gpt = build_gpt(transformer_config(recipe.model, recipe.parallel, recipe.train), recipe.model, recipe.parallel,
-                    128, megatron_single, 0)
+    gpt = build_gpt(transformer_config(recipe.model), recipe.model, recipe.parallel, 128, megatron_single, 0)
     rows = []
     gpt.output_layer.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0] * args[0].shape[1]))
     mask = torch.zeros(1, 16)

@@ -19,7 +19,7 @@ def test_document_logits_inside_a_packed_row_equal_alone(vlm_assets, megatron_si
     recipe = load_recipe(VLM, vlm_overrides(vlm_assets))
     tokenizer = MultimodalTokenizer.from_dir(vlm_assets["vocab"])
     docs = documents_from_shards(CodeShards(vlm_assets["shards"]), tokenizer, "pretrain", 16)[:5]
-    model = build_vlm(recipe.model, recipe.parallel, recipe.train, tokenizer, megatron_single).eval()
+    model = build_vlm(recipe.model, recipe.parallel, tokenizer, megatron_single, recipe.train.seed).eval()
     rows = pack(docs, 256)
     assert len(rows) == 1 and len(rows[0].documents) == 5
     batch = collate(rows)
@@ -53,7 +53,7 @@ def test_aligned_packing_gives_every_document_the_losses_of_the_unaligned_packin
     recipe = load_recipe(VLM, vlm_overrides(vlm_assets))
     tokenizer = MultimodalTokenizer.from_dir(vlm_assets["vocab"])
     docs = documents_from_shards(CodeShards(vlm_assets["shards"]), tokenizer, "pretrain", 16)[:12]
-    model = build_vlm(recipe.model, recipe.parallel, recipe.train, tokenizer, megatron_single).eval()
+    model = build_vlm(recipe.model, recipe.parallel, tokenizer, megatron_single, recipe.train.seed).eval()
 
     def per_document_losses(align: int) -> dict[int, torch.Tensor]:
         rows = pack(docs, 256, align=align)

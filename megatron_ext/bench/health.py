@@ -25,8 +25,8 @@ from viq_mllm.console import Parser, markdown_table, plain
 def measure(name: str, rounds: int, layout) -> dict:
     cfg = CONFIGS[name]
     recipe = _recipe(cfg, steps=2 * rounds + 10)
-    gpt = build_gpt(transformer_config(recipe.model, recipe.parallel, recipe.train), recipe.model, recipe.parallel,
-                    cfg["vocab"], layout, 0)
+    config = transformer_config(recipe.model, recipe.parallel, recipe.train.precision)
+    gpt = build_gpt(config, recipe.model, recipe.parallel, cfg["vocab"], layout, 0)
     trainer = build_trainer(recipe, layout, gpt,
                             VocabRecord(text_size=cfg["vocab"], padded_size=cfg["vocab"], text_fingerprint="random"))
     batch = _batch(cfg)

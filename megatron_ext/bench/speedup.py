@@ -117,7 +117,7 @@ def _trainer(preset: Preset, llm: dict, seq: int, vocab_size: int, visual_factor
         "train": {"steps": 100, "lr": 1e-4, "min_lr": 1e-5, "precision": preset.precision},
         "log": {"wandb": "disabled", "tensorboard": False, "progress": False},
     })
-    config = transformer_config(recipe.model, recipe.parallel, recipe.train)
+    config = transformer_config(recipe.model, recipe.parallel, recipe.train.precision)
     gpt = build_gpt(config, recipe.model, recipe.parallel, padded_vocab_size(vocab_size), layout, 0, all_logits)
     with torch.device(device()):  # the 1.2B encoder of the gpu preset is initialised where it runs
         visual = visual_factory(gpt)

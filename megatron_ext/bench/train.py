@@ -97,8 +97,8 @@ def _batch(cfg: dict) -> dict:
 
 def _our_side(cfg: dict, rounds: int, layout) -> Phases:
     recipe = _recipe(cfg, steps=rounds + 10)
-    ours = build_trainer(recipe, layout, build_gpt(transformer_config(recipe.model, recipe.parallel, recipe.train),
-                                                   recipe.model, recipe.parallel, cfg["vocab"], layout, 0),
+    config = transformer_config(recipe.model, recipe.parallel, recipe.train.precision)
+    ours = build_trainer(recipe, layout, build_gpt(config, recipe.model, recipe.parallel, cfg["vocab"], layout, 0),
                          VocabRecord(text_size=cfg["vocab"], padded_size=cfg["vocab"], text_fingerprint="random"))
     batch = _batch(cfg)
     return lambda: forward_backward(ours, iter([batch])), lambda: optimizer_step(ours)

@@ -25,7 +25,7 @@ from megatron_ext.model.gpt import build_gpt, gpt_from_checkpoint, transformer_c
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import init_distributed, shutdown
 from viq_mllm import artifact
-from viq_mllm.recipe import ModelSection, ParallelSection, RecipeError, TrainSection, check_model_layout
+from viq_mllm.recipe import ModelSection, ParallelSection, RecipeError, check_model_layout
 from viq_mllm.vocab import padded_vocab_size
 from viq_mllm.vocab.text_tokenizers import hf_tokenizer_fingerprint
 
@@ -218,7 +218,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1) -
                                      text_fingerprint=hf_tokenizer_fingerprint(hf_dir)))
     layout = init_distributed(1, 1, 0)
     try:
-        gpt = build_gpt(transformer_config(model, ParallelSection(), TrainSection(steps=1)), model, ParallelSection(),
+        gpt = build_gpt(transformer_config(model), model, ParallelSection(),
                         ctx.padded_vocab, layout, 0)
         expected = {k for k in gpt.state_dict() if not k.endswith("_extra_state")}
         if expected != set(state):

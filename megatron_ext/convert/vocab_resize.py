@@ -30,7 +30,7 @@ import torch
 from megatron_ext.model.gpt import build_gpt, transformer_config
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import init_distributed, shutdown
-from viq_mllm.recipe import ParallelSection, TrainSection
+from viq_mllm.recipe import ParallelSection
 from viq_mllm.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def resize_checkpoint(source: str | Path, vocab_dir: str | Path, out: str | Path
     model = meta.model
     layout = init_distributed(tp=1, pp=1, seed=seed)
     try:
-        config = transformer_config(model, ParallelSection(), TrainSection(steps=1))
+        config = transformer_config(model)
         gpt = build_gpt(config, model, ParallelSection(), vocab.padded_size, layout, seed)
         checkpoint.load_model(source, gpt)
         with torch.no_grad():

@@ -18,7 +18,7 @@ def train_text_lm(recipe: Recipe) -> list[dict]:
     tokenizer = load_text_tokenizer(recipe.data.tokenizer)
     documents = read_text_files(recipe.data.text_files) if recipe.data.text_files else stdlib_docs_corpus()
     dataset = TokenWindows(documents, tokenizer, m.seq_length)
-    config = transformer_config(m, p, t)
+    config = transformer_config(m, p, t.precision)
     model = build_gpt(config, m, p, padded_vocab_size(tokenizer.vocab_size), layout, t.seed)
     vocab = VocabRecord(text_size=tokenizer.vocab_size, padded_size=padded_vocab_size(tokenizer.vocab_size),
                         text_fingerprint=tokenizer.fingerprint)

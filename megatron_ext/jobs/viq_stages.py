@@ -116,7 +116,7 @@ def build_stage_model(recipe: Recipe, layout: Layout, text_size: int):
         stage = StageModel(tokenizer, v.stage, teacher, v.usage_window)
         trainable(tokenizer, v.stage, v.train_encoder)
         visual = ContinuousVisualEmbedding(stage, tokenizer.config.width, m.hidden_size, trained=True, markers=True)
-    gpt = build_gpt(transformer_config(m, recipe.parallel, t), m, recipe.parallel, text_size, layout, t.seed)
+    gpt = build_gpt(transformer_config(m, recipe.parallel, t.precision), m, recipe.parallel, text_size, layout, t.seed)
     return VisionLanguageModel(gpt, visual).to(device()), handoff
 
 

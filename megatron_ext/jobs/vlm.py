@@ -60,7 +60,7 @@ def train_vlm(recipe: Recipe) -> list[dict]:
             f"model.visual.viq={m.visual.viq} is {expected_viq}"
         )
     dataset = load_data(recipe, tokenizer, expected_viq)
-    vlm = build_vlm(recipe.model, recipe.parallel, recipe.train, tokenizer, layout)
+    vlm = build_vlm(recipe.model, recipe.parallel, tokenizer, layout, recipe.train.seed, recipe.train.precision)
     vocab = vocab_record(recipe, tokenizer)
     # a VLM checkpoint, or a GPT one (resize-vocab's output)
     initialize_from(recipe, vocab, lambda found: vlm if found.model.visual else vlm.gpt, start)

@@ -28,11 +28,14 @@ from megatron_ext.model.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ext.model.swiglu import SwiGLUMLP
 from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import Layout, device
-from viq_mllm.recipe import ModelSection, ParallelSection, TrainSection
+from viq_mllm.recipe import ModelSection, ParallelSection
 
 
-def transformer_config(model: ModelSection, parallel: ParallelSection, train: TrainSection) -> TransformerConfig:
-    dtype = torch.float32 if train.precision == "fp32" else torch.bfloat16
+def transformer_config(model: ModelSection, parallel: ParallelSection = ParallelSection(),
+                       precision: str = "fp32") -> TransformerConfig:
+    """megatron's config of ``model`` for a layout and a precision (``train.precision``); the defaults are one
+    process in fp32, what conversion and inference build."""
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -54,8 +57,8 @@ def transformer_config(model: ModelSection, parallel: ParallelSection, train: Tr
         sequence_parallel=parallel.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
-        bf16=train.precision in ("bf16", "fp8"),
-        fp8="hybrid" if train.precision == "fp8" else None,
+        bf16=precision in ("bf16", "fp8"),
+        fp8="hybrid" if precision == "fp8" else None,
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
         bias_dropout_fusion=False,
@@ -176,7 +179,7 @@ def gpt_from_checkpoint(path, layout: Layout, seed: int = 0) -> tuple[GPTModel, 
     meta = checkpoint.read_meta(path)
     model = meta.model
     parallel = ParallelSection(tp=layout.tp_size, pp=layout.pp_size)
-    gpt = build_gpt(transformer_config(model, parallel, TrainSection(steps=1)), model, parallel,
+    gpt = build_gpt(transformer_config(model, parallel), model, parallel,
                     meta.vocab.padded_size, layout, seed)
     checkpoint.load_model(path, gpt)
     return gpt.eval(), meta

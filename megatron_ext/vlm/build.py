@@ -14,7 +14,7 @@ from megatron_ext.training.checkpoint import VocabRecord
 from megatron_ext.training.parallel import Layout, device
 from megatron_ext.vlm.model import ContinuousVisualEmbedding, VisionLanguageModel, VisualEmbedding, continuous_batch
 from viq_mllm.data.sources import TarMember
-from viq_mllm.recipe import ModelSection, ParallelSection, Recipe, TrainSection
+from viq_mllm.recipe import ModelSection, ParallelSection, Recipe
 from viq_mllm.viq import ViQTokenizer
 from viq_mllm.viq.preprocess import preprocess
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
@@ -28,14 +28,14 @@ def vocab_record(recipe: Recipe, tokenizer: MultimodalTokenizer) -> VocabRecord:
                        viq_dir=str(Path(recipe.model.visual.viq).resolve()))
 
 
-def build_vlm(m: ModelSection, p: ParallelSection, t: TrainSection, tokenizer: MultimodalTokenizer,
-              layout: Layout) -> VisionLanguageModel:
-    """The VLM of a model section (``visual`` set) for this layout; weights depend on ``t.seed`` only."""
-    gpt = build_gpt(transformer_config(m, p, t), m, p, tokenizer.vocab.padded_size, layout, t.seed)
+def build_vlm(m: ModelSection, p: ParallelSection, tokenizer: MultimodalTokenizer, layout: Layout, seed: int = 0,
+              precision: str = "fp32") -> VisionLanguageModel:
+    """The VLM of a model section (``visual`` set) for this layout; weights depend on ``seed`` only."""
+    gpt = build_gpt(transformer_config(m, p, precision), m, p, tokenizer.vocab.padded_size, layout, seed)
     visual = None
     if layout.first_stage:
         with torch.random.fork_rng():
-            torch.manual_seed(t.seed + 17)  # same visual init on every layout
+            torch.manual_seed(seed + 17)  # same visual init on every layout
             if m.visual.embedding == "continuous":
                 viq = ViQTokenizer.from_pretrained(m.visual.viq)
                 visual = ContinuousVisualEmbedding(viq.vit, viq.config.width, m.hidden_size, m.visual.encoder_trained)

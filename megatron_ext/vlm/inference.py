@@ -25,7 +25,7 @@ from viq_mllm.data.multimodal import caption_text
 from viq_mllm.data.packing import collate, pack
 from viq_mllm.data.shards import CodeSample
 from viq_mllm.evaluation import CaptionLosses
-from viq_mllm.recipe import ParallelSection, TrainSection
+from viq_mllm.recipe import ParallelSection
 from viq_mllm.viq import ViQTokenizer
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 
@@ -38,7 +38,7 @@ def load_for_inference(ckpt: str | Path) -> tuple[VisionLanguageModel, Multimoda
         raise ValueError(f"{ckpt}: not a VLM checkpoint (its model.json names no vocabulary / visual section)")
     tokenizer = MultimodalTokenizer.from_dir(meta.vocab.vocab_dir)
     layout: Layout = init_distributed(tp=1, pp=1, seed=0)
-    vlm = build_vlm(meta.model, ParallelSection(), TrainSection(steps=1), tokenizer, layout)
+    vlm = build_vlm(meta.model, ParallelSection(), tokenizer, layout)
     checkpoint.load_model(ckpt, vlm)
     return vlm.eval(), tokenizer, meta
 
