@@ -85,3 +85,14 @@ def test_a_progress_bar_in_a_log_writes_a_line_every_few_seconds_not_every_updat
     bar.close()
     redraws = capsys.readouterr().err.count("steps:")
     assert 1 <= redraws <= 2, redraws
+
+
+def test_the_launcher_runs_a_function_in_a_child_and_brings_back_its_result_or_its_error():
+    """One protocol for every child process: the result through JSON, an expected error as ChildError."""
+    from viq_mllm import launch
+
+    assert launch.call("statistics:median", [3, 1, 2]) == 2
+    with pytest.raises(launch.ChildError, match="statistics:mean failed in its process"):
+        launch.call("statistics:mean", [])  # StatisticsError is a ValueError: an expected error in the child
+    with pytest.raises(launch.ChildError, match="`viq-mllm train nope.yaml` failed with status 2: .*nope.yaml: no such file"):
+        launch.command("train", "nope.yaml", capture=True)

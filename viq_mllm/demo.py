@@ -23,10 +23,10 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from viq_mllm import launch
 from megatron_ext.training.parallel import shutdown
 from megatron_ext.vlm.inference import caption_scorer, greedy, load_for_inference, visual_attach
 from viq_mllm.data.layout import prompt_document
@@ -73,8 +73,7 @@ def write_jsonl(path: Path, pairs: list[tuple[Path, str]]) -> Path:
 
 
 def viq_mllm(*args: str) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run([sys.executable, "-m", "viq_mllm", *args], check=True, cwd=ROOT, env=env)
+    launch.command(*args, cwd=str(ROOT))
 
 
 def train_tokenizer(out: Path, train: list[tuple[Path, str]], held: list[tuple[Path, str]], steps: int) -> dict:

@@ -13,17 +13,14 @@ and a short caption each; no image is encoded), then measures:
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from viq_mllm import launch
 from megatron_ext.data.prepared import PreparedRows, prepare
 from viq_mllm.bench.report import publish
 from viq_mllm.console import Parser, markdown_table, plain
@@ -58,9 +55,7 @@ def start_up(kind: str, path: str, vocab: str) -> dict:
 
 
 def _start_up_in_child(kind: str, path: Path, vocab: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "megatron_ext.bench.data", "--child", kind, str(path), str(vocab)],
-                         check=True, capture_output=True, text=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return launch.call("megatron_ext.bench.data:start_up", kind, str(path), str(vocab), cwd=str(ROOT))
 
 
 def loader_rows_per_s(prepared: Path, workers: int, steps: int) -> float:
@@ -76,11 +71,10 @@ def loader_rows_per_s(prepared: Path, workers: int, steps: int) -> float:
 
 def step_rows_per_s(assets: dict, prepared: Path, run_dir: Path) -> float:
     """Rows per second the tiny VLM recipe's training step consumes (median step of 8 after 2 warm-up steps)."""
-    args = [sys.executable, "-m", "viq_mllm", "train", str(ROOT / "recipes" / "vlm_tiny_pretrain.yaml"),
-            f"run.dir={run_dir}", f"data.sources=[{{path: {prepared}}}]", f"data.vocab={assets['vocab']}",
-            f"model.visual.viq={assets['viq']}", "train.steps=10", "train.warmup_steps=2", "checkpoint.every=0",
-            "log.wandb=disabled", "log.tensorboard=false", "log.progress=false"]
-    subprocess.run(args, check=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True)
+    launch.command("train", str(ROOT / "recipes" / "vlm_tiny_pretrain.yaml"), f"run.dir={run_dir}",
+                   f"data.sources=[{{path: {prepared}}}]", f"data.vocab={assets['vocab']}",
+                   f"model.visual.viq={assets['viq']}", "train.steps=10", "train.warmup_steps=2", "checkpoint.every=0",
+                   "log.wandb=disabled", "log.tensorboard=false", "log.progress=false", capture=True, cwd=str(ROOT))
     return GLOBAL / statistics.median(r["step_time_s"] for r in read_metrics(run_dir)[2:])
 
 
@@ -117,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-steps", type=int, default=30)
     parser.add_argument("--work", default=None, help="where the synthetic data goes (default: a temporary folder)")
     parser.add_argument("--out", default="runs/bench_data")
-    parser.add_argument("--child", nargs=3, metavar=("KIND", "PATH", "VOCAB"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(start_up(*args.child)))
-        return 0
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for samples in args.samples:

@@ -7,13 +7,11 @@ Reported per variant: median real (non-padding) tokens/s, padding fraction, step
 
 from __future__ import annotations
 
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from viq_mllm import launch
 from viq_mllm.bench.report import publish
 from viq_mllm.console import Parser, markdown_table, plain
 from viq_mllm.data.synthetic import make_vlm_assets
@@ -23,12 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(run_dir: Path, assets: dict, pack: bool, steps: int) -> list[dict]:
-    args = [sys.executable, "-m", "viq_mllm", "train", str(ROOT / "recipes" / "vlm_tiny_pretrain.yaml"),
-            f"run.dir={run_dir}", f"data.sources=[{{path: {assets['shards']}}}]", f"data.vocab={assets['vocab']}",
-            f"model.visual.viq={assets['viq']}", f"data.pack={str(pack).lower()}", f"train.steps={steps}",
-            "train.warmup_steps=2", "checkpoint.every=0", "log.wandb=disabled", "log.tensorboard=false",
-            "log.progress=false"]
-    subprocess.run(args, check=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True)
+    launch.command("train", str(ROOT / "recipes" / "vlm_tiny_pretrain.yaml"), f"run.dir={run_dir}",
+                   f"data.sources=[{{path: {assets['shards']}}}]", f"data.vocab={assets['vocab']}",
+                   f"model.visual.viq={assets['viq']}", f"data.pack={str(pack).lower()}", f"train.steps={steps}",
+                   "train.warmup_steps=2", "checkpoint.every=0", "log.wandb=disabled", "log.tensorboard=false",
+                   "log.progress=false", capture=True, cwd=str(ROOT))
     return read_metrics(run_dir)[2:]  # the first steps warm up
 
 

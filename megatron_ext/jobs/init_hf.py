@@ -21,20 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
+from viq_mllm import launch
 from megatron_ext.convert.hf import hf_to_mcore
 from megatron_ext.convert.vocab_resize import VocabMismatch, resize_checkpoint
 from megatron_ext.training.parallel import Layout
 from megatron_ext.vlm.model import viq_fingerprint
 from viq_mllm import artifact
-from viq_mllm.console import configure_logging
 from viq_mllm.recipe import Recipe
 from viq_mllm.vocab import Vocab
 from viq_mllm.vocab.extend import extend_vocab
@@ -44,10 +41,6 @@ from viq_mllm.vocab.text_tokenizers import hf_tokenizer_fingerprint
 log = logging.getLogger(__name__)
 KIND = "init-hf"
 
-#: the variables torchrun sets; the child is a plain single process
-_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                       "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-
 
 def init_checkpoint(recipe: Recipe, layout: Layout) -> Path:
     """``RUN_DIR/init/checkpoint`` for ``init.hf``, built by rank 0 when missing or made from other inputs."""
@@ -55,11 +48,12 @@ def init_checkpoint(recipe: Recipe, layout: Layout) -> Path:
     group = recipe.model.visual.group
     spec = _spec(source_record(Path(recipe.init.hf), Path(recipe.model.visual.viq), group))
     if layout.rank == 0 and artifact.check_reuse(target, spec, overwrite=True) is None:
-        command = [sys.executable, "-m", "megatron_ext.jobs.init_hf", recipe.init.hf, recipe.data.vocab,
-                   recipe.model.visual.viq, str(target), str(group)]
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
-        if subprocess.run(command, env=env).returncode != 0:
-            raise ValueError(f"init.hf={recipe.init.hf}: building the starting checkpoint failed (the error is above)")
+        try:  # a one-process job, and this process already holds the run's process groups
+            launch.call("megatron_ext.jobs.init_hf:build", recipe.init.hf, recipe.data.vocab, recipe.model.visual.viq,
+                        str(target), group, alone=True)
+        except launch.ChildError:
+            raise ValueError(f"init.hf={recipe.init.hf}: building the starting checkpoint failed (the error is "
+                             "above)") from None
     dist.barrier()
     return target / "checkpoint"
 
@@ -81,8 +75,9 @@ def _spec(source: dict) -> artifact.Spec:
     return artifact.Spec(KIND, 1, source)
 
 
-def build(hf_dir: Path, vocab_dir: Path, viq_dir: Path, target: Path, group: int) -> None:
+def build(hf_dir: str | Path, vocab_dir: str | Path, viq_dir: str | Path, target: str | Path, group: int) -> None:
     """Steps 1-3 of the module, into ``target`` (written beside, then moved in place)."""
+    hf_dir, vocab_dir, viq_dir, target = Path(hf_dir), Path(vocab_dir), Path(viq_dir), Path(target)
 
     if not (vocab_dir / VOCAB_FILE).is_file():
         extend_vocab(hf_dir, viq_dir, vocab_dir)
@@ -97,11 +92,3 @@ def build(hf_dir: Path, vocab_dir: Path, viq_dir: Path, target: Path, group: int
     shutil.rmtree(stage.path / "converted")
     stage.seal()
 
-
-if __name__ == "__main__":
-    configure_logging()
-    try:
-        build(*(Path(arg) for arg in sys.argv[1:5]), int(sys.argv[5]))
-    except (OSError, ValueError) as error:
-        print(f"init.hf: {error}", file=sys.stderr)
-        sys.exit(2)

@@ -9,15 +9,14 @@ default); one-by-one = ``encode([image])`` per image. On CPU so400m runs a quart
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
 import numpy as np
 
+from viq_mllm import launch
 from viq_mllm.bench.report import publish, write_json
 from viq_mllm.console import Parser, markdown_table, plain
 
@@ -101,9 +100,7 @@ def measure(arch: str, size: int, count: int, rounds: int) -> list[dict]:
 
 def _run_worker(arch: str, size: int, count: int, rounds: int) -> list[dict]:
     """A fresh process per (arch, size), so one measurement's memory does not inflate the next."""
-    cmd = [sys.executable, "-m", "viq_mllm.bench.encode", "--worker", arch, str(size), str(count), str(rounds)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return launch.call("viq_mllm.bench.encode:measure", arch, size, count, rounds)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -145,7 +142,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--worker":
-        print(json.dumps(measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))
-    else:
-        sys.exit(main())
+    sys.exit(main())

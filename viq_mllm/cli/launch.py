@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import subprocess
-import sys
 from typing import Callable
+
+from viq_mllm import launch
 
 
 def relaunched(args: argparse.Namespace) -> int | None:
@@ -24,8 +24,7 @@ def relaunched(args: argparse.Namespace) -> int | None:
         skip = item == "--nproc"
         if not skip:
             rest.append(item)
-    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={args.nproc}", "-m", "viq_mllm", *rest])
+    return launch.torchrun(args.nproc, rest)
 
 
 def on_every_rank(job: Callable[[argparse.Namespace, int, int], int]) -> Callable[[argparse.Namespace], int]:
