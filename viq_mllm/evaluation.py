@@ -77,12 +77,27 @@ def report_table(report: dict) -> str:
     return markdown_table(["questions", "exact match", "count"], rows)
 
 
+def right_and_other_pairs(n: int) -> list[tuple[int, int]]:
+    """(image, caption) pairs: each of ``n`` samples with its own image, then with another one's (image
+    ``(i + n // 2) % n``: half the list away, since in a sorted folder the neighbour is often the same kind of
+    picture)."""
+    return [(i, i) for i in range(n)] + [((i + n // 2) % n, i) for i in range(n)]
+
+
+def right_vs_other(values: list[float]) -> dict:
+    """The caption losses of :func:`right_and_other_pairs`, summarised: ``loss_right_image``,
+    ``loss_other_image`` (means) and ``right_image_lower`` (the fraction where the right image gives the lower
+    loss; chance 1/2)."""
+    n = len(values) // 2
+    right, other = values[:n], values[n:]
+    return {"count": n, "loss_right_image": sum(right) / n, "loss_other_image": sum(other) / n,
+            "right_image_lower": sum(r < o for r, o in zip(right, other)) / n}
+
+
 def caption_report(losses: CaptionLosses, n: int, k: int = 10, seed: int = 0) -> dict:
     """Held-out caption metrics of ``n`` one-image samples:
 
-    - ``loss_right_image`` / ``loss_other_image``: the mean caption loss after the sample's own image and after
-      another one (image ``(i + n // 2) % n``); ``right_image_lower``: the fraction where the right image gives
-      the lower loss (chance 1/2).
+    - :func:`right_vs_other`: ``loss_right_image``, ``loss_other_image`` and ``right_image_lower``;
     - ``retrieval_accuracy``: for each image, its caption among ``k`` candidates (``k - 1`` other captions drawn
       with ``seed``) must score strictly best (chance 1/k). A caption's score is its loss after the image minus
       its loss alone: what the image explains (pointwise mutual information), so that short, common captions do
@@ -95,18 +110,15 @@ def caption_report(losses: CaptionLosses, n: int, k: int = 10, seed: int = 0) ->
         raise ValueError(f"caption retrieval among k={k} candidates needs k >= 2 and at least {k} samples, got {n}")
     rng = random.Random(seed)
     others = [rng.sample([j for j in range(n) if j != i], k - 1) for i in range(n)]
-    shift = n // 2
-    pairs = ([(i, i) for i in range(n)] + [((i + shift) % n, i) for i in range(n)] + [(None, j) for j in range(n)]
-             + [(i, j) for i in range(n) for j in others[i]])
-    values = losses(pairs)
-    right, other, alone, rest = values[:n], values[n:2 * n], values[2 * n:3 * n], values[3 * n:]
+    values = losses(right_and_other_pairs(n) + [(None, j) for j in range(n)]
+                    + [(i, j) for i in range(n) for j in others[i]])
+    report = right_vs_other(values[:2 * n])
+    right, alone, rest = values[:n], values[2 * n:3 * n], values[3 * n:]
     wins = 0
     for i in range(n):
         candidates = rest[i * (k - 1):(i + 1) * (k - 1)]
         wins += all(right[i] - alone[i] < loss - alone[j] for loss, j in zip(candidates, others[i]))
-    return {"count": n, "loss_right_image": sum(right) / n, "loss_other_image": sum(other) / n,
-            "right_image_lower": sum(r < o for r, o in zip(right, other)) / n,
-            "retrieval_k": k, "retrieval_accuracy": wins / n, "retrieval_chance": 1 / k}
+    return {**report, "retrieval_k": k, "retrieval_accuracy": wins / n, "retrieval_chance": 1 / k}
 
 
 def caption_table(report: dict) -> str:

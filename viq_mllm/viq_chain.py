@@ -120,8 +120,8 @@ def report(out: Path, s: dict) -> str:
     for stage, r in s["stages"].items():
         terms = ", ".join(f"{k} {r['first'][k]:.3g} -> {r['last'][k]:.3g}" for k in r["first"])
         cap = r["captions"]
-        captions = (f"{cap['caption_loss_right_image']:.3f} / {cap['caption_loss_other_image']:.3f} "
-                    f"({cap['right_image_lower_fraction']:.0%})") if cap else "-"
+        captions = (f"{cap['loss_right_image']:.3f} / {cap['loss_other_image']:.3f} "
+                    f"({cap['right_image_lower']:.0%})") if cap else "-"
         rec = r["reconstruction"]
         recon = (f"{rec['psnr']:.2f} dB / {rec['ssim']:.3f} vs {rec['psnr_patch_mean_baseline']:.2f} dB / "
                  f"{rec['ssim_patch_mean_baseline']:.3f}") if rec else "-"

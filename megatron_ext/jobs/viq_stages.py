@@ -31,6 +31,7 @@ from viq_mllm.data.captioned import CaptionedImages, images_for_step, load_capti
 from viq_mllm.data.layout import projected_caption_document
 from viq_mllm.data.multimodal import PackedDataset, PackedSource
 from viq_mllm.data.order import rank_micro_batches
+from viq_mllm.evaluation import right_and_other_pairs, right_vs_other
 from viq_mllm.data.packing import pack
 from viq_mllm.recipe import Recipe
 from viq_mllm.viq.config import ViQConfig
@@ -126,21 +127,19 @@ def adapters(vlm: VisionLanguageModel) -> dict:
 
 @torch.no_grad()
 def caption_losses(vlm: VisionLanguageModel, data: CaptionedImages, text) -> dict:
-    """Held-out caption loss after the right image vs after another image: the one half the list away (the
-    demo's choice; in a sorted folder the neighbour is often the same kind of picture)."""
+    """Held-out caption loss after the right image vs after another image
+    (:func:`viq_mllm.evaluation.right_vs_other`), the images projected as the stage trains them."""
     keys = list(data.captions)
 
-    def losses(images: list[str]) -> list[float]:
-        docs = [projected_caption_document(text, data.grids[image], data.captions[key], image)
-                for key, image in zip(keys, images)]
+    def losses(pairs: list[tuple[int, int]]) -> list[float]:
+        docs = [projected_caption_document(text, data.grids[keys[i]], data.captions[keys[j]], keys[i])
+                for i, j in pairs]
         return inference.caption_losses(vlm, docs, attach=data.attach)
 
     vlm.eval()
-    right, other = losses(keys), losses(keys[len(keys) // 2:] + keys[: len(keys) // 2])
+    report = right_vs_other(losses(right_and_other_pairs(len(keys))))
     vlm.train()
-    return {"caption_loss_right_image": sum(right) / len(right), "caption_loss_other_image": sum(other) / len(other),
-            "right_image_lower_fraction": sum(r < o for r, o in zip(right, other)) / len(right),
-            "documents": len(right)}
+    return report
 
 
 def image_pool(recipe: Recipe, data: CaptionedImages, cfg: ViQConfig) -> list[Preprocessed]:
