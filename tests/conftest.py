@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from viq_mllm.data.synthetic import make_vlm_assets
+from viq_mllm.bench.synthetic import make_vlm_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny_text_cpu.yaml")

@@ -187,7 +187,7 @@ def test_kill_9_mid_prepare_then_rerun_gives_byte_identical_files(tmp_path):
 
     from conftest import ROOT
 
-    from viq_mllm.data.synthetic import make_code_shards
+    from viq_mllm.bench.synthetic import make_code_shards
 
     assets = make_code_shards(tmp_path / "data", samples=4000, shard_size=20)  # 200 shards: time to kill
     run_prepare(assets, tmp_path / "straight", seq_length=1024)

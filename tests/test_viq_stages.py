@@ -70,7 +70,7 @@ RECIPE = {"stage1": "viq_tiny_stage1", "proximal": "viq_tiny_stage2_proximal", "
 
 @pytest.fixture(scope="module")
 def stage_assets(tmp_path_factory):
-    from viq_mllm.data.synthetic import make_captioned_shapes
+    from viq_mllm.bench.synthetic import make_captioned_shapes
 
     root = tmp_path_factory.mktemp("viq_stages")
     make_captioned_shapes(root / "images", 24)

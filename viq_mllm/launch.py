@@ -21,6 +21,8 @@ import subprocess
 import sys
 from typing import Any
 
+from viq_mllm.console import configure_logging
+
 #: the variables torchrun sets; a child started with ``alone=True`` is a plain single process
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                       "MASTER_PORT", "TORCHELASTIC_RUN_ID")
@@ -68,8 +70,6 @@ def torchrun(nproc: int, args: list[str]) -> int:
 
 def _child(target: str, arguments: str) -> int:
     """The child's side of :func:`call`: run the function, print its result on a line of its own."""
-    from viq_mllm.console import configure_logging
-
     configure_logging()
     module, _, name = target.partition(":")
     try:

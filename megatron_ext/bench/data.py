@@ -28,7 +28,7 @@ from viq_mllm.data.loader import MicroBatchLoader
 from viq_mllm.data.multimodal import PackedDataset, PackedSource, documents_from_shards
 from viq_mllm.data.packing import pack
 from viq_mllm.data.shards import CodeShards
-from viq_mllm.data.synthetic import make_code_shards
+from viq_mllm.bench.synthetic import make_code_shards
 from viq_mllm.metrics import read_metrics
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
 

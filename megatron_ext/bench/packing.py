@@ -1,7 +1,7 @@
 """``viq-mllm bench packing``: the tiny VLM recipe with packed rows vs one document per row.
 
 Both variants train the same recipe for the same number of steps on the same shards (synthetic captioned
-shapes unless ``--assets`` names a folder made by ``viq_mllm.data.synthetic``), twice each in alternating order.
+shapes unless ``--assets`` names a folder made by ``viq_mllm.bench.synthetic``), twice each in alternating order.
 Reported per variant: median real (non-padding) tokens/s, padding fraction, step time.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from viq_mllm import launch
 from viq_mllm.bench.report import publish
 from viq_mllm.console import Parser, markdown_table, plain
-from viq_mllm.data.synthetic import make_vlm_assets
+from viq_mllm.bench.synthetic import make_vlm_assets
 from viq_mllm.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

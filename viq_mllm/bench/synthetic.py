@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from viq_mllm import artifact
 from viq_mllm.data.extract import run_tokenize
 from viq_mllm.data.shards import KIND, SHARD_FORMAT, SHARD_NAME, CodeImage, CodeSample, write_shard
@@ -52,9 +54,6 @@ def make_code_shards(root: Path, samples: int, grid: tuple[int, int] = (24, 24),
     """``samples`` random code grids (a 384 px image's 24 x 24 patches by default) with short captions, written as
     a code-shard set of the tiny 2k tokenizer, and its extended vocabulary: data at scale without encoding any
     image (for benchmarks of the data path)."""
-    import numpy as np
-
-
     viq = ViQTokenizer.from_config("tiny", preset="2k", seed=seed)
     viq_dir = viq.save_pretrained(root / "viq")
     rng = np.random.default_rng(seed)
