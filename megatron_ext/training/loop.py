@@ -276,75 +276,63 @@ def run_training(
 ) -> list[dict]:
     """Train ``train.steps`` optimizer steps from the latest checkpoint (if any); returns the metrics rows."""
     recipe, layout = trainer.recipe, trainer.layout
-    t = recipe.train
-    run_dir = Path(recipe.run.dir)
-    ckpt_root = run_dir / "checkpoints"
-    if layout.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, run_dir / "recipe.yaml")
-    dist.barrier()
-    checkpoint.remove_incomplete(ckpt_root)
-    start, counters = 0, {"nan_skips": 0}
-    resume_from = checkpoint.latest(ckpt_root)
-    if resume_from is not None:
-        check_same_vocab(checkpoint.read_meta(resume_from).vocab, trainer.meta.vocab, resume_from)
-        start, counters = checkpoint.load(
-            resume_from, trainer.unwrapped, trainer.optimizer, trainer.scheduler
-        )
-
-    log, health = None, Health(t.max_nan_skips, counters["nan_skips"])
-    if layout.rank == 0:
-        log = MetricsLog(run_dir, start, recipe.log.tensorboard, recipe.log.wandb, recipe.log.wandb_project,
-                         recipe.run.name)
+    run_dir, ckpt_root = Path(recipe.run.dir), Path(recipe.run.dir) / "checkpoints"
+    start, counters = _start(trainer, run_dir, ckpt_root)
+    health = Health(recipe.train.max_nan_skips, counters["nan_skips"])
+    log = MetricsLog(run_dir, start, recipe.log.tensorboard, recipe.log.wandb, recipe.log.wandb_project,
+                     recipe.run.name) if layout.rank == 0 else None
     bar = _progress(layout, recipe, start)
     rows = []
-    for step in range(start, t.steps):
+    for step in range(start, recipe.train.steps):
         began = time.perf_counter()
         loss_sum, count, real, extras = forward_backward(trainer, batches_for_step(step), forward_step)
-        loss = loss_sum / max(count, 1.0)
-        lr = trainer.optimizer.param_groups[0]["lr"]
+        loss, lr = loss_sum / max(count, 1.0), trainer.optimizer.param_groups[0]["lr"]
         finite = all(math.isfinite(v) for v in (loss, *extras.values()))
         applied, grad_norm = optimizer_step(trainer) if finite else (False, float("nan"))
-        terms = f" ({extras})" if extras else ""
+        detail = f"loss {loss}{f' ({extras})' if extras else ''}, gradient norm {grad_norm}"
         try:
-            health.record(step + 1, applied, f"loss {loss}{terms}, gradient norm {grad_norm}")
+            health.record(step + 1, applied, detail)
         except NonFiniteLossError as error:
-            set_aside = checkpoint.set_aside_from(ckpt_root, health.suspect_step)
-            raise NonFiniteLossError(f"{error}; {set_aside}") from None
+            raise NonFiniteLossError(f"{error}; {checkpoint.set_aside_from(ckpt_root, health.suspect_step)}") from None
         counters["nan_skips"] = health.total
         elapsed = time.perf_counter() - began
-        row = {
-            "step": step + 1,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": tokens_per_step,
-            "loss_tokens": int(count),
-            "real_tokens": int(real),
-            "padding_fraction": 1.0 - real / tokens_per_step,
-            "step_time_s": elapsed,
-            "tokens_per_s": tokens_per_step / elapsed,
-            "skipped": not applied,
-            "nan_skips": counters["nan_skips"],
-            **extras,
-        }
-        rows.append(row)
-        if log is not None:
-            log.log(row)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-            bar.update(1)  # redraws (postfix included) at the bar's interval, not every step
+        rows.append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_per_step,
+                     "loss_tokens": int(count), "real_tokens": int(real),
+                     "padding_fraction": 1.0 - real / tokens_per_step, "step_time_s": elapsed,
+                     "tokens_per_s": tokens_per_step / elapsed, "skipped": not applied,
+                     "nan_skips": counters["nan_skips"], **extras})
+        _report(rows[-1], log, bar)
         every = recipe.checkpoint.every
-        if every and applied and ((step + 1) % every == 0 or step + 1 == t.steps):
-            checkpoint.save(
-                ckpt_root, step + 1, trainer.unwrapped, trainer.optimizer, trainer.scheduler,
-                recipe.checkpoint.keep_last, counters, trainer.meta,
-            )
-    if bar is not None:
-        bar.close()
-    if log is not None:
-        log.close()
+        if every and applied and ((step + 1) % every == 0 or step + 1 == recipe.train.steps):
+            checkpoint.save(ckpt_root, step + 1, trainer.unwrapped, trainer.optimizer, trainer.scheduler,
+                            recipe.checkpoint.keep_last, counters, trainer.meta)
+    for sink in (bar, log):
+        if sink is not None:
+            sink.close()
     return rows
+
+
+def _start(trainer: Trainer, run_dir: Path, ckpt_root: Path) -> tuple[int, dict]:
+    """Write the resolved recipe, clear a killed save, and resume from the newest checkpoint (vocabulary
+    checked); returns (step, counters)."""
+    if trainer.layout.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(trainer.recipe, run_dir / "recipe.yaml")
+    dist.barrier()
+    checkpoint.remove_incomplete(ckpt_root)
+    resume_from = checkpoint.latest(ckpt_root)
+    if resume_from is None:
+        return 0, {"nan_skips": 0}
+    check_same_vocab(checkpoint.read_meta(resume_from).vocab, trainer.meta.vocab, resume_from)
+    return checkpoint.load(resume_from, trainer.unwrapped, trainer.optimizer, trainer.scheduler)
+
+
+def _report(row: dict, log: Optional[MetricsLog], bar) -> None:
+    if log is not None:
+        log.log(row)
+    if bar is not None:
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+        bar.update(1)  # redraws (postfix included) at the bar's interval, not every step
 
 
 def _progress(layout: Layout, recipe: Recipe, start: int):
