@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,7 +126,7 @@ def _prepare_part(job: artifact.ShardedJob, shards: CodeShards, shard: int, toke
     prefix = _part_prefix(job, shard)
     prefix.parent.mkdir(exist_ok=True)
     dtypes = _dtypes(tokenizer.vocab.size)
-    builders = {f: IndexedDatasetBuilder(f"{prefix}.{f}.bin.tmp", dtype=dtypes[f]) for f in FIELDS}
+    builders = {f: IndexedDatasetBuilder(f"{prefix}.{f}.bin", dtype=dtypes[f]) for f in FIELDS}
     for sample in read_shard(shards.shards[shard]):
         name = f"{shards.shards[shard].name}: sample {sample.key}"
         doc = fit(sample_document(shards.directory, sample, tokenizer, task, group), seq_length, truncate, name)
@@ -136,9 +135,8 @@ def _prepare_part(job: artifact.ShardedJob, shards: CodeShards, shard: int, toke
             builders[field].end_document()
     files = {}
     for field, builder in builders.items():
-        builder.finalize(f"{prefix}.{field}.idx.tmp")
-        for ext in ("bin", "idx"):
-            os.replace(f"{prefix}.{field}.{ext}.tmp", f"{prefix}.{field}.{ext}")
+        builder.finalize(f"{prefix}.{field}.idx")
+        for ext in ("bin", "idx"):  # trusted only once the unit's record says so, with these sizes
             path = Path(f"{prefix}.{field}.{ext}")
             files[str(path.relative_to(job.path))] = {"bytes": path.stat().st_size, "sha256": ""}
     job.finish_unit(shard, files, {})

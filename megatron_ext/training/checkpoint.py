@@ -134,9 +134,7 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, keep_last: int
     state = _sharded_state(model, optimizer, scheduler, step, counters, is_loading=False)
     _publish(path, meta, state, {"step": step, **counters})
     if dist.get_rank() == 0:
-        tmp = ckpt_root / "latest.tmp"
-        tmp.write_text(path.name)
-        tmp.replace(ckpt_root / "latest")
+        artifact.write_atomic(ckpt_root / "latest", path.name.encode())
         for old in _steps(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -205,8 +203,7 @@ def set_aside_from(ckpt_root: Path, step: int) -> str:
             path.rename(path.with_name(path.name + SUSPECT))
         kept = _steps(ckpt_root)
         if kept:
-            (ckpt_root / "latest.tmp").write_text(kept[-1].name)
-            (ckpt_root / "latest.tmp").replace(ckpt_root / "latest")
+            artifact.write_atomic(ckpt_root / "latest", kept[-1].name.encode())
         elif (ckpt_root / "latest").exists():
             (ckpt_root / "latest").unlink()
     dist.barrier()
