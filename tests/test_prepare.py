@@ -11,7 +11,6 @@ from conftest import VLM, train_vlm_cli
 from megatron_ext.data import prepared
 from megatron_ext.data.prepared import PreparedMismatch, PreparedRows, prepare
 from viq_mllm.data.multimodal import documents_from_shards
-from viq_mllm.data.packing import collate, pack
 from viq_mllm.data.shards import CodeShards
 from viq_mllm.recipe import load_recipe
 from viq_mllm.vocab.tokenizer import MultimodalTokenizer
@@ -28,23 +27,36 @@ def digests(folder) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("group, one_per_row, seq, align", [(16, False, SEQ, 1), (1, True, 1024, 1), (16, False, SEQ, 16)])
-def test_prepared_rows_equal_the_in_memory_rows(vlm_assets, tmp_path, group, one_per_row, seq, align):
+def test_prepared_files_and_rows_equal_independent_references(vlm_assets, tmp_path, group, one_per_row, seq, align):
+    """The files, read with megatron-core's own ``IndexedDataset`` (not our reader), hold the documents built in
+    memory, in shard order; the rows are the textbook first-fit-decreasing of their aligned lengths
+    (``scanned_first_fit_decreasing``, not ``row_documents``); ``PreparedRows`` serves exactly those."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from test_layout_packing import scanned_first_fit_decreasing
+
+    from viq_mllm.data.packing import aligned
+
     tokenizer = MultimodalTokenizer.from_dir(vlm_assets["vocab"])
     docs = documents_from_shards(CodeShards(vlm_assets["shards"]), tokenizer, "pretrain", group)
-    expected = pack(docs, seq, one_per_row=one_per_row, align=align)
     run_prepare(vlm_assets, tmp_path / "p", seq, group=group, pack=not one_per_row, pack_align=align)
+    files = {f: IndexedDataset(str(tmp_path / "p" / f)) for f in ("tokens", "loss_mask", "visual", "codes", "images")}
+    assert len(files["tokens"]) == len(docs)
+    for i, doc in enumerate(docs):
+        assert files["tokens"][i].tolist() == doc.tokens.tolist()
+        assert files["visual"][i].astype(bool).tolist() == doc.visual.tolist()
+        assert files["loss_mask"][i].tolist() == doc.loss_mask.int().tolist()
+        assert files["codes"][i].reshape(-1, group).tolist() == doc.codes.tolist()
+        assert files["images"][i].tobytes().decode().split("\n")[:-1] == doc.images
+    lengths = [aligned(len(d), align) for d in docs]
+    expected = [[i] for i in range(len(docs))] if one_per_row else \
+        [sorted(b) for b in scanned_first_fit_decreasing(lengths, seq)]
     rows = PreparedRows(tmp_path / "p")
     assert len(rows) == len(expected)
-    for ours, theirs in zip(rows, expected):
-        assert [len(d) for d in ours.documents] == [len(d) for d in theirs.documents]
-        for a, b in zip(ours.documents, theirs.documents):
-            assert a.images == b.images and len(a.images) == 1 and a.images[0] is not None
-            for name in ("tokens", "visual", "codes", "loss_mask"):
-                assert torch.equal(getattr(a, name), getattr(b, name)), name
-    for key, value in collate(list(rows)).items():
-        reference = collate(expected)[key]
-        assert value == reference if key == "images" else torch.equal(value, reference), key
-    assert rows.padding_fraction == pytest.approx(1 - sum(r.real for r in expected) / (len(expected) * seq))
+    for row, members in zip(rows, expected):
+        assert [d.tokens.tolist() for d in row.documents] == [docs[i].tokens.tolist() for i in members]
+        assert row.align == align and row.used == sum(lengths[i] for i in members) <= seq
+    real = sum(len(d) for d in docs)
+    assert rows.padding_fraction == pytest.approx(1 - real / (len(expected) * seq))
 
 
 def test_reruns_and_an_interrupted_run_give_byte_identical_files(vlm_assets, tmp_path, monkeypatch):
