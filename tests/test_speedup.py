@@ -96,10 +96,8 @@ def test_speedup_benchmark_writes_the_table(tmp_path):
         assert min(r["t_discrete"], r["t_continuous"], r["t_text_only"]) > 0
         # what a reader sees is what the JSON holds: the cell's times, to the table's precision
         assert f"| {r['llm']} | {r['seq_len']} | {r['t_discrete']:.3f} | {r['t_continuous']:.3f} |" in proc.stdout
-        # the discrete model is its own LLM on the same positions: the FLOP model charges the codes nothing, and
-        # the baseline pays its vision encoder on top
+        # the discrete model is its own LLM on the same positions: the FLOP model charges the codes nothing
         assert r["flops"]["discrete"] == pytest.approx(r["flops"]["text_only"])
-        assert r["flops"]["discrete"] < r["flops"]["continuous"]
         assert 0 < r["image_share"] < 1
     assert (tmp_path / "speedup.png").stat().st_size > 0
 
