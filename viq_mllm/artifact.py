@@ -192,7 +192,7 @@ def verify(folder: Path, full: bool = False, kind: Optional[str] = None, hashed:
         elif (full or name in hashed) and file_record(path)["sha256"] != record["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (the file changed after it was written)")
     listed = set(manifest["files"]) | {MANIFEST}
-    problems += [f"{name}: not in the manifest" for name in _files(folder) if name not in listed]
+    problems += [f"{name}: not in the manifest" for name in files_in(folder) if name not in listed]
     if problems:
         raise DamagedArtifact(f"{folder} is damaged: " + "; ".join(problems))
     return manifest
@@ -204,7 +204,8 @@ def find(folder: Path) -> list[Path]:
     return sorted(p.parent for p in folder.rglob(MANIFEST) if not any(q.name.endswith(PARTIAL) for q in p.parents))
 
 
-def _files(folder: Path) -> list[str]:
+def files_in(folder: Path) -> list[str]:
+    """Every file below ``folder``, as sorted relative paths."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
@@ -247,7 +248,7 @@ class Staging:
         ``records``: checksums gathered elsewhere (by other ranks); any other file is hashed now."""
         known = {**self.records, **(records or {})}
         files = {name: known.get(name) or file_record(self.path / name)
-                 for name in _files(self.path) if name != MANIFEST}
+                 for name in files_in(self.path) if name != MANIFEST}
         manifest = {**asdict(self.spec), "versions": versions(), "files": files, "summary": summary or {}}
         write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         old = self.final.with_name(self.final.name + ".old")
@@ -316,7 +317,7 @@ class ShardedJob:
         units' own files) is given, every other file not written through :meth:`Staging.open`; then seal."""
         shutil.rmtree(self.path / self.UNITS)
         if files is not None:
-            for name in _files(self.path):
+            for name in files_in(self.path):
                 if name not in files and name not in self.stage.records:
                     (self.path / name).unlink()
         return self.stage.seal(summary, files)
