@@ -91,6 +91,23 @@ def test_parallel_equals_single_process(vlm_assets, single, tmp_path, layout):
 
 
 @pytest.mark.e2e
+def test_visual_mode_is_layout_independent_and_resumes_exactly(vlm_assets, tmp_path):
+    """train.trainable=visual at TP=2 (the table split over two ranks: text rows on both) and over two data-parallel
+    ranks with the distributed optimizer (its state sharded) gives the single process's losses (1e-3: reductions
+    in another order, fp32); stopped after 3 steps and resumed, the single process's to 1e-6."""
+    visual = [*STEPS, "train.trainable=visual", "train.lr=3e-3", "train.decay_steps=6", "checkpoint.every=3"]
+    alone = train_vlm_cli(tmp_path / "alone", vlm_assets, *visual)
+    assert alone[-1]["loss"] < alone[0]["loss"] - 0.1, "the visual rows alone must still learn"
+    for name, layout in (("tp2", ["parallel.tp=2"]), ("dp2", ["parallel.distributed_optimizer=true"])):
+        rows = train_vlm_cli(tmp_path / name, vlm_assets, *visual, *layout, nproc=2)
+        for ours, ref in zip(rows, alone, strict=True):
+            assert abs(ours["loss"] - ref["loss"]) / ref["loss"] < 1e-3, (name, ours, ref)
+    train_vlm_cli(tmp_path / "resumed", vlm_assets, *visual, "train.steps=3")
+    resumed = train_vlm_cli(tmp_path / "resumed", vlm_assets, *visual)
+    assert [abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(resumed, alone, strict=True)] == [True] * 6
+
+
+@pytest.mark.e2e
 def test_stop_and_resume_is_exact(vlm_assets, single, tmp_path):
     common = ["train.decay_steps=6", "train.warmup_steps=2", "checkpoint.every=3"]
     train_vlm_cli(tmp_path / "run", vlm_assets, *common, "train.steps=3")
@@ -165,3 +182,47 @@ def test_init_checkpoint_of_another_vocabulary_is_refused(vlm_assets, tmp_path):
                     f"init.checkpoint={tmp_path / 'text' / 'checkpoints' / 'step_00000002'}", check=False)
     assert proc.returncode != 0
     assert "checkpoint text_fingerprint is 'bytes-utf8-v1', this run expects 'text-" in proc.stderr
+
+
+def test_visual_mode_trains_only_the_added_rows_and_the_visual_module(vlm_assets, megatron_single):
+    """train.trainable=visual on the tiny VLM (tied embedding): after three updates every text row of the table
+    and every other GPT parameter is bit for bit where it started, while the code rows and the slot vectors moved;
+    the frozen parameters have no optimizer state; the gradient norm is over the trainable gradients only."""
+    from megatron_ext.training.loop import build_trainer, forward_backward, optimizer_step
+    from megatron_ext.vlm.build import build_vlm, vocab_record
+    from megatron_ext.vlm.model import vlm_forward_step
+    from viq_mllm.data.multimodal import documents_from_shards
+    from viq_mllm.data.packing import collate, pack
+    from viq_mllm.data.shards import CodeShards
+    from viq_mllm.recipe import load_recipe
+    from viq_mllm.vocab.tokenizer import MultimodalTokenizer
+
+    recipe = load_recipe(VLM, [*vlm_overrides(vlm_assets), "train.trainable=visual", "train.lr=1e-2",
+                               "train.warmup_steps=0", "train.global_batch_size=1", "train.micro_batch_size=1"])
+    assert recipe.model.tie_embeddings
+    tokenizer = MultimodalTokenizer.from_dir(vlm_assets["vocab"])
+    text = tokenizer.vocab.text_size
+    model = build_vlm(recipe.model, recipe.parallel, tokenizer, megatron_single, recipe.train.seed)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = build_trainer(recipe, megatron_single, model, vocab_record(recipe, tokenizer), packed=True)
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for name, p in model.named_parameters()
+                       if name.startswith("visual.") or name.endswith("word_embeddings.weight")}
+    docs = documents_from_shards(CodeShards(vlm_assets["shards"]), tokenizer, "pretrain", 16)
+    for step in range(3):
+        batch = collate(pack(docs[step * 4:(step + 1) * 4], recipe.model.seq_length))
+        forward_backward(trainer, iter([{k: v for k, v in batch.items() if k != "images"}]), vlm_forward_step)
+        table = model.gpt.embedding.word_embeddings.weight
+        visual_grads = [p.main_grad for name, p in model.named_parameters() if name.startswith("visual.")]
+        expected = torch.cat([table.main_grad[text:].flatten(), *[g.flatten() for g in visual_grads]]).norm()
+        assert table.main_grad[:text].abs().sum() > 0  # the text rows do get gradients, to be kept from them
+        applied, norm = optimizer_step(trainer)
+        assert applied and norm == pytest.approx(float(expected), rel=1e-5)
+    for name, p in model.named_parameters():
+        if name.endswith("word_embeddings.weight"):
+            assert torch.equal(p[:text], before[name][:text])
+            assert not torch.equal(p[text:], before[name][text:])
+        elif name.startswith("visual."):
+            assert not torch.equal(p, before[name]), name
+        else:
+            assert torch.equal(p, before[name]), name

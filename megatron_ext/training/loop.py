@@ -29,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import patches
 from megatron_ext.patches import cpu_compat
-from megatron_ext.training import checkpoint
+from megatron_ext.training import checkpoint, trainable
 from megatron_ext.training.parallel import Layout, device
 from viq_mllm.console import progress
 from viq_mllm.health import Health, NonFiniteLossError
@@ -48,6 +48,7 @@ class Trainer:
     scheduler: OptimizerParamScheduler
     meta: checkpoint.CheckpointMeta  # written as model.json into every checkpoint
     schedule_shape: tuple[int, int]  # (seq_length, micro_batch_size) the pipeline schedule communicates
+    text_rows: list[trainable.TextRows]  # vocabulary rows kept still (train.trainable: visual)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -70,6 +71,7 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab:
     t, p = recipe.train, recipe.parallel
     if t.precision in ("bf16", "fp8"):
         model.bfloat16()
+    text_rows = trainable.freeze(model, t.trainable, vocab.text_size)
     config = model.config
     ddp = DistributedDataParallel(
         config,
@@ -80,22 +82,22 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab:
     )
     config.finalize_model_grads_func = finalize_model_grads if layout.world_size > 1 else finalize_alone
     config.no_sync_func = ddp.no_sync
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=t.precision in ("bf16", "fp8"),
-            params_dtype=config.params_dtype,
-            use_distributed_optimizer=p.distributed_optimizer,
-        ),
-        [ddp],
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=t.precision in ("bf16", "fp8"),
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=p.distributed_optimizer,
     )
+    optimizer = get_megatron_optimizer(
+        optimizer_config, [ddp],
+        config_overrides=trainable.config_overrides(optimizer_config, t.trainable, t.visual_lr_mult))
     patches.configure_optimizer(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -112,7 +114,8 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab:
     )
     meta = checkpoint.CheckpointMeta(model=recipe.model, vocab=vocab, hf_config=hf_config)
     seq, mbs = recipe.model.seq_length, t.micro_batch_size
-    return Trainer(recipe, layout, ddp, optimizer, scheduler, meta, (seq * mbs, 1) if packed else (seq, mbs))
+    return Trainer(recipe, layout, ddp, optimizer, scheduler, meta, (seq * mbs, 1) if packed else (seq, mbs),
+                   text_rows)
 
 
 def finalize_alone(model: list[DistributedDataParallel], num_tokens: torch.Tensor | None = None, **_) -> None:
@@ -200,6 +203,7 @@ def optimizer_step(trainer: Trainer) -> tuple[bool, float]:
     decides alike (it is reduced over the model-parallel ranks); a skip changes no parameter, optimizer state or
     LR schedule, as megatron's skip on ``found_inf`` does."""
     optimizer = trainer.optimizer
+    trainable.mask_text_rows(trainer.text_rows)
     if cpu_compat.native(optimizer.prepare_grads)():  # found_inf: megatron's own skip (loss-scaled fp16)
         return False, float("nan")
     grad_norm = float(cpu_compat.native(optimizer.get_grad_norm)())

@@ -77,6 +77,9 @@ def _check_kind(recipe: Recipe) -> None:
         raise RecipeError("kind=vlm needs a model.visual section (embedding, group, viq)")
     if recipe.kind == "text_lm" and visual is not None:
         raise RecipeError("model.visual is only for kind=vlm")
+    if recipe.kind != "vlm" and (recipe.train.trainable != "all" or recipe.train.visual_lr_mult != 1.0):
+        raise RecipeError(f"train.trainable / train.visual_lr_mult are for kind=vlm (the rows and modules a "
+                          f"vocabulary extension adds), not kind={recipe.kind}")
     if visual is not None and visual.embedding != "table" and visual.group != 16:
         raise RecipeError(f"model.visual.embedding={visual.embedding} pools 2x2 patches: needs "
                           f"model.visual.group=16, got {visual.group}")

@@ -183,6 +183,11 @@ class TrainSection(_Section):
     adam_eps: float = Field(default=1e-8, gt=0)
     clip_grad: float = Field(default=1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    #: all: every parameter trains; visual: only what the vocabulary extension and the visual path added (the
+    #: visual module, the embedding and output rows from text_size on), everything else frozen
+    trainable: Literal["all", "visual"] = "all"
+    #: learning-rate multiplier of the visual module's own parameters (slot vectors, embedder, projector)
+    visual_lr_mult: float = Field(default=1.0, gt=0)
     #: consecutive steps whose loss or gradient norm is NaN/inf (each skipped, its update not applied) that the
     #: run tolerates; one more stops it with a non-zero exit, its last checkpoint intact
     max_nan_skips: int = Field(default=3, ge=0)
