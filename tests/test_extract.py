@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from viq_mllm.data.extract import run_tokenize
+from viq_mllm.jobs.tokenize import run_tokenize
 from viq_mllm.data.shards import CodeShards, FingerprintMismatch, read_shard
 from viq_mllm.viq import ViQTokenizer
 

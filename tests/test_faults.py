@@ -16,7 +16,7 @@ from conftest import QUIET, TINY, viq_mllm
 from PIL import Image
 
 from viq_mllm import artifact
-from viq_mllm.data.extract import run_tokenize
+from viq_mllm.jobs.tokenize import run_tokenize
 from viq_mllm.viq import ViQTokenizer
 
 
@@ -94,7 +94,7 @@ def test_an_uncaptioned_image_is_skipped_at_tokenize_with_its_reason(images, two
 
 def test_prepare_refuses_shards_of_another_tokenizer_than_the_vocabulary(vlm_assets, images, two_tokenizers,
                                                                          tmp_path):
-    from megatron_ext.data.prepared import prepare
+    from megatron_ext.jobs.prepare import prepare
     from viq_mllm.data.shards import FingerprintMismatch
 
     tokenize(two_tokenizers[1], images, tmp_path / "shards")
@@ -105,7 +105,7 @@ def test_prepare_refuses_shards_of_another_tokenizer_than_the_vocabulary(vlm_ass
 
 @pytest.fixture(scope="module")
 def prepared_dir(vlm_assets, tmp_path_factory):
-    from megatron_ext.data.prepared import prepare
+    from megatron_ext.jobs.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "p"
     prepare(vlm_assets["shards"], vlm_assets["vocab"], out, "pretrain", 256, show_progress=False)

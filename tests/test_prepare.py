@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import VLM, train_vlm_cli
 
-from megatron_ext.data import prepared
-from megatron_ext.data.prepared import PreparedMismatch, PreparedRows, prepare
+from megatron_ext.data.prepared import PreparedMismatch, PreparedRows
+from megatron_ext.jobs import prepare as prepare_job
+from megatron_ext.jobs.prepare import prepare
 from viq_mllm.data.multimodal import documents_from_shards
 from viq_mllm.data.shards import CodeShards
 from viq_mllm.recipe import load_recipe
@@ -68,7 +69,7 @@ def test_reruns_and_an_interrupted_run_give_byte_identical_files(vlm_assets, tmp
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed after the parts")
 
-    monkeypatch.setattr(prepared, "_finish", killed)
+    monkeypatch.setattr(prepare_job, "_finish", killed)
     with pytest.raises(KeyboardInterrupt):
         run_prepare(vlm_assets, tmp_path / "b")
     parts = tmp_path / "b.partial" / "parts"
@@ -153,7 +154,7 @@ def test_llava_json_with_several_and_no_images_is_tokenized_and_prepared(vlm_ass
     source images in placeholder order."""
     import json
 
-    from viq_mllm.data.extract import run_tokenize
+    from viq_mllm.jobs.tokenize import run_tokenize
     from viq_mllm.data.layout import IMAGE_PLACEHOLDER
     from viq_mllm.viq import ViQTokenizer
 

@@ -33,6 +33,8 @@ def test_run_dir_contents_read_back_by_independent_readers(three_steps):
     from viq_mllm.recipe import load_recipe
 
     run_dir = three_steps
+    log = (run_dir / "log.txt").read_text()
+    assert "megatron-core patches:" in log, log  # the run's log lines, as the terminal showed them
     given = load_recipe(TINY, [f"run.dir={run_dir}", "train.steps=3", "train.warmup_steps=1", "checkpoint.every=3",
                                "log.progress=false"])
     assert load_recipe(run_dir / "recipe.yaml") == given

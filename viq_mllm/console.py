@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 #: set (to anything but 0) to see the traceback of an expected error, as ``--debug`` does
@@ -90,6 +91,22 @@ def configure_logging(debug: bool = False) -> None:
         logger.handlers[:] = [handler]
         logger.propagate = False
         logger.setLevel(logging.DEBUG if debug else logging.INFO if rank == 0 else logging.WARNING)
+
+
+class _RunLog(logging.FileHandler):
+    """The run's log file (one class, so a second run in the same process replaces the first's)."""
+
+
+def log_to_file(path: Path) -> None:
+    """Also write the project's log lines to ``path``, as the terminal shows them (appended: a resumed run
+    continues its log). Rank 0's lines: the other ranks' warnings reach the terminal."""
+    handler = _RunLog(path, encoding="utf-8")
+    handler.setFormatter(_Format(0))
+    for name in ("viq_mllm", "megatron_ext"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [h for h in logger.handlers if not isinstance(h, _RunLog)] + [handler]
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
 
 
 class _Format(logging.Formatter):

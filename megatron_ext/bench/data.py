@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from viq_mllm import launch
-from megatron_ext.data.prepared import PreparedRows, prepare
+from megatron_ext.data.prepared import PreparedRows
+from megatron_ext.jobs.prepare import prepare
 from viq_mllm.bench.report import publish
 from viq_mllm.console import Parser, markdown_table, plain
 from viq_mllm.data.loader import MicroBatchLoader

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from viq_mllm import artifact
-from viq_mllm.data.extract import run_tokenize
+from viq_mllm.jobs.tokenize import run_tokenize
 from viq_mllm.data.shards import KIND, SHARD_FORMAT, SHARD_NAME, CodeImage, CodeSample, write_shard
 from viq_mllm.viq import ViQTokenizer
 from viq_mllm.vocab.extend import extend_vocab

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from viq_mllm.bench.report import publish
 from viq_mllm.console import Parser, markdown_table, plain
-from viq_mllm.data.extract import run_tokenize
+from viq_mllm.jobs.tokenize import run_tokenize
 from viq_mllm.viq import ViQTokenizer
 
 

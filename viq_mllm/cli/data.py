@@ -13,7 +13,7 @@ from viq_mllm.cli.launch import on_every_rank
 
 @on_every_rank
 def _tokenize(args: argparse.Namespace, rank: int, world: int) -> int:
-    from viq_mllm.data.extract import run_tokenize
+    from viq_mllm.jobs.tokenize import run_tokenize
 
     run_tokenize(args.viq, args.input, args.out, workers=args.workers, shard_size=args.shard_size,
                  max_tokens=args.max_tokens, max_source_pixels=args.max_source_pixels, rank=rank, world=world,
@@ -23,7 +23,7 @@ def _tokenize(args: argparse.Namespace, rank: int, world: int) -> int:
 
 @on_every_rank
 def _prepare(args: argparse.Namespace, rank: int, world: int) -> int:
-    from megatron_ext.data.prepared import prepare
+    from megatron_ext.jobs.prepare import prepare
 
     record = prepare(args.shards, args.vocab, args.out, args.task, args.seq_length, args.group, args.truncate,
                      not args.one_per_row, rank=rank, world=world, overwrite=args.overwrite, pack_align=args.pack_align)

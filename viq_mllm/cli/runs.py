@@ -23,14 +23,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _viq_chain(args: argparse.Namespace) -> int:
-    from viq_mllm.viq_chain import run_chain
+    from viq_mllm.jobs.viq_chain import run_chain
 
     run_chain(args.out)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from viq_mllm.demo import run_demo
+    from viq_mllm.jobs.demo import run_demo
 
     run_demo(args.out)
     return 0

@@ -41,7 +41,7 @@ from viq_mllm.viq.preprocess import to_rgb
 from viq_mllm.viq_training.reconstruction import evaluate_reconstruction, plot_reconstructions, train_reconstruction
 from viq_mllm.vocab.text_tokenizers import train_sentencepiece
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VLM_MODEL = ["model.hidden_size=128", "model.ffn_hidden_size=344", "model.seq_length=256",
              "model.num_query_groups=2", "model.num_attention_heads=4", "model.num_layers=4"]
 

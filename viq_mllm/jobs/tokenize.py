@@ -1,7 +1,7 @@
 """``viq-mllm tokenize``: offline ViQ code extraction into shards, resumable, deterministic, never stopped by
 a bad image.
 
-Inputs (``sources.py``) are numbered in a fixed order and cut into shards of ``shard_size``; rank ``r`` of
+Inputs (:mod:`viq_mllm.data.sources`) are numbered in a fixed order and cut into shards of ``shard_size``; rank ``r`` of
 ``world`` processes shards ``r, r + world, ...``. Images are decoded and preprocessed in DataLoader workers,
 encoded in packs of up to ``max_tokens`` patches. The output folder is an artifact written unit by unit
 (:class:`viq_mllm.artifact.ShardedJob`, one unit per shard): a rerun keeps the shards this same job finished and
@@ -125,8 +125,8 @@ def run_tokenize(viq_dir: str | Path, src: str | Path, out: str | Path, workers:
                  max_tokens: int = 2048, max_source_pixels: int = 64_000_000, rank: int = 0, world: int = 1,
                  show_progress: bool = True, image_root: str | Path | None = None, allow_no_text: bool = False,
                  overwrite: bool = False) -> dict:
-    """Tokenize ``src`` (``sources.py``; LLaVA-style paths relative to ``image_root``) into ``out``; returns the
-    summary (rank 0; ``{}`` on the others).
+    """Tokenize ``src`` (:mod:`viq_mllm.data.sources`; LLaVA-style paths relative to ``image_root``) into ``out``;
+    returns the summary (rank 0; ``{}`` on the others).
 
     ``out`` made by this same job is reused as it is; made from other inputs or options it is refused (both values
     named), or redone with ``overwrite``. Samples without a caption or conversation are skipped and reported

@@ -19,11 +19,11 @@ import logging
 import time
 from pathlib import Path
 
-from viq_mllm.demo import ensure_stamps, viq_mllm, write_jsonl
+from viq_mllm.jobs.demo import ensure_stamps, viq_mllm, write_jsonl
 from viq_mllm.metrics import read_metrics
 from viq_mllm.offline_assets import captioned_stamps, photo_crops, photos, smollm2_hf_dir
 
-ROOT = Path(__file__).resolve().parents[1]  # the recipes live here
+ROOT = Path(__file__).resolve().parents[2]  # the recipes live here
 HELD_OUT_PHOTOS = ["astronaut", "coffee", "chelsea", "grace_hopper"]
 TRAIN_PHOTOS = ["rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
 STAGES = ["stage1", "stage2_proximal", "stage2_fsq", "decoder"]
