@@ -269,3 +269,20 @@ def test_a_nan_gradient_with_a_finite_loss_changes_nothing(megatron_single):
     applied, norm = optimizer_step(trainer)
     assert applied and norm > 0 and trainer.scheduler.num_steps == before[1] + 1
     assert any(not torch.equal(a, p) for a, p in zip(before[0], trainer.model.parameters()))
+
+
+def test_publishing_never_replaces_a_folder_that_is_not_its_own_kind(tmp_path):
+    """An --out that is a user's folder (an HF model, images) is refused before anything is written, and left
+    as it was; an empty folder, or one of the same kind, is written over."""
+    user = tmp_path / "my_model"
+    user.mkdir()
+    (user / "config.json").write_text("{}")
+    with pytest.raises(artifact.StaleArtifact, match="is not a hf-export folder written by viq-mllm"):
+        artifact.Staging.begin(user, artifact.Spec("hf-export", 1))
+    assert [p.name for p in user.iterdir()] == ["config.json"] and not (tmp_path / "my_model.partial").exists()
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):  # an empty folder, then the export it became
+        stage = artifact.Staging.begin(tmp_path / "empty", artifact.Spec("hf-export", 1))
+        stage.write_json("config.json", {"a": 1})
+        stage.seal()
+    assert artifact.verify(tmp_path / "empty", full=True)["kind"] == "hf-export"

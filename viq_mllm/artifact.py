@@ -135,8 +135,11 @@ def read_manifest(folder: Path) -> dict:
 
 
 def kind_of(folder: Path) -> Optional[str]:
-    """The kind a folder's manifest declares; None when it has no manifest."""
-    return read_manifest(folder).get("kind") if (Path(folder) / MANIFEST).is_file() else None
+    """The kind a folder's manifest declares; None when it has no readable manifest."""
+    try:
+        return read_manifest(folder).get("kind") if (Path(folder) / MANIFEST).is_file() else None
+    except DamagedArtifact:
+        return None
 
 
 def _differences(found: dict, spec: Spec) -> list[str]:
@@ -163,7 +166,12 @@ def check_reuse(folder: Path, spec: Spec, overwrite: bool = False, hint: str = "
             return None
         raise StaleArtifact(f"{folder} exists but holds no {MANIFEST} (not written by this version of viq-mllm); "
                             f"choose another folder{hint or ' or remove it'}")
-    found = read_manifest(folder)
+    try:
+        found = read_manifest(folder)
+    except DamagedArtifact:
+        if overwrite:
+            return None
+        raise
     differences = _differences(found, spec)
     if not differences:
         return found
@@ -204,6 +212,13 @@ def find(folder: Path) -> list[Path]:
     return sorted(p.parent for p in folder.rglob(MANIFEST) if not any(q.name.endswith(PARTIAL) for q in p.parents))
 
 
+def steps(root: Path) -> list[Path]:
+    """The published ``step_NNNNNNNN`` folders under ``root``, oldest first (no staging or set-aside ones)."""
+    if not Path(root).is_dir():
+        return []
+    return sorted(p for p in Path(root).glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+
+
 def files_in(folder: Path) -> list[str]:
     """Every file below ``folder``, as sorted relative paths."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
@@ -220,8 +235,13 @@ class Staging:
     @classmethod
     def begin(cls, final: Path, spec: Spec, fresh: bool = True) -> "Staging":
         """Start writing ``final``. ``fresh`` discards partial work left by an earlier run (a job that resumes
-        unit by unit passes False and keeps it; see :class:`ShardedJob`)."""
+        unit by unit passes False and keeps it; see :class:`ShardedJob`). Sealing replaces ``final``, so a folder
+        there that is not one of ours of the same kind (a user's model or images) is refused now, untouched."""
         stage = cls(final, spec)
+        foreign = stage.final.exists() and any(stage.final.iterdir()) and kind_of(stage.final) != spec.kind
+        if foreign:
+            raise StaleArtifact(f"{stage.final} exists and is not a {spec.kind} folder written by viq-mllm (it "
+                                "would be replaced); choose another folder, or remove it yourself")
         if fresh:
             shutil.rmtree(stage.path, ignore_errors=True)
         stage.path.mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,7 @@ def save(ckpt_root: Path, step: int, model, optimizer, scheduler, keep_last: int
     _publish(path, meta, state, {"step": step, **counters})
     if dist.get_rank() == 0:
         artifact.write_atomic(ckpt_root / "latest", path.name.encode())
-        for old in _steps(ckpt_root)[:-keep_last]:
+        for old in artifact.steps(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return path
@@ -219,29 +219,22 @@ SUSPECT = ".nonfinite"
 def set_aside_from(ckpt_root: Path, step: int) -> str:
     """Rename the checkpoints of ``step`` and later to ``step_XXXXXXXX.nonfinite`` (kept for inspection, never
     resumed from) and point ``latest`` at the newest one before; returns what was done, for the run's error."""
-    suspect = [p for p in _steps(ckpt_root) if int(p.name[5:]) >= step]
+    suspect = [p for p in artifact.steps(ckpt_root) if int(p.name[5:]) >= step]
     if dist.get_rank() == 0:
         for path in suspect:
             shutil.rmtree(path.with_name(path.name + SUSPECT), ignore_errors=True)
             path.rename(path.with_name(path.name + SUSPECT))
-        kept = _steps(ckpt_root)
+        kept = artifact.steps(ckpt_root)
         if kept:
             artifact.write_atomic(ckpt_root / "latest", kept[-1].name.encode())
         elif (ckpt_root / "latest").exists():
             (ckpt_root / "latest").unlink()
     dist.barrier()
-    kept = _steps(ckpt_root)
+    kept = artifact.steps(ckpt_root)
     where = f"a rerun resumes from {kept[-1].name}" if kept else "no checkpoint before it: a rerun starts afresh"
     moved = f"{', '.join(p.name for p in suspect)} hold the parameters that went non-finite: set aside as " \
             f"*{SUSPECT}; " if suspect else ""
     return moved + where
-
-
-def _steps(ckpt_root: Path) -> list[Path]:
-    """The published checkpoints under ``ckpt_root``, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    return sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
 
 
 def remove_incomplete(ckpt_root: Path) -> None:

@@ -42,17 +42,13 @@ def _save(root: Path, step: int, tokenizer: ViQTokenizer, optimizer, keep_last: 
               str(stage.path / "decoder.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, stage.path / "optimizer.pt")
     stage.seal({"step": step})
-    for old in _checkpoints(root)[:-keep_last]:
+    for old in artifact.steps(root)[:-keep_last]:
         shutil.rmtree(old)
-
-
-def _checkpoints(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()) if root.is_dir() else []
 
 
 def _resume(root: Path, tokenizer: ViQTokenizer, optimizer) -> int:
     """Load the newest checkpoint after checking every file against its manifest; returns its step (0: none)."""
-    done = _checkpoints(root)
+    done = artifact.steps(root)
     if not done:
         return 0
     manifest = artifact.verify(done[-1], full=True, kind=CHECKPOINT_KIND)
