@@ -18,6 +18,11 @@ from viq_mllm.recipe import RecipeError, load_recipe
         (["parallel.tp=3"], 3, "parallel.tp=3: model.num_attention_heads=4 is not divisible by it"),
         (["parallel.tp=4"], 4, "parallel.tp=4: model.num_query_groups=2 is not divisible by it"),
         (["parallel.pp=3"], 3, "parallel.pp=3: model.num_layers=4 is not divisible by it"),
+        (["parallel.vpp=2"], 1, "parallel.vpp=2 interleaves pipeline stages: it needs parallel.pp > 1"),
+        (["parallel.pp=2", "parallel.vpp=4"], 2, "parallel.vpp=4: model.num_layers=4 does not split into parallel.pp"),
+        # world 4 at PP=2 is DP=2: a global batch of 4 in micro-batches of 2 is 1 micro-batch per rank, not a group
+        (["parallel.pp=2", "parallel.vpp=2", "train.global_batch_size=4"], 4,
+         "parallel.vpp=2: the interleaved schedule runs micro-batches in groups of parallel.pp=2"),
         (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs parallel.transformer_impl"),
         (["train.precision=fp8"], 1, "train.precision=fp8 needs parallel.transformer_impl=transformer_engine"),
         (["parallel.tp=2"], 3, "parallel.tp=2 x parallel.pp=1 does not divide the world size 3"),

@@ -62,10 +62,18 @@ def call(target: str, *args: Any, alone: bool = False, cwd: str | None = None) -
     return json.loads(results[-1])
 
 
-def torchrun(nproc: int, args: list[str]) -> int:
-    """``viq-mllm ARGS`` in ``nproc`` processes on this machine; returns torchrun's exit status."""
+#: torchrun's agent shares its rendezvous store with the workers by default, and a restarted job's workers then
+#: read their predecessors' connection keys and never connect (pytorch/pytorch#135712, still so in torch 2.13):
+#: each rendezvous round gets a store of its own with this set. Launch torchrun on a cluster with it exported too.
+FRESH_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def torchrun(nproc: int, args: list[str], max_restarts: int = 0) -> int:
+    """``viq-mllm ARGS`` in ``nproc`` processes on this machine; returns torchrun's exit status. ``max_restarts``:
+    how often torchrun starts every process again when one fails (a run resumes from its last checkpoint)."""
     return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={nproc}", "-m", "viq_mllm", *args])
+                            f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "-m", "viq_mllm", *args],
+                           env={**os.environ, **FRESH_STORE})
 
 
 def _child(target: str, arguments: str) -> int:

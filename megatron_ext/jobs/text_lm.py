@@ -14,12 +14,13 @@ from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
 
 def train_text_lm(recipe: Recipe) -> list[dict]:
     p, t, m = recipe.parallel, recipe.train, recipe.model
-    layout = init_distributed(p.tp, p.pp, t.seed)
+    layout = init_distributed(p.tp, p.pp, t.seed, p.vpp, p.timeout_s)
     tokenizer = load_text_tokenizer(recipe.data.tokenizer)
     documents = read_text_files(recipe.data.text_files) if recipe.data.text_files else stdlib_docs_corpus()
     dataset = TokenWindows(documents, tokenizer, m.seq_length)
-    config = transformer_config(m, p, t.precision)
-    model = build_gpt(config, m, p, padded_vocab_size(tokenizer.vocab_size), layout, t.seed)
+    config = transformer_config(m, p, t.precision, t.fp8_recipe)
+    model = [build_gpt(config, m, p, padded_vocab_size(tokenizer.vocab_size), layout, t.seed, chunk=chunk)
+             for chunk in layout.chunks]
     vocab = VocabRecord(text_size=tokenizer.vocab_size, padded_size=padded_vocab_size(tokenizer.vocab_size),
                         text_fingerprint=tokenizer.fingerprint)
     initialize_from(recipe, vocab, lambda meta: model)  # e.g. a converted HF checkpoint

@@ -117,7 +117,8 @@ def build_stage_model(recipe: Recipe, layout: Layout, text_size: int):
         stage = StageModel(tokenizer, v.stage, teacher, v.usage_window)
         trainable(tokenizer, v.stage, v.train_encoder)
         visual = ContinuousVisualEmbedding(stage, tokenizer.config.width, m.hidden_size, trained=True, markers=True)
-    gpt = build_gpt(transformer_config(m, recipe.parallel, t.precision), m, recipe.parallel, text_size, layout, t.seed)
+    config = transformer_config(m, recipe.parallel, t.precision, t.fp8_recipe)
+    gpt = build_gpt(config, m, recipe.parallel, text_size, layout, t.seed)
     return VisionLanguageModel(gpt, visual).to(device()), handoff
 
 
@@ -169,7 +170,7 @@ def train_viq_stage(recipe: Recipe) -> list[dict]:
     v, t, p = recipe.viq, recipe.train, recipe.parallel
     if v.stage == "decoder":
         return train_decoder_stage(recipe)
-    layout = init_distributed(p.tp, p.pp, t.seed)
+    layout = init_distributed(p.tp, p.pp, t.seed, timeout_s=p.timeout_s)
     text = load_text_tokenizer(recipe.data.tokenizer)
     lm_meta = checkpoint.read_meta(Path(recipe.init.checkpoint))
     check_language_model(recipe, lm_meta, text.fingerprint)

@@ -50,7 +50,7 @@ def load_data(recipe: Recipe, tokenizer: MultimodalTokenizer, expected_viq: str)
 
 def train_vlm(recipe: Recipe) -> list[dict]:
     p, t, m = recipe.parallel, recipe.train, recipe.model
-    layout = init_distributed(p.tp, p.pp, t.seed)
+    layout = init_distributed(p.tp, p.pp, t.seed, p.vpp, p.timeout_s)
     start = init_checkpoint(recipe, layout) if recipe.init.hf else None
     tokenizer = MultimodalTokenizer.from_dir(recipe.data.vocab)
     expected_viq = viq_fingerprint(m.visual.viq)
@@ -60,10 +60,10 @@ def train_vlm(recipe: Recipe) -> list[dict]:
             f"model.visual.viq={m.visual.viq} is {expected_viq}"
         )
     dataset = load_data(recipe, tokenizer, expected_viq)
-    vlm = build_vlm(recipe.model, recipe.parallel, tokenizer, layout, recipe.train.seed, recipe.train.precision)
+    vlm = [build_vlm(m, p, tokenizer, layout, t.seed, t.precision, chunk, t.fp8_recipe) for chunk in layout.chunks]
     vocab = vocab_record(recipe, tokenizer)
     # a VLM checkpoint, or a GPT one (resize-vocab's output)
-    initialize_from(recipe, vocab, lambda found: vlm if found.model.visual else vlm.gpt, start)
+    initialize_from(recipe, vocab, lambda found: vlm if found.model.visual else [c.gpt for c in vlm], start)
     trainer = build_trainer(recipe, layout, vlm, vocab, packed=True, hf_config=base_hf_config(recipe, start))
     padding = [round(s.padding_fraction, 4) for s in dataset.sources]
     log.info("packed %d rows of %d positions; padding fraction per source %s",

@@ -32,9 +32,9 @@ from viq_mllm.recipe import ModelSection, ParallelSection
 
 
 def transformer_config(model: ModelSection, parallel: ParallelSection = ParallelSection(),
-                       precision: str = "fp32") -> TransformerConfig:
-    """megatron's config of ``model`` for a layout and a precision (``train.precision``); the defaults are one
-    process in fp32, what conversion and inference build."""
+                       precision: str = "fp32", fp8_recipe: str = "delayed") -> TransformerConfig:
+    """megatron's config of ``model`` for a layout and a precision (``train.precision``, ``train.fp8_recipe``); the
+    defaults are one process in fp32, what conversion and inference build."""
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
@@ -54,11 +54,19 @@ def transformer_config(model: ModelSection, parallel: ParallelSection = Parallel
         init_method_std=model.init_std,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp > 1 else None,
+        # Megatron-LM's defaults for the interleaved schedule. Not batched is also what keeps it right at PP=2:
+        # a batched exchange sends activations and gradients to the same peer on one group, and gloo pairs the
+        # two messages crosswise (measured: micro-batches 3 and 4 of a step got the wrong inputs); the unbatched
+        # exchange sends each direction on its own group
+        overlap_p2p_comm=parallel.vpp > 1,
+        batch_p2p_comm=parallel.vpp == 1,
         sequence_parallel=parallel.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=precision in ("bf16", "fp8"),
         fp8="hybrid" if precision == "fp8" else None,
+        fp8_recipe=fp8_recipe,
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
         bias_dropout_fusion=False,
@@ -153,21 +161,25 @@ def build_gpt(
     layout: Layout,
     seed: int,
     all_logits: bool = False,
+    chunk: int = 0,
 ) -> GPTModel:
     """``vocab_size`` is the padded size (divisible by 128 x MAX_TP). Weights depend on ``seed`` only, not on
     the parallel layout (:mod:`megatron_ext.model.init`). The model comes back on the device it runs on: megatron puts
-    its own layers there, but the local spec's torch norms are built on the CPU. ``all_logits``: see :class:`GPT`."""
+    its own layers there, but the local spec's torch norms are built on the CPU. ``all_logits``: see :class:`GPT`.
+    ``chunk``: which of this rank's virtual pipeline stages to build (``parallel.vpp`` > 1; see
+    :attr:`Layout.chunks`)."""
     gpt = GPT(
         config=config,
         transformer_layer_spec=layer_spec(model, parallel),
         vocab_size=vocab_size,
         max_sequence_length=model.seq_length,
-        pre_process=layout.first_stage,
-        post_process=layout.last_stage,
+        pre_process=layout.holds_embedding(chunk),
+        post_process=layout.holds_output(chunk),
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope" if parallel.transformer_impl == "transformer_engine" else "none",
         rotary_base=int(model.rope_theta),
         all_logits=all_logits,
+        vp_stage=chunk if layout.vpp_size > 1 else None,
     )
     init.initialize(gpt, seed, model.init_std, model.num_layers, model.tie_embeddings)
     return gpt.to(device())

@@ -21,7 +21,7 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -91,8 +91,30 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(model, optimizer, scheduler, step: int, counters: dict, is_loading: bool) -> dict:
-    model_sd = model.sharded_state_dict()
+Model = Union[torch.nn.Module, list[torch.nn.Module]]
+
+
+def _model_state(model: Model) -> dict:
+    """The sharded state dict of a model, or of a rank's virtual-pipeline chunks (``model0``, ``model1``, ...:
+    Megatron-LM's layout). The tensors' keys are global (layer numbers counted over the whole network), so a
+    checkpoint loads at any TP / PP / VPP whatever layout wrote it."""
+    if isinstance(model, list):
+        if len(model) == 1:
+            return model[0].sharded_state_dict()
+        return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+    return model.sharded_state_dict()
+
+
+def _load_model_state(model: Model, state: dict) -> None:
+    if isinstance(model, list) and len(model) > 1:
+        for i, chunk in enumerate(model):
+            chunk.load_state_dict(state[f"model{i}"])
+    else:
+        (model[0] if isinstance(model, list) else model).load_state_dict(state)
+
+
+def _sharded_state(model: Model, optimizer, scheduler, step: int, counters: dict, is_loading: bool) -> dict:
+    model_sd = _model_state(model)
     rank, world = dist.get_rank(), dist.get_world_size()
     return {
         "model": model_sd,
@@ -145,7 +167,7 @@ def _hashed_by_all(folder: Path) -> dict[str, dict]:
     return {name: record for part in gathered for name, record in part.items()}
 
 
-def save(ckpt_root: Path, step: int, model, optimizer, scheduler, keep_last: int, counters: dict,
+def save(ckpt_root: Path, step: int, model: Model, optimizer, scheduler, keep_last: int, counters: dict,
          meta: CheckpointMeta) -> Path:
     """Write ``step_XXXXXXXX`` (with ``model.json`` = ``meta``) and point ``latest`` at it; keep the newest
     ``keep_last`` checkpoints."""
@@ -189,18 +211,18 @@ def verify_for_loading(path: Path) -> None:
         raise artifact.DamagedArtifact("; ".join(problems))
 
 
-def save_model(path: Path, model, meta: CheckpointMeta) -> None:
+def save_model(path: Path, model: Model, meta: CheckpointMeta) -> None:
     """A model-only checkpoint (e.g. after a vocabulary resize), loadable at any TP/PP by :func:`load_model`."""
-    _publish(Path(path), meta, {"model": model.sharded_state_dict()}, {})
+    _publish(Path(path), meta, {"model": _model_state(model)}, {})
     dist.barrier()
 
 
-def load_model(path: Path, model) -> None:
+def load_model(path: Path, model: Model) -> None:
     """Load only the model weights of any checkpoint written by :func:`save` or :func:`save_model`."""
     verify_for_loading(path)
     with torch.no_grad():
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-    model.load_state_dict(state["model"])
+        state = dist_checkpointing.load({"model": _model_state(model)}, str(path))
+    _load_model_state(model, state["model"])
 
 
 def latest(ckpt_root: Path) -> Optional[Path]:
@@ -267,7 +289,7 @@ def _restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.full_like(state["step"], float(group["step"]))
 
 
-def load(path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+def load(path: Path, model: Model, optimizer, scheduler) -> tuple[int, dict]:
     """Restore everything saved by :func:`save` into freshly built objects; returns (step, counters)."""
     verify_for_loading(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
@@ -280,7 +302,7 @@ def load(path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
         sharded.pop("rng")
     with torch.no_grad():  # the distributed optimizer copies into views of the (fp32) parameters
         state = dist_checkpointing.load(sharded, str(path))
-        model.load_state_dict(state["model"])
+        _load_model_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
     _restore_adam_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])

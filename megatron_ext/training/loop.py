@@ -12,6 +12,7 @@ continues as if never stopped (data position, RNG, optimizer, LR schedule, NaN-s
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import patches
 from megatron_ext.patches import cpu_compat
-from megatron_ext.training import checkpoint, trainable
+from megatron_ext.training import checkpoint, fault_injection, trainable
 from megatron_ext.training.parallel import Layout, device
 from viq_mllm.console import progress
 from viq_mllm.health import Health, NonFiniteLossError
@@ -43,7 +44,7 @@ class Trainer:
 
     recipe: Recipe
     layout: Layout
-    model: DistributedDataParallel
+    chunks: list[DistributedDataParallel]  # this rank's model chunks (one, unless parallel.vpp > 1), DDP-wrapped
     optimizer: object
     scheduler: OptimizerParamScheduler
     meta: checkpoint.CheckpointMeta  # written as model.json into every checkpoint
@@ -51,13 +52,26 @@ class Trainer:
     text_rows: list[trainable.TextRows]  # vocabulary rows kept still (train.trainable: visual)
 
     @property
+    def model(self) -> DistributedDataParallel:
+        """The DDP-wrapped model of a run without virtual pipeline stages."""
+        if len(self.chunks) != 1:
+            raise ValueError(f"this run holds {len(self.chunks)} model chunks (parallel.vpp); use Trainer.chunks")
+        return self.chunks[0]
+
+    @property
     def unwrapped(self) -> torch.nn.Module:
         return self.model.module
 
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The model chunks without their DDP wrappers (what checkpoints hold)."""
+        return [chunk.module for chunk in self.chunks]
 
-def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab: checkpoint.VocabRecord,
-                  packed: bool = False, hf_config: Optional[dict] = None) -> Trainer:
-    """Wrap a megatron model in DDP and build the optimizer and warmup + cosine schedule of the recipe.
+
+def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module | list[torch.nn.Module],
+                  vocab: checkpoint.VocabRecord, packed: bool = False, hf_config: Optional[dict] = None) -> Trainer:
+    """Wrap a megatron model (or this rank's list of virtual-pipeline chunks, ``parallel.vpp``) in DDP and build the
+    optimizer and warmup + cosine schedule of the recipe.
 
     ``vocab`` describes the embedding rows and ``hf_config`` the HF model the run started from (see
     :func:`base_hf_config`); both go into every checkpoint's ``model.json``. ``packed``: each
@@ -69,19 +83,21 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab:
     (pixels) to its weights' dtype; rotary angles, FSQ and the losses compute in fp32 whatever the weights.
     """
     t, p = recipe.train, recipe.parallel
-    if t.precision in ("bf16", "fp8"):
-        model.bfloat16()
-    text_rows = trainable.freeze(model, t.trainable, vocab.text_size)
-    config = model.config
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=p.distributed_optimizer
-        ),
-        model,
-    )
+    models = model if isinstance(model, list) else [model]
+    text_rows = []
+    for chunk in models:
+        if t.precision in ("bf16", "fp8"):
+            chunk.bfloat16()
+        text_rows += trainable.freeze(chunk, t.trainable, vocab.text_size)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=p.distributed_optimizer)
+    # as Megatron-LM: one gradient bucket per chunk but the first, whose reduction overlaps the others' backward
+    chunks = [DistributedDataParallel(chunk.config, ddp_config, chunk, disable_bucketing=i > 0)
+              for i, chunk in enumerate(models)]
+    config = models[0].config  # the one the pipeline schedule reads
     config.finalize_model_grads_func = finalize_model_grads if layout.world_size > 1 else finalize_alone
-    config.no_sync_func = ddp.no_sync
+    no_sync = [chunk.no_sync for chunk in chunks]
+    config.no_sync_func = no_sync if len(chunks) > 1 else no_sync[0]
     optimizer_config = OptimizerConfig(
         optimizer="adam",
         lr=t.lr,
@@ -96,7 +112,7 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab:
         use_distributed_optimizer=p.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(
-        optimizer_config, [ddp],
+        optimizer_config, chunks,
         config_overrides=trainable.config_overrides(optimizer_config, t.trainable, t.visual_lr_mult))
     patches.configure_optimizer(optimizer)
     scheduler = OptimizerParamScheduler(
@@ -114,7 +130,7 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module, vocab:
     )
     meta = checkpoint.CheckpointMeta(model=recipe.model, vocab=vocab, hf_config=hf_config)
     seq, mbs = recipe.model.seq_length, t.micro_batch_size
-    return Trainer(recipe, layout, ddp, optimizer, scheduler, meta, (seq * mbs, 1) if packed else (seq, mbs),
+    return Trainer(recipe, layout, chunks, optimizer, scheduler, meta, (seq * mbs, 1) if packed else (seq, mbs),
                    text_rows)
 
 
@@ -177,14 +193,18 @@ def global_loss(reported: list[dict], layout: Layout) -> tuple[float, float, flo
 
 
 def forward_backward(trainer: Trainer, batches: Iterator[dict], forward_step: Callable = lm_forward_step):
-    """Forward and backward over one global batch's micro-batches; returns :func:`global_loss`."""
+    """Forward and backward over one global batch's micro-batches; returns :func:`global_loss`.
+
+    With virtual pipeline stages every chunk of a rank runs every micro-batch, each reading its own copy of
+    ``batches`` (``itertools.tee``: a micro-batch is built once and kept until the last chunk has read it)."""
     t = trainer.recipe.train
-    trainer.model.zero_grad_buffer()
+    for chunk in trainer.chunks:
+        chunk.zero_grad_buffer()
     cpu_compat.native(trainer.optimizer.zero_grad)()  # names no CUDA; 3 intercepted calls per parameter in the mode
     reported = get_forward_backward_func()(
         forward_step_func=cpu_compat.native(forward_step),
-        data_iterator=batches,
-        model=[trainer.model],
+        data_iterator=list(itertools.tee(batches, len(trainer.chunks))) if len(trainer.chunks) > 1 else batches,
+        model=trainer.chunks,
         num_microbatches=t.global_batch_size // (t.micro_batch_size * trainer.layout.dp_size),
         seq_length=trainer.schedule_shape[0],
         micro_batch_size=trainer.schedule_shape[1],
@@ -256,7 +276,7 @@ def base_hf_config(recipe: Recipe, start: Optional[Path] = None) -> Optional[dic
 
 
 def initialize_from(recipe: Recipe, vocab: checkpoint.VocabRecord,
-                    target: Callable[[checkpoint.CheckpointMeta], torch.nn.Module],
+                    target: Callable[[checkpoint.CheckpointMeta], checkpoint.Model],
                     start: Optional[Path] = None) -> None:
     """Load the starting weights (``start``, else ``init.checkpoint``) into ``target(its model.json)`` (a freshly
     built model, or the part of it the checkpoint holds), after checking it is the same vocabulary (both
@@ -308,8 +328,9 @@ def run_training(
         _report(rows[-1], log, bar)
         every = recipe.checkpoint.every
         if every and applied and ((step + 1) % every == 0 or step + 1 == recipe.train.steps):
-            checkpoint.save(ckpt_root, step + 1, trainer.unwrapped, trainer.optimizer, trainer.scheduler,
+            checkpoint.save(ckpt_root, step + 1, trainer.modules, trainer.optimizer, trainer.scheduler,
                             recipe.checkpoint.keep_last, counters, trainer.meta)
+        fault_injection.after_step(step + 1, layout.rank)
     for sink in (bar, log):
         if sink is not None:
             sink.close()
@@ -328,7 +349,7 @@ def _start(trainer: Trainer, run_dir: Path, ckpt_root: Path) -> tuple[int, dict]
     if resume_from is None:
         return 0, {"nan_skips": 0}
     check_same_vocab(checkpoint.read_meta(resume_from).vocab, trainer.meta.vocab, resume_from)
-    return checkpoint.load(resume_from, trainer.unwrapped, trainer.optimizer, trainer.scheduler)
+    return checkpoint.load(resume_from, trainer.modules, trainer.optimizer, trainer.scheduler)
 
 
 def _report(row: dict, log: Optional[MetricsLog], bar) -> None:

@@ -6,6 +6,7 @@ process (creates a one-rank group on a free local port), so the same training co
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class Layout:
     pp_size: int
     dp_rank: int
     dp_size: int
+    vpp_size: int = 1  # model chunks per pipeline rank (interleaved 1F1B); 1 without virtual stages
 
     @property
     def first_stage(self) -> bool:
@@ -38,6 +40,20 @@ class Layout:
     def last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 
+    @property
+    def chunks(self) -> range:
+        """The model chunks this rank holds: with ``pp`` ranks and ``vpp`` chunks each, chunk c of pipeline rank r
+        is virtual stage ``c * pp + r`` (megatron's interleaving: rank 0 holds stages 0 and pp, ...)."""
+        return range(self.vpp_size)
+
+    def holds_embedding(self, chunk: int) -> bool:
+        """Whether ``chunk`` is the first virtual stage (the input embedding, the visual module)."""
+        return self.first_stage and chunk == 0
+
+    def holds_output(self, chunk: int) -> bool:
+        """Whether ``chunk`` is the last virtual stage (the output layer and the loss)."""
+        return self.last_stage and chunk == self.vpp_size - 1
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -45,20 +61,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(tp: int, pp: int, seed: int) -> Layout:
-    """Create the process groups and seed every RNG megatron uses. Idempotent for the same layout."""
+def init_distributed(tp: int, pp: int, seed: int, vpp: int = 1, timeout_s: float = 1800.0) -> Layout:
+    """Create the process groups and seed every RNG megatron uses (``vpp``: virtual pipeline stages per pipeline
+    rank; ``timeout_s``: how long a collective waits for a rank before it raises). Idempotent for the same
+    layout."""
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if "RANK" in os.environ:  # launched by torchrun / SLURM
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=timeout)
         else:  # a plain single process; leaves the environment alone so child processes launch cleanly
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    timeout=timeout)
     patches.install()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+                                             distributed_timeout_minutes=timeout_s / 60)  # a timedelta: minutes need not be whole
     seed_everything(seed)
     return current_layout()
 
@@ -86,6 +108,7 @@ def current_layout() -> Layout:
         pp_size=ps.get_pipeline_model_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
+        vpp_size=ps.get_virtual_pipeline_model_parallel_world_size() or 1,
     )
 
 

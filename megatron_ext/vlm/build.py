@@ -29,11 +29,13 @@ def vocab_record(recipe: Recipe, tokenizer: MultimodalTokenizer) -> VocabRecord:
 
 
 def build_vlm(m: ModelSection, p: ParallelSection, tokenizer: MultimodalTokenizer, layout: Layout, seed: int = 0,
-              precision: str = "fp32") -> VisionLanguageModel:
-    """The VLM of a model section (``visual`` set) for this layout; weights depend on ``seed`` only."""
-    gpt = build_gpt(transformer_config(m, p, precision), m, p, tokenizer.vocab.padded_size, layout, seed)
+              precision: str = "fp32", chunk: int = 0, fp8_recipe: str = "delayed") -> VisionLanguageModel:
+    """The VLM of a model section (``visual`` set) for this layout; weights depend on ``seed`` only. ``chunk``:
+    which of this rank's virtual pipeline stages (:attr:`Layout.chunks`); the visual module is the first's."""
+    config = transformer_config(m, p, precision, fp8_recipe)
+    gpt = build_gpt(config, m, p, tokenizer.vocab.padded_size, layout, seed, chunk=chunk)
     visual = None
-    if layout.first_stage:
+    if layout.holds_embedding(chunk):
         with torch.random.fork_rng():
             torch.manual_seed(seed + 17)  # same visual init on every layout
             if m.visual.embedding == "continuous":

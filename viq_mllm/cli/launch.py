@@ -11,20 +11,25 @@ from typing import Callable
 from viq_mllm import launch
 
 
+#: the options that shape the launch, not the command: left out of what each process runs
+LAUNCH_OPTIONS = ("--nproc", "--max-restarts")
+
+
 def relaunched(args: argparse.Namespace) -> int | None:
     """With ``--nproc N`` (and not already inside torchrun): this same command in N processes through
-    ``torchrun --standalone``, returning its exit status; otherwise None (run here)."""
+    ``torchrun --standalone`` (``--max-restarts`` where the command has it), returning its exit status; otherwise
+    None (run here)."""
     if not args.nproc or "LOCAL_RANK" in os.environ:
         return None
     rest, skip = [], False
     for item in args.argv:
-        if skip or item.startswith("--nproc="):
+        if skip or item.startswith(tuple(f"{option}=" for option in LAUNCH_OPTIONS)):
             skip = False
             continue
-        skip = item == "--nproc"
+        skip = item in LAUNCH_OPTIONS
         if not skip:
             rest.append(item)
-    return launch.torchrun(args.nproc, rest)
+    return launch.torchrun(args.nproc, rest, getattr(args, "max_restarts", 0))
 
 
 def on_every_rank(job: Callable[[argparse.Namespace, int, int], int]) -> Callable[[argparse.Namespace], int]:

@@ -36,10 +36,18 @@ def check_layout(recipe: Recipe, world_size: Optional[int] = None) -> None:
                 f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
             )
+        micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+        if p.vpp > 1 and micro_batches % p.pp:
+            raise RecipeError(
+                f"parallel.vpp={p.vpp}: the interleaved schedule runs micro-batches in groups of parallel.pp={p.pp}; "
+                f"train.global_batch_size / (train.micro_batch_size x data-parallel size {dp}) = {micro_batches} "
+                "is not a multiple of it"
+            )
 
 
 def check_model_layout(m: ModelSection, p: ParallelSection) -> None:
-    """Whether megatron-core can split this network over ``p.tp`` tensor and ``p.pp`` pipeline ranks."""
+    """Whether megatron-core can split this network over ``p.tp`` tensor and ``p.pp`` pipeline ranks (``p.vpp``
+    chunks each)."""
     if p.tp > MAX_TP:
         raise RecipeError(f"parallel.tp={p.tp}: at most {MAX_TP} (vocabulary padding is 128 x {MAX_TP})")
     for name, value in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.query_groups)):
@@ -51,6 +59,11 @@ def check_model_layout(m: ModelSection, p: ParallelSection) -> None:
         )
     if m.num_layers % p.pp:
         raise RecipeError(f"parallel.pp={p.pp}: model.num_layers={m.num_layers} is not divisible by it")
+    if p.vpp > 1 and p.pp == 1:
+        raise RecipeError(f"parallel.vpp={p.vpp} interleaves pipeline stages: it needs parallel.pp > 1")
+    if m.num_layers % (p.pp * p.vpp):
+        raise RecipeError(f"parallel.vpp={p.vpp}: model.num_layers={m.num_layers} does not split into "
+                          f"parallel.pp x parallel.vpp = {p.pp * p.vpp} equal chunks")
 
 
 def _check_schedule(t: TrainSection) -> None:

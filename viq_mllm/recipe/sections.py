@@ -183,6 +183,8 @@ class TrainSection(_Section):
     adam_eps: float = Field(default=1e-8, gt=0)
     clip_grad: float = Field(default=1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    #: fp8's scaling (megatron's names): delayed (from an amax history) or tensorwise (current, per tensor)
+    fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"
     #: all: every parameter trains; visual: only what the vocabulary extension and the visual path added (the
     #: visual module, the embedding and output rows from text_size on), everything else frozen
     trainable: Literal["all", "visual"] = "all"
@@ -196,7 +198,14 @@ class TrainSection(_Section):
 class ParallelSection(_Section):
     tp: int = Field(default=1, gt=0)
     pp: int = Field(default=1, gt=0)
+    #: virtual pipeline stages per pipeline rank (megatron's interleaved 1F1B: a smaller bubble for more
+    #: point-to-point traffic); needs pp > 1, model.num_layers divisible by pp x vpp, and the micro-batches of a
+    #: step per data-parallel rank a multiple of pp
+    vpp: int = Field(default=1, gt=0)
     sequence_parallel: bool = False
+    #: how long a rank waits in a collective for the others before the job fails (a hung rank, a dead node)
+    #: instead of hanging; long enough for the slowest step and checkpoint save
+    timeout_s: float = Field(default=1800.0, gt=0)
     distributed_optimizer: bool = False
     transformer_impl: Literal["local", "transformer_engine"] = "local"
 
