@@ -32,19 +32,22 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from megatron_ext.training.parallel import shutdown
-
     if args.hf:
         from viq_mllm.hf import generate
 
         if not args.image:
             raise ValueError("--hf needs --image (an exported VLM folder)")
         ids, text = generate(args.hf, args.image, args.prompt, args.max_new_tokens)
+    elif args.image:
+        from megatron_ext.jobs.evaluate import generate_from_image
+
+        ids, text = generate_from_image(args.checkpoint, args.image, args.prompt, args.max_new_tokens)
     else:
-        try:
-            ids, text = _generate_multimodal(args) if args.image else _generate_text(args)
-        finally:
-            shutdown()
+        from megatron_ext.jobs.evaluate import generate_text
+
+        if not args.tokenizer:
+            raise ValueError("a text model needs --tokenizer (HF folder, SentencePiece .model or bytes)")
+        ids, text = generate_text(args.checkpoint, args.tokenizer, args.prompt, args.max_new_tokens)
     print(text)
     if args.output_ids:
         Path(args.output_ids).write_text(" ".join(map(str, ids)) + "\n")
@@ -71,41 +74,6 @@ def _why_nothing(args: argparse.Namespace, ids: list[int]) -> str:
     return f"{what}; nothing was generated (try another --prompt, or more training steps)"
 
 
-def _generate_multimodal(args: argparse.Namespace) -> tuple[list[int], str]:
-    from megatron_ext.vlm.inference import greedy, load_for_inference, visual_attach
-    from viq_mllm.data.layout import prompt_document
-    from viq_mllm.viq import ViQTokenizer
-
-    model, tokenizer, meta = load_for_inference(args.checkpoint)
-    codes = ViQTokenizer.from_pretrained(meta.vocab.viq_dir).encode([args.image])[0]
-    prompt = prompt_document(tokenizer.text, tokenizer.vocab, codes, args.prompt, meta.model.visual.group,
-                             source=args.image)
-    ids = greedy(model, tokenizer, prompt, args.max_new_tokens, visual_attach(meta, tokenizer))
-    return ids, tokenizer.text.decode(ids)
-
-
-def _generate_text(args: argparse.Namespace) -> tuple[list[int], str]:
-    from megatron_ext.training.checkpoint import read_meta
-    from megatron_ext.vlm.inference import greedy_text, load_text_model
-    from viq_mllm.vocab.text_tokenizers import load_text_tokenizer
-
-    if not args.tokenizer:
-        raise ValueError("a text model needs --tokenizer (HF folder, SentencePiece .model or bytes)")
-    path = Path(args.tokenizer)
-    if args.tokenizer != "bytes" and not path.exists():
-        raise FileNotFoundError(f"--tokenizer {path}: no such file or folder")
-    spec = "bytes" if args.tokenizer == "bytes" else f"{'sentencepiece' if path.suffix == '.model' else 'hf'}:{path}"
-    tokenizer = load_text_tokenizer(spec)
-    trained_with = read_meta(args.checkpoint).vocab.text_fingerprint
-    if trained_with is not None and tokenizer.fingerprint != trained_with:
-        raise ValueError(f"--tokenizer {args.tokenizer} is {tokenizer.fingerprint}, the checkpoint was trained "
-                         f"with {trained_with}; pass the tokenizer of its run (its recipe.yaml: data.tokenizer)")
-    gpt, meta = load_text_model(args.checkpoint)
-    ids = greedy_text(gpt, tokenizer.encode(args.prompt), args.max_new_tokens, tokenizer.eod,
-                      meta.vocab.text_size)
-    return ids, tokenizer.decode(ids)
-
-
 def _eval(args: argparse.Namespace) -> int:
     import json
 
@@ -126,34 +94,19 @@ def _eval_vqa(args: argparse.Namespace) -> tuple[dict, str]:
 
         report = accuracy(answerer(args.hf), items)
     else:
-        from megatron_ext.training.parallel import shutdown
-        from megatron_ext.vlm.inference import answerer, load_for_inference, visual_attach
+        from megatron_ext.jobs.evaluate import vqa_accuracy
 
-        try:
-            model, tokenizer, meta = load_for_inference(args.checkpoint)
-            report = accuracy(answerer(model, tokenizer, meta.vocab.viq_dir, meta.model.visual.group,
-                                       visual_attach(meta, tokenizer)), items)
-        finally:
-            shutdown()
+        report = vqa_accuracy(args.checkpoint, items)
     return report, report_table(report)
 
 
 def _eval_captions(args: argparse.Namespace) -> tuple[dict, str]:
-    from megatron_ext.training.parallel import shutdown
-    from megatron_ext.vlm.inference import caption_scorer, load_for_inference, visual_attach
-    from viq_mllm.data.shards import CodeShards
-    from viq_mllm.evaluation import caption_report, caption_table
+    from megatron_ext.jobs.evaluate import caption_scores
+    from viq_mllm.evaluation import caption_table
 
     if args.hf or not args.shards:
         raise ValueError("--task captions needs --checkpoint and --shards (held-out code shards with captions)")
-    try:
-        model, tokenizer, meta = load_for_inference(args.checkpoint)
-        samples = [s for s in CodeShards(args.shards, expected_fingerprint=meta.vocab.viq_fingerprint)
-                   if len(s.images) == 1][:args.limit]  # caption data: one image each
-        scorer = caption_scorer(model, tokenizer, samples, meta.model.visual.group, visual_attach(meta, tokenizer))
-        report = caption_report(scorer, len(samples), args.k)
-    finally:
-        shutdown()
+    report = caption_scores(args.checkpoint, args.shards, args.limit, args.k)
     return report, caption_table(report)
 
 
