@@ -4,7 +4,7 @@
 #   GPU_CHECK_BUDGET_S=500 (default): the whole script ends within this many seconds. Steps run in order of what they settle;
 #   each gets the time it may need or what is left, and a step that no longer fits is skipped (logged). Every
 #   result is written to OUT as soon as it exists: gpu_check.log, steps.log and at most 6 JSON / PNG files.
-#   GPU_CHECK_STEPS="2 4" runs only those of steps 1-5 (a second call after a fix); step 7 runs only when named.
+#   GPU_CHECK_STEPS="2 4" runs only those of steps 1-6 (a second call after a fix); step 7 runs only when named.
 # Prefer nvidia-h200: by estimate (docs/decisions.md) the Qwen2.5-1.5B cells of the speed-up need more than an
 # H100's 80 GB (they would be reported as "not measured: out of memory", and the run goes on). On an H200 every
 # step ran in two calls of ~300 s each (docs/benchmarks.md has the results).
@@ -21,8 +21,10 @@
 #    megatron's own path (the GPU default) and with every patch opted in;
 # 5. the speed-up at 4K and 16K with the encoder forward-only (trained, its activations at 16K alone exceed one
 #    GPU);
-# 6. Transformer Engine layer spec with bf16 and FP8, only if transformer_engine imports (it usually cannot be
-#    installed without network: then it says so, and FP8 stays unverified).
+# 6. Transformer Engine layer spec: 50 steps of the tiny text recipe in bf16, FP8 with delayed scaling and FP8 with
+#    current (tensorwise) scaling, the FP8 losses compared with bf16's (tools/te_offline/compare_losses.py). TE comes
+#    from tools/wheels/te (tools/fetch_gpu_wheels.sh --te; installed, and its torch extension built, ~3 min, into
+#    /tmp/site); without it the step says so and FP8 stays unverified.
 # 7. (GPU_CHECK_STEPS=7) step 3 with logits at the caption tokens only, as training computes them
 #    (--supervised-logits), for the training-time speed-up beside step 3's paper setting.
 set -uo pipefail
@@ -38,7 +40,7 @@ log() { echo "[gpu_check $(date +%H:%M:%S) ${SECONDS}s] $*" | tee -a "$OUT/gpu_c
 step() {
   local max=$1 min=$2 lines=$3 title=$4
   shift 5
-  [[ " ${GPU_CHECK_STEPS:-1 2 3 4 5} " == *" ${title%%.*} "* ]] || return 0
+  [[ " ${GPU_CHECK_STEPS:-1 2 3 4 5 6} " == *" ${title%%.*} "* ]] || return 0
   local left=$((deadline - SECONDS))
   if ((left < min)); then
     log "SKIPPED (${left}s left, needs ${min}s): $title"
@@ -60,6 +62,11 @@ if ! $PY -c "import megatron.core, pydantic, webdataset, efficientnet_lite_pytor
   else
     log "offline install from tools/wheels failed (run tools/fetch_gpu_wheels.sh here first; see the log above)"
   fi
+fi
+if [ -d tools/wheels/te ] && ! $PY -c "import transformer_engine.pytorch" 2>/dev/null; then
+  log "installing Transformer Engine from tools/wheels/te (its torch extension is built here unless carried)"
+  PYTHON=$PY bash tools/te_offline/install.sh tools/wheels/te /tmp/site "$OUT" 2>&1 | tail -4 | tee -a "$OUT/gpu_check.log"
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu_check.log"
 $PY -c "import torch, transformers, megatron.core as m; print('torch', torch.__version__, '| transformers', \
@@ -84,12 +91,16 @@ step 130 60 12 "7. speed-up, real shapes, 4K, encoder trained, logits at the cap
   $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 4096 --rounds 5 --supervised-logits \
   --out "$OUT/speedup_4k_supervised"
 if $PY -c "import transformer_engine.pytorch" 2>/dev/null; then
-  for precision in bf16 fp8; do
-    step 100 40 3 "6. Transformer Engine layer spec, $precision steps of the tiny text recipe" -- \
-      $PY -m viq_mllm train recipes/tiny_text_cpu.yaml run.dir="/tmp/gpu_check_te_$precision" train.steps=4 \
-      train.warmup_steps=1 parallel.transformer_impl=transformer_engine train.precision=$precision \
+  for precision in bf16 fp8:delayed fp8:tensorwise; do
+    step 100 40 3 "6. Transformer Engine layer spec, 50 steps of the tiny text recipe, $precision" -- \
+      $PY -m viq_mllm train recipes/tiny_text_cpu.yaml run.dir="$OUT/te_${precision/:/_}" train.steps=50 \
+      parallel.transformer_impl=transformer_engine train.precision=${precision%%:*} \
+      train.fp8_recipe=$([[ $precision == *:* ]] && echo "${precision#*:}" || echo delayed) \
       log.wandb=disabled log.tensorboard=false log.progress=false
   done
+  step 20 5 6 "6. FP8 losses against bf16's" -- \
+    $PY tools/te_offline/compare_losses.py "$OUT/te_bf16" "$OUT/te_fp8_delayed" "$OUT/te_fp8_tensorwise" \
+    --out "$OUT/te_losses.json"
 else
   log "6. transformer_engine does not import here: TE layer spec and FP8 are NOT verified on this machine"
 fi
