@@ -84,20 +84,8 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module | list[
     """
     t, p = recipe.train, recipe.parallel
     models = model if isinstance(model, list) else [model]
-    text_rows = []
-    for chunk in models:
-        if t.precision in ("bf16", "fp8"):
-            chunk.bfloat16()
-        text_rows += trainable.freeze(chunk, t.trainable, vocab.text_size)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=p.distributed_optimizer)
-    # as Megatron-LM: one gradient bucket per chunk but the first, whose reduction overlaps the others' backward
-    chunks = [DistributedDataParallel(chunk.config, ddp_config, chunk, disable_bucketing=i > 0)
-              for i, chunk in enumerate(models)]
+    chunks, text_rows = _wrap(models, recipe, layout, vocab.text_size)
     config = models[0].config  # the one the pipeline schedule reads
-    config.finalize_model_grads_func = finalize_model_grads if layout.world_size > 1 else finalize_alone
-    no_sync = [chunk.no_sync for chunk in chunks]
-    config.no_sync_func = no_sync if len(chunks) > 1 else no_sync[0]
     optimizer_config = OptimizerConfig(
         optimizer="adam",
         lr=t.lr,
@@ -132,6 +120,27 @@ def build_trainer(recipe: Recipe, layout: Layout, model: torch.nn.Module | list[
     seq, mbs = recipe.model.seq_length, t.micro_batch_size
     return Trainer(recipe, layout, chunks, optimizer, scheduler, meta, (seq * mbs, 1) if packed else (seq, mbs),
                    text_rows)
+
+
+def _wrap(models: list[torch.nn.Module], recipe: Recipe, layout: Layout,
+          text_size: int) -> tuple[list[DistributedDataParallel], list[trainable.TextRows]]:
+    """Cast, freeze (``train.trainable``) and wrap each model chunk in megatron's DDP; set the gradient hooks the
+    pipeline schedule calls on the first chunk's config. Returns (the DDP chunks, the text rows kept still)."""
+    t, text_rows = recipe.train, []
+    for chunk in models:
+        if t.precision in ("bf16", "fp8"):
+            chunk.bfloat16()
+        text_rows += trainable.freeze(chunk, t.trainable, text_size)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=recipe.parallel.distributed_optimizer)
+    # as Megatron-LM: one gradient bucket per chunk but the first, whose reduction overlaps the others' backward
+    chunks = [DistributedDataParallel(chunk.config, ddp_config, chunk, disable_bucketing=i > 0)
+              for i, chunk in enumerate(models)]
+    config = models[0].config
+    config.finalize_model_grads_func = finalize_model_grads if layout.world_size > 1 else finalize_alone
+    no_sync = [chunk.no_sync for chunk in chunks]
+    config.no_sync_func = no_sync if len(chunks) > 1 else no_sync[0]
+    return chunks, text_rows
 
 
 def finalize_alone(model: list[DistributedDataParallel], num_tokens: torch.Tensor | None = None, **_) -> None:
