@@ -169,6 +169,7 @@ def test_blending_follows_the_weights_and_is_a_function_of_the_position():
     data = PackedDataset([a, b], seed=5)
     drawn = [data.row_at(p) for p in range(4000)]
     share_a = sum(any(row is r for r in a.rows) for row in drawn) / len(drawn)
+    # weights 3:1 -> 0.75; the binomial standard deviation of 4000 draws is sqrt(.75 * .25 / 4000) = 0.007: 4 sigma
     assert abs(share_a - 0.75) < 0.03
     again = PackedDataset([a, b], seed=5)
     assert all(again.row_at(p) is drawn[p] for p in (0, 17, 3999))

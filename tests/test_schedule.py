@@ -42,6 +42,6 @@ def test_train_steps_runs_each_update_at_the_schedules_lr_and_minimises_the_loss
     rows = train_steps(adamw([weight], t), t, 0, lambda step: {"loss": (weight ** 2).sum()})
     assert [row["step"] for row in rows] == list(range(1, 31))
     assert [row["lr"] for row in rows] == megatrons_lrs(t)
-    assert rows[-1]["loss"] < 0.1 * rows[0]["loss"]
+    assert rows[-1]["loss"] < 0.1 * rows[0]["loss"]  # a quadratic bowl at lr 0.3: 30 steps reach ~0; 10x is ample
     resumed = train_steps(adamw([weight], t), t, 25, lambda step: {"loss": (weight ** 2).sum()})
     assert [row["step"] for row in resumed] == [26, 27, 28, 29, 30]

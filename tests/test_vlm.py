@@ -85,7 +85,7 @@ def single(vlm_assets, tmp_path_factory):
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
 def test_parallel_equals_single_process(vlm_assets, single, tmp_path, layout):
     rows = train_vlm_cli(tmp_path / "run", vlm_assets, *STEPS, layout, nproc=2)
-    assert single[-1]["loss"] < single[0]["loss"] - 1.0
+    assert single[-1]["loss"] < single[0]["loss"] - 1.0  # from ~8 (a uniform guess over the vocabulary): it learns
     for ours, ref in zip(rows, single):
         assert abs(ours["loss"] - ref["loss"]) / ref["loss"] < 1e-3, (ours, ref)
 
