@@ -97,7 +97,7 @@ Model = Union[torch.nn.Module, list[torch.nn.Module]]
 def _model_state(model: Model) -> dict:
     """The sharded state dict of a model, or of a rank's virtual-pipeline chunks (``model0``, ``model1``, ...:
     Megatron-LM's layout). The tensors' keys are global (layer numbers counted over the whole network), so a
-    checkpoint loads at any TP / PP / VPP whatever layout wrote it."""
+    checkpoint written with virtual stages loads into a model without them (tested) and at another TP / PP."""
     if isinstance(model, list):
         if len(model) == 1:
             return model[0].sharded_state_dict()
