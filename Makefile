@@ -26,7 +26,7 @@ demo-smollm2: $(STAMP)
 	$(BIN)/viq-mllm assets smollm2 --out runs/smollm2_hf
 	$(BIN)/viq-mllm train recipes/vlm_smollm2_135m_stamps_stage1.yaml
 	$(BIN)/viq-mllm train recipes/vlm_smollm2_135m_stamps_stage2.yaml
-	$(BIN)/viq-mllm eval --checkpoint runs/vlm_smollm2_135m_stamps_stage2/checkpoints/step_00000016 \
+	$(BIN)/viq-mllm eval --checkpoint runs/vlm_smollm2_135m_stamps_stage2/checkpoints/step_00000012 \
 		--task captions --shards runs/demo/shards/eval --out runs/vlm_smollm2_135m_stamps_stage2/captions.json
 
 test: $(STAMP)
