@@ -21,8 +21,10 @@
 #    megatron's own path (the GPU default) and with every patch opted in;
 # 5. the speed-up at 4K and 16K with the encoder forward-only (trained, its activations at 16K alone exceed one
 #    GPU);
-# 6. Transformer Engine layer spec: 50 steps of the tiny text recipe in bf16, FP8 with delayed scaling and FP8 with
-#    current (tensorwise) scaling, the FP8 losses compared with bf16's (tools/te_offline/compare_losses.py). TE comes
+# 6. Transformer Engine layer spec: 50 steps of the tiny text recipe, then of the 0.5B-shaped discrete VLM at 4K
+#    (random weights, synthetic codes), each in bf16, FP8 with delayed scaling and FP8 with current (tensorwise)
+#    scaling; the FP8 losses compared with bf16's, step times and an MFU lower bound
+#    (tools/te_offline/compare_losses.py). TE comes
 #    from tools/wheels/te (tools/fetch_gpu_wheels.sh --te; installed, and its torch extension built, ~3 min, into
 #    /tmp/site); without it the step says so and FP8 stays unverified.
 # 7. (GPU_CHECK_STEPS=7) step 3 with logits at the caption tokens only, as training computes them
@@ -98,9 +100,26 @@ if $PY -c "import transformer_engine.pytorch" 2>/dev/null; then
       train.fp8_recipe=$([[ $precision == *:* ]] && echo "${precision#*:}" || echo delayed) \
       log.wandb=disabled log.tensorboard=false log.progress=false
   done
-  step 20 5 6 "6. FP8 losses against bf16's" -- \
+  step 20 5 6 "6. FP8 losses against bf16's, tiny recipe" -- \
     $PY tools/te_offline/compare_losses.py "$OUT/te_bf16" "$OUT/te_fp8_delayed" "$OUT/te_fp8_tensorwise" \
-    --out "$OUT/te_losses.json"
+    --out "$OUT/te_losses_tiny.json"
+  # the 0.5B-shaped discrete VLM at 4K on one GPU, random weights, synthetic codes of the tiny 2k tokenizer
+  syn=/tmp/gpu_check_codes
+  [ -d $syn/vocab ] || $PY -c "from pathlib import Path; from viq_mllm.bench.synthetic import make_code_shards; \
+    make_code_shards(Path('$syn'), 2000)" >> "$OUT/steps.log" 2>&1
+  for precision in bf16 fp8:delayed fp8:tensorwise; do
+    step 150 90 3 "6. Transformer Engine, 0.5B-shaped discrete VLM at 4K, 50 steps, $precision" -- \
+      $PY -m viq_mllm train recipes/vlm_qwen2.5_0.5b_gpu.yaml run.dir="$OUT/te_vlm_${precision/:/_}" \
+      init.checkpoint=null "data.sources=[{path: $syn/shards}]" data.vocab=$syn/vocab model.visual.viq=$syn/viq \
+      model.seq_length=4096 data.pack_align=16 parallel.tp=1 parallel.sequence_parallel=false \
+      parallel.distributed_optimizer=false train.steps=50 train.warmup_steps=5 train.global_batch_size=8 \
+      train.precision=${precision%%:*} \
+      train.fp8_recipe=$([[ $precision == *:* ]] && echo "${precision#*:}" || echo delayed) checkpoint.every=0 \
+      log.wandb=disabled log.tensorboard=false log.progress=false
+  done
+  step 20 5 6 "6. FP8 losses against bf16's, 0.5B-shaped VLM" -- \
+    $PY tools/te_offline/compare_losses.py "$OUT/te_vlm_bf16" "$OUT/te_vlm_fp8_delayed" \
+    "$OUT/te_vlm_fp8_tensorwise" --out "$OUT/te_losses_vlm.json"
 else
   log "6. transformer_engine does not import here: TE layer spec and FP8 are NOT verified on this machine"
 fi
