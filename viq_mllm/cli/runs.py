@@ -69,7 +69,7 @@ def add_train(sub) -> None:
     train.add_argument("--nproc", type=int, default=0, help="launch N local processes through torchrun")
     train.add_argument("--max-restarts", type=int, default=0,
                        help="with --nproc: start every process again, up to N times, when one dies (the run "
-                       "resumes from its last checkpoint; default: 0)")
+                       "resumes from its last checkpoint)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     train.set_defaults(func=_train)
 
