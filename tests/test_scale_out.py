@@ -151,9 +151,11 @@ def test_two_nodes_launched_as_documented_equal_one_process(vlm_assets, single, 
     command[recipe_at:] = [VLM, f"run.dir={tmp_path / 'run'}", *QUIET, *vlm_overrides(vlm_assets), *STEPS,
                            "parallel.pp=2"]
     env = quiet_env(**exports)
-    nodes = [subprocess.Popen(command, stdout=open(tmp_path / f"node{i}.log", "w"), stderr=subprocess.STDOUT,
-                              env=env, cwd=ROOT) for i in range(2)]
+    logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]
+    nodes = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT) for log in logs]
     statuses = [node.wait(timeout=400) for node in nodes]
+    for log in logs:
+        log.close()
     assert statuses == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
     rows = read_metrics(tmp_path / "run")
     assert_same_losses(rows, single)  # one row per step: rank 0 alone wrote the metrics
