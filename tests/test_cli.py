@@ -5,6 +5,7 @@ import re
 import time
 
 import pytest
+from conftest import TINY
 
 from viq_mllm import cli, console
 
@@ -41,6 +42,11 @@ def test_an_error_found_inside_the_job_is_one_line_and_debug_shows_the_traceback
     monkeypatch.setenv(console.DEBUG_ENV, "1")
     with pytest.raises(FileNotFoundError):
         cli.main(argv)
+
+
+def test_max_restarts_without_processes_to_restart_is_refused_before_anything_runs(capsys):
+    status, err = run(["train", TINY, "--max-restarts", "1"], capsys)
+    assert status == 2 and len(err) == 1 and "give --nproc N too" in err[0], err
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):

@@ -78,7 +78,7 @@ def test_forward_and_backward_of_a_training_step_run_outside_the_mode(megatron_s
         output[0].register_hook(lambda grad: seen["backward"].append(redirects()))
 
     trainer = tiny_trainer(megatron_single)
-    trainer.unwrapped.decoder.layers[0].mlp.register_forward_hook(probe)
+    trainer.model.module.decoder.layers[0].mlp.register_forward_hook(probe)
     forward_backward(trainer, iter(micro_batches(seed=3)))
     assert seen == {"forward": [False] * 3, "backward": [False] * 3}
 

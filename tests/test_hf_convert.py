@@ -128,7 +128,8 @@ def test_logits_equal_hf(converted, tp):
         theirs = model(tokens).logits
     assert ours.shape == theirs.shape
     rel = (ours - theirs).abs().max() / theirs.abs().max()
-    assert rel < 1e-4, rel  # fp32, the same weights through other kernels (SDPA vs eager, fused QKV); a wrong mapping is O(1)
+    # fp32, the same weights through other kernels (SDPA vs eager, fused QKV); a wrong mapping is O(1)
+    assert rel < 1e-4, rel
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,7 @@ def slurm_torchrun(nnodes: int, nproc: int, port: int, job_id: str) -> tuple[lis
     script = re.search(r"```bash\n(#!/bin/bash\n.*?)```", text, re.S).group(1).replace("\\\n", " ")
     exports = dict(re.findall(r"^export (\w+)=(\S+)", script, re.M))
     line = next(line for line in script.splitlines() if line.startswith("srun torchrun"))
+    assert "--nproc_per_node 8" in line, f"the documented script's processes per node moved: {line}"
     filled = (line.replace('"$SLURM_NNODES"', str(nnodes)).replace('"$SLURM_JOB_ID"', job_id)
               .replace('"$HEAD:29500"', f"127.0.0.1:{port}").replace("--nproc_per_node 8", f"--nproc_per_node {nproc}"))
     assert "$" not in filled, f"a variable of the documented script is not filled in: {filled}"
@@ -185,3 +186,19 @@ def test_a_hung_rank_fails_the_job_within_the_timeout(vlm_assets, tmp_path):
     assert "Timed out waiting 20000ms" in output, output[-3000:]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
     assert seconds < 240, "start-up (~60 s on 2 loaded cores) + 2 steps + the 20 s timeout"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("kill:3", "expected kill:STEP:RANK"),
+    ("stop:3:1", "the fault is kill or hang"),
+    ("hang:3:2", "rank 2 is not one of this job's 2 ranks"),
+])
+def test_a_fault_the_job_cannot_inject_is_refused_before_the_first_step(monkeypatch, spec, message):
+    from megatron_ext.training.fault_injection import planned
+
+    monkeypatch.setenv("VIQ_MLLM_FAULT", spec)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    with pytest.raises(ValueError, match=message):
+        planned(world_size=2)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restarted attempt injects nothing, not even a bad spec
+    assert planned(world_size=2) is None

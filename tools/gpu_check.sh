@@ -92,12 +92,13 @@ step 200 90 14 "5. speed-up, real shapes, 4K and 16K, encoder forward-only" -- \
 step 130 60 12 "7. speed-up, real shapes, 4K, encoder trained, logits at the caption tokens only" -- \
   $PY -m viq_mllm bench speedup --preset gpu --seq-lengths 4096 --rounds 5 --supervised-logits \
   --out "$OUT/speedup_4k_supervised"
+# bf16 | fp8:delayed | fp8:tensorwise -> the recipe overrides
+precision_args() { echo "train.precision=${1%%:*} train.fp8_recipe=$([[ $1 == *:* ]] && echo "${1#*:}" || echo delayed)"; }
 if $PY -c "import transformer_engine.pytorch" 2>/dev/null; then
   for precision in bf16 fp8:delayed fp8:tensorwise; do
     step 100 40 3 "6. Transformer Engine layer spec, 50 steps of the tiny text recipe, $precision" -- \
       $PY -m viq_mllm train recipes/tiny_text_cpu.yaml run.dir="$OUT/te_${precision/:/_}" train.steps=50 \
-      parallel.transformer_impl=transformer_engine train.precision=${precision%%:*} \
-      train.fp8_recipe=$([[ $precision == *:* ]] && echo "${precision#*:}" || echo delayed) \
+      parallel.transformer_impl=transformer_engine $(precision_args $precision) \
       log.wandb=disabled log.tensorboard=false log.progress=false
   done
   step 20 5 6 "6. FP8 losses against bf16's, tiny recipe" -- \
@@ -113,8 +114,7 @@ if $PY -c "import transformer_engine.pytorch" 2>/dev/null; then
       init.checkpoint=null "data.sources=[{path: $syn/shards}]" data.vocab=$syn/vocab model.visual.viq=$syn/viq \
       model.seq_length=4096 data.pack_align=16 parallel.tp=1 parallel.sequence_parallel=false \
       parallel.distributed_optimizer=false train.steps=50 train.warmup_steps=5 train.global_batch_size=8 \
-      train.precision=${precision%%:*} \
-      train.fp8_recipe=$([[ $precision == *:* ]] && echo "${precision#*:}" || echo delayed) checkpoint.every=0 \
+      $(precision_args $precision) checkpoint.every=0 \
       log.wandb=disabled log.tensorboard=false log.progress=false
   done
   step 20 5 6 "6. FP8 losses against bf16's, 0.5B-shaped VLM" -- \

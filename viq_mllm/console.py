@@ -104,6 +104,8 @@ def log_to_file(path: Path) -> None:
     handler.setFormatter(_Format(0))
     for name in ("viq_mllm", "megatron_ext"):
         logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if isinstance(h, _RunLog)]:
+            old.close()  # the previous run's file (the same handler on both loggers: closing twice is harmless)
         logger.handlers[:] = [h for h in logger.handlers if not isinstance(h, _RunLog)] + [handler]
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)

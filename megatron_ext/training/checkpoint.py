@@ -98,19 +98,20 @@ def _model_state(model: Model) -> dict:
     """The sharded state dict of a model, or of a rank's virtual-pipeline chunks (``model0``, ``model1``, ...:
     Megatron-LM's layout). The tensors' keys are global (layer numbers counted over the whole network), so a
     checkpoint written with virtual stages loads into a model without them (tested) and at another TP / PP."""
-    if isinstance(model, list):
-        if len(model) == 1:
-            return model[0].sharded_state_dict()
-        return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
-    return model.sharded_state_dict()
+    chunks = model if isinstance(model, list) else [model]
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
 def _load_model_state(model: Model, state: dict) -> None:
-    if isinstance(model, list) and len(model) > 1:
-        for i, chunk in enumerate(model):
-            chunk.load_state_dict(state[f"model{i}"])
-    else:
-        (model[0] if isinstance(model, list) else model).load_state_dict(state)
+    """The inverse of :func:`_model_state`."""
+    chunks = model if isinstance(model, list) else [model]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state)
+        return
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"model{i}"])
 
 
 def _sharded_state(model: Model, optimizer, scheduler, step: int, counters: dict, is_loading: bool) -> dict:

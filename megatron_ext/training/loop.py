@@ -59,10 +59,6 @@ class Trainer:
         return self.chunks[0]
 
     @property
-    def unwrapped(self) -> torch.nn.Module:
-        return self.model.module
-
-    @property
     def modules(self) -> list[torch.nn.Module]:
         """The model chunks without their DDP wrappers (what checkpoints hold)."""
         return [chunk.module for chunk in self.chunks]
@@ -310,6 +306,7 @@ def run_training(
     """Train ``train.steps`` optimizer steps from the latest checkpoint (if any); returns the metrics rows."""
     recipe, layout = trainer.recipe, trainer.layout
     run_dir, ckpt_root = Path(recipe.run.dir), Path(recipe.run.dir) / "checkpoints"
+    fault = fault_injection.planned(layout.world_size)  # a test hook; None unless VIQ_MLLM_FAULT is set
     start, counters = _start(trainer, run_dir, ckpt_root)
     health = Health(recipe.train.max_nan_skips, counters["nan_skips"])
     log = MetricsLog(run_dir, start, recipe.log.tensorboard, recipe.log.wandb, recipe.log.wandb_project,
@@ -339,7 +336,8 @@ def run_training(
         if every and applied and ((step + 1) % every == 0 or step + 1 == recipe.train.steps):
             checkpoint.save(ckpt_root, step + 1, trainer.modules, trainer.optimizer, trainer.scheduler,
                             recipe.checkpoint.keep_last, counters, trainer.meta)
-        fault_injection.after_step(step + 1, layout.rank)
+        if fault is not None:
+            fault.after_step(step + 1, layout.rank)
     for sink in (bar, log):
         if sink is not None:
             sink.close()

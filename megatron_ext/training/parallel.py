@@ -80,7 +80,8 @@ def init_distributed(tp: int, pp: int, seed: int, vpp: int = 1, timeout_s: float
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-                                             distributed_timeout_minutes=timeout_s / 60)  # a timedelta: minutes need not be whole
+                                             # megatron makes a timedelta of it: minutes need not be whole
+                                             distributed_timeout_minutes=timeout_s / 60)
     seed_everything(seed)
     return current_layout()
 

@@ -11,6 +11,9 @@ from viq_mllm.recipe import load_recipe
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.max_restarts and not args.nproc:
+        raise ValueError("--max-restarts restarts the processes that --nproc launches; give --nproc N too (under "
+                         "your own torchrun, pass --max-restarts to torchrun)")
     world = args.nproc if args.nproc else int(os.environ.get("WORLD_SIZE", "1"))
     recipe = load_recipe(args.recipe, args.overrides, world_size=world)
     status = relaunched(args)
