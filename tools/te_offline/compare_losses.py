@@ -22,6 +22,7 @@ from pathlib import Path
 
 from megatron_ext.bench.flops import GPTShape
 from megatron_ext.bench.speedup import peak_tflops
+from viq_mllm.metrics import read_metrics
 from viq_mllm.recipe import load_recipe
 from viq_mllm.vocab.ids import padded_vocab_size
 
@@ -39,7 +40,9 @@ def _padded_vocab(recipe) -> int:
 
 
 def summary(run_dir: Path, peak: float) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl rows (did the run start?)")
     recipe = load_recipe(run_dir / "recipe.yaml")
     m = recipe.model
     shape = GPTShape(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.query_groups,
