@@ -20,7 +20,8 @@ demo: $(STAMP)
 	$(BIN)/viq-mllm demo --out $(or $(OUT),runs/demo)
 
 # the demo's VLM on a real LLM (SmolLM2-135M) in two stages (the new rows alone at a high rate, then everything at a
-# low rate; ~12 min on 2 cores), scored on the demo's held-out stamps
+# low rate; ~12 min on 2 cores), scored on the demo's held-out stamps. A run directory resumes: after editing the
+# recipes, remove runs/vlm_smollm2_135m_stamps_stage* first
 demo-smollm2: $(STAMP)
 	test -f runs/demo/summary.json || $(MAKE) demo
 	$(BIN)/viq-mllm assets smollm2 --out runs/smollm2_hf
