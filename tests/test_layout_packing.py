@@ -1,24 +1,32 @@
 """Sequence layout, loss masks and packing, against hand-built expectations."""
 
+import re
+
 import numpy as np
 import pytest
 
-from viq_mllm.data.layout import caption_document, chat_document, code_groups, visual_position_count
+from viq_mllm.data.chat import chat_document
+from viq_mllm.data.layout import caption_document, code_groups, visual_position_count
 from viq_mllm.data.packing import collate, first_fit_decreasing, pack
 from viq_mllm.viq import visual_positions
 from viq_mllm.vocab import Vocab
+from viq_mllm.vocab.text_tokenizers import DEFAULT_CHAT_TEMPLATE
 
 
 class WordTokenizer:
     """One id per word (ids 10+), eod = 1: makes expected sequences easy to write by hand."""
 
-    eod = 1
+    eod, eod_text, bos_text, chat_template = 1, "<eod>", "", DEFAULT_CHAT_TEMPLATE
 
     def __init__(self):
         self.words = {}
 
     def encode(self, text):
-        return [self.words.setdefault(w, 10 + len(self.words)) for w in text.split()]
+        return self.encode_offsets(text)[0]
+
+    def encode_offsets(self, text):
+        words = list(re.finditer(r"\S+", text))
+        return [self.words.setdefault(w.group(), 10 + len(self.words)) for w in words], [w.span() for w in words]
 
 
 VOCAB = Vocab.build(text_size=100, codebook_size=2304, viq_fingerprint="viq-x", text_fingerprint="t")

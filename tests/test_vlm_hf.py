@@ -45,7 +45,7 @@ def test_the_exported_model_gives_the_megatron_logits_and_greedy_answers(trained
     from megatron_ext.vlm.inference import greedy, load_for_inference
     from megatron_ext.vlm.model import packed_params
     from viq_mllm import hf
-    from viq_mllm.data.layout import prompt_document
+    from viq_mllm.data.chat import prompt_document
     from viq_mllm.data.multimodal import documents_from_shards
     from viq_mllm.data.packing import collate, pack
     from viq_mllm.data.shards import CodeShards
@@ -176,6 +176,101 @@ def test_init_hf_refuses_a_vocabulary_of_another_tokenizer(smollm2, vlm_assets, 
     assert hf_tokenizer_fingerprint(smollm2[0]) in proc.stderr and not (tmp_path / "run" / "init").exists()
 
 
+CHAT = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A red stamp."},
+        {"from": "human", "value": "And this one? <image>"}, {"from": "gpt", "value": "A blue one."}]
+
+
+def chat_messages(image_text: str) -> list[dict]:
+    """:data:`CHAT` as a ``transformers`` user writes it: roles, and each image as its two marker tokens."""
+    return [{"role": "user", "content": image_text + "What is this?"}, {"role": "assistant", "content": "A red stamp."},
+            {"role": "user", "content": "And this one?" + image_text}, {"role": "assistant", "content": "A blue one."}]
+
+
+def markers_only(ids: list[int], targets: list[bool], vocab) -> tuple[list[int], list[bool]]:
+    """``ids`` (and their target flags) with each image block cut down to its start and end markers."""
+    start, end = vocab.special("image_start"), vocab.special("image_end")
+    kept, inside = [], False
+    for token, target in zip(ids, targets):
+        inside = inside and token != end
+        if not inside:
+            kept.append((token, target))
+        inside = inside or token == start
+    return [t for t, _ in kept], [f for _, f in kept]
+
+
+def answer_positions(tokenizer, messages: list[dict], ids: list[int]) -> set[int]:
+    """Where each assistant answer and the eos closing it lie in ``ids``, found with ``transformers`` alone: an
+    answer starts where the generation prompt of the messages before it ends."""
+    positions = set()
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = len(tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, return_dict=True)
+                        ["input_ids"])
+            positions |= set(range(start, ids.index(tokenizer.eos_token_id, start) + 1))
+    return positions
+
+
+def targets_of(document) -> list[bool]:
+    return [False] + [bool(m) for m in document.loss_mask.tolist()[:-1]]
+
+
+@pytest.mark.e2e
+def test_apply_chat_template_on_the_export_gives_the_ids_training_saw(trained, vlm_assets):
+    """A two-image SFT conversation laid out for training is what ``apply_chat_template`` (SmolLM2's own ChatML,
+    shipped in the export) gives, each image block standing for its two markers; training supervises exactly each
+    answer and its closing ``<|im_end|>``; and the prompt that ``generate``, ``eval`` and lmms-eval build on the
+    export is ``apply_chat_template``'s with the generation prompt."""
+    from transformers import AutoTokenizer
+
+    from viq_mllm import hf
+    from viq_mllm.data.chat import IMAGE_TEXT, chat_document
+    from viq_mllm.data.shards import CodeShards
+    from viq_mllm.vocab.tokenizer import MultimodalTokenizer
+
+    ckpt, folder = trained[1]
+    training = MultimodalTokenizer.from_dir(ckpt.parents[2] / "vocab")
+    exported = AutoTokenizer.from_pretrained(str(folder))
+    assert "<|im_start|>" in exported.chat_template
+    samples = list(CodeShards(vlm_assets["shards"]))[:2]
+    document = chat_document(training.text, training.vocab, [s.images[0].codes for s in samples], CHAT, 1)
+    assert int(document.visual.sum()) > 0
+    ids, targets = markers_only(document.tokens.tolist(), targets_of(document), training.vocab)
+    messages = chat_messages(IMAGE_TEXT)
+    assert ids == exported.apply_chat_template(messages, return_dict=True)["input_ids"]
+    assert {i for i, target in enumerate(targets) if target} == answer_positions(exported, messages, ids)
+    prompt = hf.prompt_ids(folder, samples[0].images[0].path, "What is this?")
+    assert markers_only(prompt, [False] * len(prompt), training.vocab)[0] == exported.apply_chat_template(
+        messages[:1], add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def test_a_tokenizer_without_a_template_lays_chats_out_as_transformers_renders_the_default(smollm2, tmp_path):
+    """The same equalities for a tokenizer with no chat template of its own (the default layout ``export hf`` then
+    writes), text only: rendered by ``transformers``, not by the project's renderer."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from viq_mllm.data.chat import chat_document
+    from viq_mllm.vocab import Vocab
+    from viq_mllm.vocab.text_tokenizers import DEFAULT_CHAT_TEMPLATE, HFTextTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        fields = (smollm2[0] / name).read_text()
+        if name == "tokenizer_config.json":
+            fields = json.dumps({k: v for k, v in json.loads(fields).items() if k != "chat_template"})
+        (tmp_path / name).write_text(fields)
+    text = HFTextTokenizer(str(tmp_path))
+    assert text.chat_template == DEFAULT_CHAT_TEMPLATE
+    reference = AutoTokenizer.from_pretrained(str(tmp_path))
+    reference.chat_template = DEFAULT_CHAT_TEMPLATE
+    vocab = Vocab.build(text.vocab_size, 64, "viq-x", text.fingerprint)
+    document = chat_document(text, vocab, [], [{**t, "value": t["value"].replace("<image>", "")} for t in CHAT], 16)
+    messages = chat_messages("")
+    ids = reference.apply_chat_template(messages, return_dict=True)["input_ids"]
+    assert document.tokens.tolist() == ids
+    assert {i for i, target in enumerate(targets_of(document)) if target} == answer_positions(reference, messages, ids)
+
+
 def test_inputs_embeds_sums_each_run_of_codes_slot_by_slot():
     """Hand-built: positions and slots of ``text, 4 codes, text, 8 codes, text`` at four codes per position."""
     from viq_mllm.hf import _positions
@@ -211,7 +306,8 @@ def test_lmms_eval_resolves_the_adapter_which_answers_and_scores_as_the_checkpoi
 
     from megatron_ext.training.parallel import shutdown
     from megatron_ext.vlm.inference import answerer, caption_losses, load_for_inference
-    from viq_mllm.data.layout import Document, prompt_document
+    from viq_mllm.data.chat import prompt_document
+    from viq_mllm.data.layout import Document
     from viq_mllm.data.shards import CodeShards
     from viq_mllm.lmms_adapter import ViQMLLM
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from viq_mllm.data.layout import prompt_document
+from viq_mllm.data.chat import prompt_document
 from viq_mllm.viq import ViQTokenizer
 from viq_mllm.vocab import Vocab
 from viq_mllm.vocab.text_tokenizers import HFTextTokenizer, SentencePieceTokenizer, TextTokenizer

@@ -10,7 +10,7 @@ from megatron_ext.training.checkpoint import read_meta
 from megatron_ext.training.parallel import shutdown
 from megatron_ext.vlm.inference import (answerer, caption_scorer, greedy, greedy_text, load_for_inference,
                                         load_text_model, visual_attach)
-from viq_mllm.data.layout import prompt_document
+from viq_mllm.data.chat import prompt_document
 from viq_mllm.data.shards import CodeShards
 from viq_mllm.evaluation import accuracy, caption_report
 from viq_mllm.viq import ViQTokenizer

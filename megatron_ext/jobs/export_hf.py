@@ -4,8 +4,9 @@ ViQ codes are vocabulary, so the VLM is a Llama / Qwen2 causal LM with a larger 
 
 - ``config.json`` + ``model.safetensors``: the GPT (``convert/hf.py``'s table), every extended row kept (text,
   image markers, codes), the vocabulary padding stripped;
-- the extended tokenizer (the vocabulary folder's ``save_pretrained`` output, with the base model's chat template)
-  and ``vocab.json`` (the id layout);
+- the extended tokenizer (the vocabulary folder's ``save_pretrained`` output) with the chat template training laid
+  chats out with (the base model's own, or ``User: ...<eod>Assistant: ...<eod>``), and ``vocab.json`` (the id
+  layout);
 - ``generation_config.json``: the text end-of-document (and the base model's end ids) as ``eos_token_id``, and every
   image-marker (and, at ``G = 1``, code) id in ``suppress_tokens``, so ``generate`` writes text only, as
   ``viq-mllm generate`` does; ``max_position_embeddings`` and ``bos_token_id`` are the base HF model's when the run
@@ -92,7 +93,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict:
     _write_json(out / "generation_config.json", {
         "bos_token_id": config.get("bos_token_id"), "eos_token_id": eos if len(eos) > 1 else eod,
         "pad_token_id": eod, "do_sample": False, "suppress_tokens": list(range(vocab.text_size, rows))})
-    _copy_tokenizer(Path(meta.vocab.vocab_dir), out)
+    _copy_tokenizer(Path(meta.vocab.vocab_dir), out, tokenizer.text.chat_template)
     shutil.copytree(meta.vocab.viq_dir, out / "viq", dirs_exist_ok=True, ignore=shutil.ignore_patterns(artifact.MANIFEST))
     record = {"group": visual.group, "vocab_fingerprint": vocab.fingerprint, "viq_fingerprint": vocab.viq_fingerprint,
               "text_tokenizer_fingerprint": vocab.text_fingerprint, "checkpoint": str(ckpt.resolve())}
@@ -134,10 +135,18 @@ def _fold_slot(weights: dict, slot: torch.Tensor, vocab: Vocab, tied: bool) -> b
     return False
 
 
-def _copy_tokenizer(vocab_dir: Path, out: Path) -> None:
+def _copy_tokenizer(vocab_dir: Path, out: Path, chat_template: str) -> None:
+    """The extended tokenizer, with the chat template training laid chats out with (:mod:`viq_mllm.data.chat`) as
+    its one ``chat_template``: ``chat_template.jinja``, none left in ``tokenizer_config.json`` to shadow it."""
     for path in sorted(vocab_dir.iterdir()):
         if path.is_file() and path.name not in _NOT_TOKENIZER:
             shutil.copy2(path, out / path.name)
+    (out / "chat_template.jinja").write_text(chat_template)
+    config = out / "tokenizer_config.json"
+    if config.is_file():
+        fields = json.loads(config.read_text())
+        if fields.pop("chat_template", None) is not None:
+            _write_json(config, fields)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -15,6 +15,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, Indexe
 from megatron_ext.data.prepared import FIELDS, FORMAT, KIND, PARTS
 from viq_mllm import artifact
 from viq_mllm.console import progress
+from viq_mllm.data.chat import chat_layout_id
 from viq_mllm.data.layout import Document
 from viq_mllm.data.multimodal import sample_document
 from viq_mllm.data.packing import fit, row_documents
@@ -32,8 +33,9 @@ def spec_of(shards: CodeShards, tokenizer: MultimodalTokenizer, task: str, seq_l
     made_from = {"shards": hashlib.sha256("".join(shards.checksums).encode()).hexdigest()[:16],
                  "viq_fingerprint": shards.fingerprint, "vocab_fingerprint": tokenizer.vocab.fingerprint}
     options = {"task": task, "seq_length": seq_length, "group": group, "truncate": truncate, "pack": pack,
-               "pack_align": pack_align,
-               "id_dtype": np.dtype(_id_dtype(tokenizer.vocab.size)).name}
+               "pack_align": pack_align, "id_dtype": np.dtype(_id_dtype(tokenizer.vocab.size)).name}
+    if task != "pretrain":  # a chat's ids follow its template
+        options["chat_layout"] = chat_layout_id(tokenizer.text)
     return artifact.Spec(KIND, FORMAT, made_from, options)
 
 

@@ -20,7 +20,8 @@ from megatron_ext.training import checkpoint
 from megatron_ext.training.parallel import Layout, device, init_distributed
 from megatron_ext.vlm.build import PixelSource, build_vlm
 from megatron_ext.vlm.model import VisionLanguageModel, packed_params
-from viq_mllm.data.layout import Document, caption_document, prompt_document
+from viq_mllm.data.chat import prompt_document
+from viq_mllm.data.layout import Document, caption_document
 from viq_mllm.data.multimodal import caption_text
 from viq_mllm.data.packing import collate, pack
 from viq_mllm.data.shards import CodeSample

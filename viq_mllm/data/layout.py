@@ -1,4 +1,4 @@
-"""The multimodal sequence layout: captions and chat turns around image blocks, with loss masks.
+"""The multimodal sequence layout: captions around image blocks, with loss masks (chats: :mod:`viq_mllm.data.chat`).
 
 An image block (docs/concepts.md, visual positions) is ``<|image_start|>``, then for each row of visual positions the
 positions followed by ``<|row_end|>``, then ``<|image_end|>``. A visual position covers ``G`` codes:
@@ -147,26 +147,8 @@ def projected_caption_document(tokenizer, grid: tuple[int, int], caption: str, i
     return doc
 
 
-def prompt_document(tokenizer, vocab: Vocab, codes: Optional[np.ndarray], prompt: str, group: int,
-                    source: Optional[str] = None) -> Document:
-    """What generation continues: the image block, then (for chat models) ``User: PROMPT<eod>Assistant: `` with the
-    image opening the user turn; with no prompt, the image block alone (a captioning model continues with the
-    caption); with no image (``codes`` None), the chat turn alone. The layout of training's documents, so the
-    exported HF model is prompted exactly as the megatron one. ``source``: the image's path, recorded as training
-    records it (the continuous baseline's pixels)."""
-    b = SequenceBuilder(vocab, group)
-    if not prompt:
-        b.image(codes)
-        return _with_source(b.build(), source)
-    b.text(tokenizer.encode("User: "), False)
-    if codes is not None:
-        b.image(codes)
-    b.text(tokenizer.encode(prompt) + [tokenizer.eod], False)
-    b.text(tokenizer.encode("Assistant: "), False)
-    return _with_source(b.build(), source if codes is not None else None)
-
-
-def _with_source(document: Document, source: Optional[str]) -> Document:
+def with_source(document: Document, source: Optional[str]) -> Document:
+    """``document`` with its one image block's source recorded (none when ``source`` is None)."""
     document.images = [] if source is None else [source]
     return document
 
@@ -178,38 +160,3 @@ def placeholder_problem(turns: list[dict], images: int) -> Optional[str]:
     if found == images or (found == 0 and images == 1):
         return None
     return f"{found} {IMAGE_PLACEHOLDER} placeholder(s) for {images} image(s)"
-
-
-def chat_document(tokenizer, vocab: Vocab, images: Sequence[np.ndarray], turns: list[dict], group: int) -> Document:
-    """SFT: ``turns`` of {"from"/"role": ..., "value"/"content": ...}; the k-th ``<image>`` placeholder becomes the
-    k-th image's block (a single image with no placeholder opens the first user turn; no image: a text-only
-    conversation). Only assistant answers and their end-of-turn (``eod``) are supervised; role headers
-    (``"User: "``, ``"Assistant: "``) and images are not."""
-    problem = placeholder_problem(turns, len(images))
-    if problem is not None:
-        raise ValueError(f"a conversation with {problem}")
-    if len(images) == 1 and not any(IMAGE_PLACEHOLDER in turn_text(t) for t in turns):
-        turns = _with_leading_placeholder(turns)
-    b, pending = SequenceBuilder(vocab, group), list(images)
-    for turn in turns:
-        role = turn_role(turn)
-        if role is None:
-            raise ValueError(f"unknown chat role in {turn}; expected one of {sorted(ROLES)}")
-        supervised = role == "assistant"
-        b.text(tokenizer.encode(f"{role.capitalize()}: "), False)
-        pieces = turn_text(turn).split(IMAGE_PLACEHOLDER)
-        for i, piece in enumerate(pieces):
-            if i > 0:
-                b.image(pending.pop(0))
-            if piece.strip() and i < len(pieces) - 1:
-                b.text(tokenizer.encode(piece.strip()), supervised)
-        b.text(tokenizer.encode(pieces[-1].strip()) + [tokenizer.eod], supervised)
-    return b.build()
-
-
-def _with_leading_placeholder(turns: list[dict]) -> list[dict]:
-    first_user = next((i for i, t in enumerate(turns) if turn_role(t) == "user"), None)
-    if first_user is None:
-        raise ValueError("a conversation needs a user turn to hold the image")
-    turn = {"from": "user", "value": IMAGE_PLACEHOLDER + turn_text(turns[first_user])}
-    return [*turns[:first_user], turn, *turns[first_user + 1:]]

@@ -14,7 +14,8 @@ from typing import Iterator
 
 import torch
 
-from viq_mllm.data.layout import Document, caption_document, chat_document, turn_role, turn_text
+from viq_mllm.data.chat import chat_document
+from viq_mllm.data.layout import Document, caption_document, turn_role, turn_text
 from viq_mllm.data.order import rank_micro_batches, sample_index
 from viq_mllm.data.packing import Row, collate
 from viq_mllm.data.shards import CodeSample, CodeShards

@@ -29,7 +29,7 @@ from pathlib import Path
 from viq_mllm import launch
 from megatron_ext.training.parallel import shutdown
 from megatron_ext.vlm.inference import caption_scorer, greedy, load_for_inference, visual_attach
-from viq_mllm.data.layout import prompt_document
+from viq_mllm.data.chat import prompt_document
 from viq_mllm.data.shards import CodeShards
 from viq_mllm.data.text import stdlib_docs_corpus
 from viq_mllm.evaluation import caption_report

@@ -11,12 +11,30 @@ from pathlib import Path
 from typing import Protocol
 
 
+#: The chat layout of a tokenizer that has no chat template: ``User: ...<eod>Assistant: ...<eod>``. The generation
+#: prompt ends at ``Assistant:`` so an answer's first token carries its leading space, as in training.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
 class TextTokenizer(Protocol):
+    """``eod_text`` and ``bos_text`` are how a chat template writes the end-of-document and begin tokens (``bos_text``
+    empty when there is none); ``chat_template`` is the Jinja template chats are laid out with
+    (:mod:`viq_mllm.data.chat`): the tokenizer's own, else :data:`DEFAULT_CHAT_TEMPLATE`."""
+
     vocab_size: int
     eod: int
     fingerprint: str
+    eod_text: str
+    bos_text: str
+    chat_template: str
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of ``text`` and, for each, the ``(start, end)`` characters of ``text`` it covers."""
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -27,9 +45,18 @@ class ByteTokenizer:
     vocab_size = 257
     eod = 256
     fingerprint = "bytes-utf8-v1"
+    eod_text, bos_text, chat_template = "<|eod|>", "", DEFAULT_CHAT_TEMPLATE
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, spans = [], []
+        for index, char in enumerate(text):
+            char_ids = self.encode(char)
+            ids += char_ids
+            spans += [(index, index + 1)] * len(char_ids)
+        return ids, spans
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -49,9 +76,17 @@ class HFTextTokenizer:
         if eod is None:
             raise ValueError(f"tokenizer at {path} has no eos token to separate documents")
         self.eod = eod
+        self.eod_text, self.bos_text = self._tok.eos_token, self._tok.bos_token or ""
+        self.chat_template = self._tok.chat_template or DEFAULT_CHAT_TEMPLATE
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if not self._tok.is_fast:
+            raise ValueError(f"tokenizer at {self.path} has no fast (Rust) version: chats need its offsets")
+        out = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return out["input_ids"], [tuple(span) for span in out["offset_mapping"]]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
@@ -66,9 +101,16 @@ class SentencePieceTokenizer:
         self.fingerprint = files_fingerprint([self.path], with_names=False)
         self.vocab_size = self._sp.get_piece_size()
         self.eod = self._sp.eos_id()
+        self.eod_text, self.bos_text = self._sp.id_to_piece(self.eod), ""
+        self.chat_template = DEFAULT_CHAT_TEMPLATE
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        pieces = self._sp.encode(text, return_type="proto").pieces  # begin, end: byte offsets into the UTF-8 text
+        char_at = [i for i, char in enumerate(text) for _ in char.encode("utf-8")] + [len(text)]
+        return [p.id for p in pieces], [(char_at[p.begin], char_at[p.end]) for p in pieces]
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
