@@ -200,3 +200,11 @@ def test_aligned_packing_pads_each_document_inside_its_segment():
     assert batch["loss_mask"][0, 5:8].sum() == 0 and batch["loss_mask"][0, 15] == 0
     with pytest.raises(ValueError, match="not a multiple of the packing alignment 16"):
         pack(docs, 24, align=16)
+
+
+def test_a_template_that_does_not_end_answers_with_eos_is_refused():
+    """Generation stops at the eos: a template that closes an answer otherwise could never teach the model to stop."""
+    tok = WordTokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(ValueError, match="does not close an assistant message with '<eod>'"):
+        chat_document(tok, VOCAB, [], [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], 16)

@@ -219,3 +219,16 @@ def test_kill_9_mid_prepare_then_rerun_gives_byte_identical_files(tmp_path):
     assert (staging / "parts").is_dir()
     run_prepare(assets, killed, seq_length=1024)
     assert digests(killed) == digests(tmp_path / "straight") and not staging.exists()
+
+
+def test_prepared_sft_data_of_another_chat_template_is_refused(vlm_assets, tmp_path, monkeypatch):
+    """The chat layout shapes an SFT document's ids, so a folder prepared under another template is refused, not
+    resumed (the vocabulary, the shards and every other option being the same)."""
+    from viq_mllm.artifact import StaleArtifact
+    from viq_mllm.vocab import text_tokenizers
+
+    prepare(vlm_assets["shards"], vlm_assets["vocab"], tmp_path / "p", "sft", SEQ, show_progress=False)
+    monkeypatch.setattr(text_tokenizers, "DEFAULT_CHAT_TEMPLATE", "{% for m in messages %}{{ m['content'] }}"
+                        "{{ eos_token }}{% endfor %}")
+    with pytest.raises(StaleArtifact, match="chat_layout"):
+        prepare(vlm_assets["shards"], vlm_assets["vocab"], tmp_path / "p", "sft", SEQ, show_progress=False)

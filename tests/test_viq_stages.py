@@ -122,6 +122,8 @@ def chain(stage_assets):
 
 @pytest.mark.e2e
 def test_each_stage_logs_its_loss_terms_finite_and_leaves_a_loadable_tokenizer(chain):
+    """The terms' relation (the loss is their weighted sum) at every step of every stage; their values against an
+    independent computation: the decoder stage's below."""
     for stage, run in chain.items():
         assert len(run["rows"]) == 3
         for row in run["rows"]:
@@ -139,6 +141,36 @@ def test_each_stage_logs_its_loss_terms_finite_and_leaves_a_loadable_tokenizer(c
     assert captions["count"] == 24 and math.isfinite(captions["loss_other_image"])
     rec = chain["decoder"]["eval"]["reconstruction"]
     assert {"psnr", "ssim", "psnr_patch_mean_baseline", "ssim_patch_mean_baseline", "codebook_usage"} <= set(rec)
+
+
+@pytest.mark.e2e
+def test_the_decoder_stage_logs_the_reconstruction_loss_of_its_first_batch(chain, stage_assets):
+    """Step 1's terms recomputed outside the stage, from the fsq stage's tokenizer (where the decoder stage starts)
+    through the serving path (codes -> ``embed`` -> decoder, not the training forward): the pixel MSE of each image
+    of the step's batch, averaged; the EfficientNet distance of those reconstructions; the loss their weighted
+    sum. Tolerance 1e-4 relative: the same float32 arithmetic in another order."""
+    from viq_mllm.data.captioned import images_for_step, load_captioned
+    from viq_mllm.recipe import load_recipe
+    from viq_mllm.viq.vit import cu_seqlens_of
+    from viq_mllm.viq_training.teachers import PerceptualDistance
+
+    recipe = load_recipe(ROOT / "recipes" / f"{RECIPE['decoder']}.yaml")
+    tokenizer = ViQTokenizer.from_pretrained(chain["fsq"]["dir"] / "tokenizer")
+    items = load_captioned([stage_assets["images"]], None, tokenizer.config.image_base, tokenizer.config.max_pixels,
+                           need_captions=False).preprocessed()
+    batch = images_for_step(items, recipe.train.seed, 0, 4)  # the stage's global_batch_size (stage_args)
+    with torch.no_grad():
+        codes = tokenizer.encode_preprocessed(batch)
+        features = torch.cat([f.reshape(-1, f.shape[-1]) for f in tokenizer.embed(codes)])
+        grids = [item.grid for item in batch]
+        recon = tokenizer.decoder(features, cu_seqlens_of([h * w for h, w in grids]), grids)
+        mse = torch.stack([((r - item.pixels) ** 2).mean() for r, item in zip(recon, batch)]).mean()
+        distance = PerceptualDistance()
+        perceptual = torch.stack([distance(r[None], item.pixels[None]) for r, item in zip(recon, batch)]).mean()
+    row = chain["decoder"]["rows"][0]
+    assert row["loss_rec"] == pytest.approx(float(mse), rel=1e-4)
+    assert row["loss_perceptual"] == pytest.approx(float(perceptual), rel=1e-4)
+    assert row["loss"] == pytest.approx(float(mse) + recipe.viq.perceptual_weight * float(perceptual), rel=1e-4)
 
 
 @pytest.mark.e2e
