@@ -29,7 +29,7 @@ def test_easy_vqa_items_are_the_wheels_questions():
     items = easy_vqa_items("test", limit=5)
     assert [(i["question"], i["answer"]) for i in items] == [(q, a) for q, a, _ in raw[:5]]
     assert items[0]["image"].endswith(f"test/images/{raw[0][2]}.png")
-    assert len(easy_vqa_items("test", with_images=False)) == 9673
+    assert len(easy_vqa_items("test", with_images=False)) == 9673  # the easy-vqa wheel's test split, all of it
     assert all(i["image"] is None for i in easy_vqa_items("train", limit=3, with_images=False))
 
 

@@ -10,7 +10,7 @@ from viq_mllm.viq.rope2d import apply_rope, frequencies, grid_angles
 def test_frequencies_of_the_release_head():
     omega = frequencies(128)
     assert (omega[:32] == 0).all() and (omega[32:] > 0).all()
-    assert math.isclose(omega[32], 0.2) and math.isclose(omega[-1], 20.0)
+    assert math.isclose(omega[32], 0.2) and math.isclose(omega[-1], 20.0)  # the release's 0.2 -> 20 log range
     assert math.isclose(omega[33] / omega[32], 100 ** (1 / 95))
 
 

@@ -1,6 +1,7 @@
 """Serving an exported VLM (``viq-mllm export hf``) with plain ``transformers``: no vision tower, no custom model.
 
-An image and a prompt become the ids of training's prompt layout (:func:`viq_mllm.data.layout.prompt_document`),
+An image and a prompt become the ids of training's prompt layout (:func:`viq_mllm.data.chat.prompt_document`: the
+folder's chat template, as ``apply_chat_template`` renders it, with the image's block between its two markers),
 every visual position written as its ``G`` code ids in order; :func:`inputs_embeds` turns them into the embeddings
 of the stock causal LM (for ``G = 1`` simply its ``embed_tokens`` rows, so ``input_ids`` work as they are).
 

@@ -7,7 +7,7 @@ writes it as the exported ``chat_template``. An
 image is written in a message as :data:`IMAGE_TEXT` (``<|image_start|><|image_end|>``, both special tokens of the
 extended vocabulary) and the document holds the whole image block there. The text between images is tokenized as
 one string, as ``apply_chat_template`` tokenizes it, so an export prompted through ``apply_chat_template`` sees the
-ids training saw, once each image's two marker ids are replaced by its block (``tests/test_chat_layout.py``).
+ids training saw, once each image's two marker ids are replaced by its block (``tests/test_vlm_hf.py``).
 
 Supervised: the tokens that overlap an assistant message's content, and the end-of-document token that closes it
 (a template must close an assistant turn with its tokenizer's eos, generation's stop id; one that does not is

@@ -1,6 +1,6 @@
 """Packed multimodal training data from code shards: documents -> packed rows -> blended, resumable order.
 
-Each source (a shard set with a weight) becomes documents (``layout.py``: captions for pretraining,
+Each source (a shard set with a weight) becomes documents (``layout.py``: captions for pretraining; ``chat.py``:
 conversations for SFT) and then packed rows. The row read at global position ``p`` is a pure function of
 ``(seed, p)``: a weighted draw picks the source, and the source's own per-epoch permutation picks the row. So
 a resumed run reads exactly what an uninterrupted one would, from the step number alone.
