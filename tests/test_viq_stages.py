@@ -123,7 +123,7 @@ def chain(stage_assets):
 @pytest.mark.e2e
 def test_each_stage_logs_its_loss_terms_finite_and_leaves_a_loadable_tokenizer(chain):
     """The terms' relation (the loss is their weighted sum) at every step of every stage; their values against an
-    independent computation: the decoder stage's below."""
+    independent computation: the decoder stage's and an LLM stage's below."""
     for stage, run in chain.items():
         assert len(run["rows"]) == 3
         for row in run["rows"]:
@@ -171,6 +171,41 @@ def test_the_decoder_stage_logs_the_reconstruction_loss_of_its_first_batch(chain
     assert row["loss_rec"] == pytest.approx(float(mse), rel=1e-4)
     assert row["loss_perceptual"] == pytest.approx(float(perceptual), rel=1e-4)
     assert row["loss"] == pytest.approx(float(mse) + recipe.viq.perceptual_weight * float(perceptual), rel=1e-4)
+
+
+@pytest.mark.e2e
+def test_an_llm_stage_logs_the_reconstruction_and_distillation_of_its_image(chain, stage_assets, tmp_path):
+    """The fsq stage's step-1 terms recomputed outside the stage. The source holds one captioned image, so every
+    image of the step is that one whatever the packing; the learning rate is 1e-30, so the tokenizer the run leaves
+    is the one step 1 ran. ``loss_rec``: the MSE of the serving path's reconstruction (codes -> ``embed`` ->
+    decoder, not the training forward). ``loss_distill``: 1 - cos between the pooled features and the frozen
+    teacher's vector (the starting encoder, the proximal stage's, on the image resized to 64 px). Tolerance 1e-4
+    relative: the same float32 arithmetic in another order."""
+    import torch.nn.functional as F
+
+    from viq_mllm.bench.synthetic import make_captioned_shapes
+    from viq_mllm.data.captioned import load_captioned
+    from viq_mllm.metrics import read_metrics
+    from viq_mllm.viq.vit import cu_seqlens_of
+
+    make_captioned_shapes(tmp_path / "one", 1)
+    run = tmp_path / "run"
+    viq_mllm("train", *stage_args(stage_assets, "fsq", run, chain["proximal"]["dir"], "train.steps=1",
+                                  "train.lr=1e-30", "train.min_lr=0", f"data.sources=[{{path: {tmp_path / 'one'}}}]"))
+    row = read_metrics(run)[0]
+    tokenizer = ViQTokenizer.from_pretrained(run / "tokenizer")
+    teacher = ViQTokenizer.from_pretrained(chain["proximal"]["dir"] / "tokenizer").vit
+    (item,) = load_captioned([tmp_path / "one"], None, tokenizer.config.image_base, tokenizer.config.max_pixels,
+                             need_captions=False).preprocessed()
+    with torch.no_grad():
+        (features,) = tokenizer.embed(tokenizer.encode_preprocessed([item]))
+        features, cu = features.reshape(-1, features.shape[-1]), cu_seqlens_of([item.grid[0] * item.grid[1]])
+        mse = ((tokenizer.decoder(features, cu, [item.grid])[0] - item.pixels) ** 2).mean()
+        square = F.interpolate(item.pixels[None], size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+        target = teacher.pooled(*teacher([square[0]], [(4, 4)]))  # 64 px: 4 x 4 patches of 16
+        distill = 1 - F.cosine_similarity(tokenizer.vit.pooled(features, cu), target, dim=-1).mean()
+    assert row["loss_rec"] == pytest.approx(float(mse), rel=1e-4)
+    assert row["loss_distill"] == pytest.approx(float(distill), rel=1e-4)
 
 
 @pytest.mark.e2e
