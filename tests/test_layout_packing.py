@@ -208,3 +208,18 @@ def test_a_template_that_does_not_end_answers_with_eos_is_refused():
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(ValueError, match="does not close an assistant message with '<eod>'"):
         chat_document(tok, VOCAB, [], [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], 16)
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
+    "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{{ m['content'] }}{{ eos_token }}{% endfor %}",
+    "{% for m in messages %}{% if m['role'] != 'user' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
+], ids=["drops-the-answer", "repeats-both", "drops-the-image"])
+def test_a_template_that_drops_or_repeats_a_message_is_refused(template):
+    """An answer the template leaves out would go unsupervised, one it repeats supervised twice; an image it drops
+    would be lost: each is refused, not laid out."""
+    tok = WordTokenizer()
+    tok.chat_template = template
+    with pytest.raises(ValueError, match="drops or repeats"):
+        chat_document(tok, VOCAB, [grid(2, 2)], [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "yo"}],
+                      16)

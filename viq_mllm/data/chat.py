@@ -101,6 +101,9 @@ def _document(tokenizer: TextTokenizer, vocab: Vocab, group: int, messages: list
               add_generation_prompt: bool) -> Document:
     text, answers = render(tokenizer, messages, add_generation_prompt)
     builder = SequenceBuilder(vocab, group)
+    if text.count(IMAGE_TEXT) != len(images):
+        raise ValueError(f"the chat template wrote {text.count(IMAGE_TEXT)} image(s) for {len(images)}: it drops or "
+                         f"repeats a message, or a text holds {IMAGE_TEXT!r} itself")
     specials = re.compile(f"({re.escape(IMAGE_TEXT)}|{re.escape(tokenizer.eod_text)})")
     position = 0
     for piece in specials.split(text):
@@ -125,6 +128,11 @@ def render(tokenizer: TextTokenizer, messages: list[dict], add_generation_prompt
         messages=slotted, add_generation_prompt=add_generation_prompt, eos_token=tokenizer.eod_text,
         bos_token=tokenizer.bos_text)
     parts = _ANSWER_RE.split(rendered)  # literal, message index, literal, ...
+    written = [int(index) for index in parts[1::2]]
+    expected = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if written != expected:
+        raise ValueError(f"the chat template wrote the answers of messages {written}, not each of {expected} once: "
+                         "an answer it drops or repeats would be trained wrong")
     text, answers = parts[0], []
     for index, literal in zip(parts[1::2], parts[2::2]):
         if not literal.startswith(tokenizer.eod_text):
